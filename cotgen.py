@@ -1,0 +1,920 @@
+"""Show-o as the generator of the paper (Sec. 3.1): Phi-1.5 with omni-attention, MAGVIT-v2, and masked
+parallel (MaskGIT) decoding with classifier-free guidance.
+
+Read next to `../shared/reference/showo.md` (cited below as "ref §x"). The file is in three parts:
+  1. Show-o: tokenizer + t2i sequence layout, omni-attention mask, the Phi-1.5 backbone as Show-o modified it.
+  2. MAGVIT-v2: the LFQ image tokenizer (encoder, decoder, bit order).
+  3. Masked parallel decoding: N paths of one prompt decoded together, each with its own generator, exposing
+     the per-step x̂0 prediction and letting a caller stop (and later resume) individual paths.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import data
+from data import CheckpointError
+
+# ==========================================================================================================
+# 1. Show-o
+# ==========================================================================================================
+
+# Show-o's nine new tokens, in the order UniversalPrompting adds them after "[PAD]" (ref §3.1).
+SHOWO_SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>",
+                        "<|lvg|>")
+PAD_TOKEN = "[PAD]"
+EOT_TOKEN = "<|endoftext|>"
+
+
+@dataclass
+class ShowoConfig:
+    """Show-o = Phi-1.5 resized to Show-o's vocabulary. Defaults are the released 256px model (ref §1.2, §2)."""
+    vocab_size: int = 58498          # Show-o rows: phi text + 10 specials + codebook + [MASK]
+    llm_vocab_size: int = 50295      # len(phi tokenizer)
+    codebook_size: int = 8192
+    num_vq_tokens: int = 256         # image tokens N (16x16 at 256px, 32x32 at 512px)
+    num_new_special_tokens: int = 10
+    max_seq_length: int = 128        # yaml field; the text part is max_seq_length + 1 slots
+    n_layer: int = 24
+    n_head: int = 32
+    n_embd: int = 2048
+    intermediate_size: int = 8192
+    partial_rotary_factor: float = 0.5
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def image_offset(self) -> int:  # first image-token id = len(tokenizer) after Show-o's additions
+        return self.llm_vocab_size + self.num_new_special_tokens
+
+    @property
+    def mask_token_id(self) -> int:  # the original constructor recomputes it as vocab_size - 1
+        return self.vocab_size - 1
+
+    @property
+    def text_len(self) -> int:
+        return self.max_seq_length + 1
+
+    @property
+    def seq_len(self) -> int:  # text part + soi + N image tokens + eoi
+        return self.text_len + 1 + self.num_vq_tokens + 1
+
+    @classmethod
+    def preset(cls, name: str) -> "ShowoConfig":
+        presets = {
+            "show-o-256": cls(),
+            "show-o-512": cls(num_vq_tokens=1024),
+            # the built-in tiny model of `--tiny` (vocabulary sizes are those of the tiny BPE tokenizer)
+            "tiny": cls(vocab_size=0, llm_vocab_size=0, codebook_size=64, num_vq_tokens=64, max_seq_length=24,
+                        n_layer=2, n_head=4, n_embd=64, intermediate_size=256),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown Show-o preset {name!r}: use one of {', '.join(presets)}")
+        return presets[name]
+
+
+# ---- tokenizer and the t2i sequence layout (ref §3) -------------------------------------------------------
+
+
+class ShowoTokenizer:
+    """The phi-1.5 tokenizer with Show-o's tokens added in Show-o's order, and the t2i sequence layout."""
+
+    def __init__(self, tokenizer, config: ShowoConfig):
+        from tokenizers import AddedToken
+
+        self.tok = tokenizer
+        self.config = config
+        eot = tokenizer.token_to_id(EOT_TOKEN)
+        if eot is None:
+            raise CheckpointError(f"the phi tokenizer has no {EOT_TOKEN} token: is this the microsoft/phi-1_5 tokenizer?")
+        n = tokenizer.get_vocab_size(with_added_tokens=True)
+        if n != config.llm_vocab_size:
+            raise CheckpointError(f"the phi tokenizer has {n} tokens but Show-o's config says llm_vocab_size = "
+                                  f"{config.llm_vocab_size}: use the tokenizer that belongs to this checkpoint")
+        tokenizer.add_special_tokens([AddedToken(PAD_TOKEN, special=True, normalized=False)])
+        tokenizer.add_tokens(list(SHOWO_SPECIAL_TOKENS))
+        ids = {t: tokenizer.token_to_id(t) for t in (PAD_TOKEN,) + SHOWO_SPECIAL_TOKENS}
+        expected = {t: config.llm_vocab_size + i for i, t in enumerate((PAD_TOKEN,) + SHOWO_SPECIAL_TOKENS)}
+        if ids != expected:
+            raise CheckpointError(f"the phi tokenizer already contains Show-o's tokens at other ids ({ids}): "
+                                  "pass the original phi-1.5 tokenizer.json, not a modified copy")
+        self.bos_id = self.eos_id = eot
+        self.pad_id = ids[PAD_TOKEN]
+        self.soi_id, self.eoi_id, self.t2i_id = ids["<|soi|>"], ids["<|eoi|>"], ids["<|t2i|>"]
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def text_ids(self, prompt: str) -> list[int]:
+        """Prompt -> ids: no special tokens from the tokenizer, then a bos is prepended (ref §3.1)."""
+        ids = self.tok.encode(prompt, add_special_tokens=False).ids
+        return ids if ids and ids[0] == self.bos_id else [self.bos_id] + ids
+
+    def text_part(self, prompt: str) -> list[int]:
+        """[<|t2i|>, bos, text, eos], left-padded with [PAD] to max_seq_length+1, or truncated (ref §3.2)."""
+        t = [self.t2i_id] + self.text_ids(prompt) + [self.eos_id]
+        n = self.config.text_len
+        return [self.pad_id] * (n - len(t)) + t if len(t) <= n else t[: n - 1] + [self.eos_id]
+
+    def t2i_ids(self, prompts: Sequence[str], image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The full t2i sequences [B, L]: text part + <|soi|> + N image ids + <|eoi|>.
+
+        `image_tokens` [B, N] are vocabulary ids (code + offset, or the mask id); all masked by default."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        c = self.config
+        text = torch.tensor([self.text_part(p) for p in prompts], dtype=torch.long)
+        if image_tokens is None:
+            image_tokens = torch.full((len(prompts), c.num_vq_tokens), c.mask_token_id, dtype=torch.long)
+        b = text.shape[0]
+        soi = torch.full((b, 1), self.soi_id, dtype=torch.long)
+        eoi = torch.full((b, 1), self.eoi_id, dtype=torch.long)
+        return torch.cat([text, soi, image_tokens.to(torch.long).cpu(), eoi], dim=1)
+
+    def is_truncated(self, prompt: str) -> bool:
+        return len(self.text_ids(prompt)) + 2 > self.config.text_len
+
+
+def omni_attention_mask(ids: torch.Tensor, pad_id: int, soi_id: int, eoi_id: int) -> torch.Tensor:
+    """Show-o's omni-attention as a boolean "may attend" mask [B, 1, L, L] (ref §3.5).
+
+    Text queries attend causally to non-pad text; the image segment (<|soi|> through <|eoi|>) attends to
+    every non-pad position in both directions; pad queries attend causally among themselves so no row is
+    empty (an empty row would give NaN)."""
+    L = ids.shape[1]
+    pad = ids == pad_id                                                           # [B, L]
+    in_image = torch.cumsum(ids == soi_id, 1) > torch.cumsum(ids == eoi_id, 1) - (ids == eoi_id).long()
+    causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()        # [q, k]
+    key_ok = ~pad[:, None, :]                                                     # [B, 1(q), L(k)]
+    text_rule = torch.where(pad[:, :, None], causal, causal & key_ok)
+    allowed = torch.where(in_image[:, :, None], key_ok.expand(-1, L, -1), text_rule)
+    return allowed[:, None]
+
+
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """The numeric form the original code passes to SDPA: 0 where allowed, float32(int64 min) where blocked."""
+    return torch.where(allowed, 0.0, float(torch.iinfo(torch.int64).min)).to(torch.float32)
+
+
+# ---- Phi-1.5 backbone as Show-o modified it (ref §2) --------------------------------------------------------
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    # the explicit tanh formula of transformers' NewGELUActivation, kept for bit-level parity
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def rope_tables(rot_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [L, rot_dim] in float32 for the given positions (rotate-half pairing (i, i + rot_dim/2))."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+    angles = torch.outer(positions.float().cpu(), inv_freq)
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(positions.device), emb.sin().to(positions.device)
+
+
+class PhiAttention(nn.Module):
+    def __init__(self, c: ShowoConfig):
+        super().__init__()
+        self.n_head, self.head_dim = c.n_head, c.head_dim
+        self.rot_dim = int(c.partial_rotary_factor * c.head_dim)
+        self.q_proj = nn.Linear(c.n_embd, c.n_embd)
+        self.k_proj = nn.Linear(c.n_embd, c.n_embd)
+        self.v_proj = nn.Linear(c.n_embd, c.n_embd)
+        self.dense = nn.Linear(c.n_embd, c.n_embd)
+        # Show-o forces qk_layernorm on, whatever phi's config says (ref §2)
+        self.q_layernorm = nn.LayerNorm(c.head_dim, eps=c.layer_norm_eps)
+        self.k_layernorm = nn.LayerNorm(c.head_dim, eps=c.layer_norm_eps)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = self.rot_dim
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        x_rot = x_rot * cos.to(x.dtype) + rotate_half(x_rot) * sin.to(x.dtype)
+        return torch.cat((x_rot, x_pass), dim=-1)
+
+    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = h.shape
+        split = lambda t: t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)   # [B, nh, T, hd]
+        q = self.rope(self.q_layernorm(split(self.q_proj(h))), cos, sin)
+        k = self.rope(self.k_layernorm(split(self.k_proj(h))), cos, sin)
+        return q, k, split(self.v_proj(h))
+
+    def forward(self, h, cos, sin, allowed, past_kv=None):
+        """Attention of the T new positions; `past_kv` are keys/values of earlier positions (the text prefix)."""
+        q, k, v = self.qkv(h, cos, sin)
+        new_kv = (k, v)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)              # [B, nh, T, hd]
+        B, _, T, _ = y.shape
+        return self.dense(y.transpose(1, 2).reshape(B, T, -1)), new_kv
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, c: ShowoConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(c.n_embd, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.n_embd)
+
+    def forward(self, x):
+        return self.fc2(gelu_new(self.fc1(x)))
+
+
+class PhiBlock(nn.Module):
+    """Parallel block with one shared LayerNorm: x + attn(LN(x)) + mlp(LN(x))."""
+
+    def __init__(self, c: ShowoConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
+        self.self_attn = PhiAttention(c)
+        self.mlp = PhiMLP(c)
+
+    def forward(self, x, cos, sin, allowed, past_kv=None):
+        h = self.input_layernorm(x)
+        a, kv = self.self_attn(h, cos, sin, allowed, past_kv)
+        return (a + self.mlp(h)) + x, kv
+
+
+class Showo(nn.Module):
+    """Show-o's transformer: token embedding, Phi blocks, final LayerNorm, lm_head with bias.
+
+    Parameter names follow the checkpoint with its `showo.model.` / `showo.` prefixes dropped."""
+
+    def __init__(self, c: ShowoConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.n_embd)
+        self.layers = nn.ModuleList(PhiBlock(c) for _ in range(c.n_layer))
+        self.final_layernorm = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=True)
+        self.gradient_checkpointing = False
+
+    def _rope(self, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        if end > c.max_position_embeddings:
+            raise ValueError(f"sequence of {end} positions exceeds Show-o's {c.max_position_embeddings}")
+        return rope_tables(int(c.partial_rotary_factor * c.head_dim), c.rope_theta,
+                           torch.arange(start, end, device=device))
+
+    def forward(self, ids: torch.Tensor, allowed: torch.Tensor, output_hidden_states: bool = False):
+        """Full forward of whole sequences (positions 0..L-1, pads included): fp32 logits [B, L, V].
+
+        This is the original computation; decoding uses `prefix` + `image_logits` instead, which give the
+        same image logits without recomputing the text part or the text columns."""
+        x = self.embed_tokens(ids)
+        cos, sin = self._rope(0, ids.shape[1], ids.device)
+        hidden = [x]
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(lambda t, l=layer: l(t, cos, sin, allowed)[0], x,
+                                                      use_reentrant=False)
+            else:
+                x, _ = layer(x, cos, sin, allowed)
+            if i < len(self.layers) - 1:
+                hidden.append(x)
+        x = self.final_layernorm(x)
+        hidden.append(x)
+        logits = self.lm_head(x).float()
+        return (logits, hidden) if output_hidden_states else logits
+
+    # -- the decoding fast path: the text part never attends to image tokens, so its keys/values are fixed --
+
+    def prefix(self, text_ids: torch.Tensor, pad_id: int) -> "TextPrefix":
+        """Run the text part [R, T] once and keep every layer's keys/values (ref §3.5: text rows attend
+        causally to text only, so nothing in them changes while the image is decoded)."""
+        allowed = omni_attention_mask(text_ids, pad_id, soi_id=-1, eoi_id=-1)     # no image: the text rule
+        x = self.embed_tokens(text_ids)
+        cos, sin = self._rope(0, text_ids.shape[1], text_ids.device)
+        kv = []
+        for layer in self.layers:
+            x, layer_kv = layer(x, cos, sin, allowed)
+            kv.append(layer_kv)
+        return TextPrefix(kv=kv, key_ok=text_ids != pad_id)
+
+    def image_logits(self, image_ids: torch.Tensor, prefix: "TextPrefix", rows: torch.Tensor) -> torch.Tensor:
+        """Codebook logits [B, N, K] at the N image positions for image segments [B, N+2] (soi, N, eoi).
+
+        Row b attends to the text prefix row `rows[b]` (no pads) and to its whole image segment; only the
+        K code columns of lm_head are computed (the sampler never looks at the others)."""
+        c = self.config
+        B, S = image_ids.shape
+        T = prefix.kv[0][0].shape[2]
+        x = self.embed_tokens(image_ids)
+        cos, sin = self._rope(T, T + S, image_ids.device)
+        key_ok = torch.cat([prefix.key_ok[rows], torch.ones(B, S, dtype=torch.bool, device=image_ids.device)], 1)
+        allowed = key_ok[:, None, None, :]                                           # [B, 1, 1, T+S]
+        for layer, (k, v) in zip(self.layers, prefix.kv):
+            x, _ = layer(x, cos, sin, allowed, past_kv=(k[rows], v[rows]))
+        x = self.final_layernorm(x[:, 1:-1])                                         # the N image positions
+        off = c.image_offset
+        w, b = self.lm_head.weight[off:off + c.codebook_size], self.lm_head.bias[off:off + c.codebook_size]
+        return F.linear(x, w, b).float()
+
+
+@dataclass
+class TextPrefix:
+    kv: list          # per layer (k, v), each [R, nh, T, hd]
+    key_ok: torch.Tensor  # [R, T] False at pads
+
+
+# ---- loading (ref §1) ---------------------------------------------------------------------------------------
+
+
+def _yaml_int(text: str, key: str) -> int | None:
+    # the inference yaml is only read for two integers; a full yaml parser is not worth a dependency
+    m = re.search(rf"^\s*{key}\s*:\s*(\d+)\s*$", text, flags=re.M)
+    return int(m.group(1)) if m else None
+
+
+def showo_config(ckpt_dir: str | Path, phi_config: dict | None) -> ShowoConfig:
+    """Show-o's config.json + phi's config.json (+ `inference_config.yaml` if the folder has one)."""
+    d = Path(ckpt_dir)
+    raw = data.read_config(d)
+    for k in ("vocab_size", "llm_vocab_size", "codebook_size", "num_vq_tokens"):
+        if k not in raw:
+            raise CheckpointError(f"{d / 'config.json'} lacks {k!r}: is this a Show-o checkpoint?")
+    c = ShowoConfig(vocab_size=raw["vocab_size"], llm_vocab_size=raw["llm_vocab_size"],
+                    codebook_size=raw["codebook_size"], num_vq_tokens=raw["num_vq_tokens"])
+    yaml = d / "inference_config.yaml"
+    if yaml.is_file():
+        text = yaml.read_text()
+        c.max_seq_length = _yaml_int(text, "max_seq_length") or c.max_seq_length
+        c.num_new_special_tokens = _yaml_int(text, "num_new_special_tokens") or c.num_new_special_tokens
+    if phi_config is not None:
+        c.n_layer = phi_config["num_hidden_layers"]
+        c.n_head = phi_config["num_attention_heads"]
+        c.n_embd = phi_config["hidden_size"]
+        c.intermediate_size = phi_config["intermediate_size"]
+        c.partial_rotary_factor = phi_config.get("partial_rotary_factor", c.partial_rotary_factor)
+        c.rope_theta = phi_config.get("rope_theta", c.rope_theta)
+        c.layer_norm_eps = phi_config.get("layer_norm_eps", c.layer_norm_eps)
+        c.max_position_embeddings = phi_config.get("max_position_embeddings", c.max_position_embeddings)
+        if phi_config.get("num_key_value_heads", c.n_head) != c.n_head:
+            raise CheckpointError("phi config has grouped-query attention, which Show-o's Phi does not use")
+    expect = c.llm_vocab_size + c.num_new_special_tokens + c.codebook_size + 1
+    if c.vocab_size != expect:
+        raise CheckpointError(f"{d / 'config.json'}: vocab_size {c.vocab_size} != llm_vocab_size + "
+                              f"{c.num_new_special_tokens} specials + codebook_size + 1 mask = {expect}")
+    if math.isqrt(c.num_vq_tokens) ** 2 != c.num_vq_tokens:
+        raise CheckpointError(f"{d / 'config.json'}: num_vq_tokens {c.num_vq_tokens} is not a square grid")
+    return c
+
+
+def resolve_phi_dir(ckpt_dir: str | Path, phi_dir: str | Path | None) -> Path:
+    """Where phi-1.5's config + tokenizer are: `phi_dir`, else config.json's llm_model_path if it is a folder."""
+    if phi_dir is not None:
+        p = Path(phi_dir)
+    else:
+        llm = data.read_config(ckpt_dir).get("llm_model_path", "microsoft/phi-1_5")
+        p = (Path(ckpt_dir) / llm)
+        if not p.is_dir():
+            raise CheckpointError(
+                f"Show-o needs the phi-1.5 tokenizer ({llm!r} in {Path(ckpt_dir) / 'config.json'}): download it with "
+                "`hf download microsoft/phi-1_5 config.json tokenizer.json --local-dir weights/phi-1_5` "
+                "and pass --phi weights/phi-1_5")
+    if not (p / "tokenizer.json").is_file():
+        raise CheckpointError(f"{p / 'tokenizer.json'} not found: download it with "
+                              f"`hf download microsoft/phi-1_5 config.json tokenizer.json --local-dir {p}`")
+    return p
+
+
+def showo_key_map(c: ShowoConfig) -> dict[str, str]:
+    keys = {"showo.model.embed_tokens.weight": "embed_tokens.weight",
+            "showo.model.final_layernorm.weight": "final_layernorm.weight",
+            "showo.model.final_layernorm.bias": "final_layernorm.bias",
+            "showo.lm_head.weight": "lm_head.weight", "showo.lm_head.bias": "lm_head.bias"}
+    for i in range(c.n_layer):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense",
+                     "self_attn.q_layernorm", "self_attn.k_layernorm", "mlp.fc1", "mlp.fc2", "input_layernorm"):
+            for leaf in ("weight", "bias"):
+                keys[f"showo.model.layers.{i}.{name}.{leaf}"] = f"layers.{i}.{name}.{leaf}"
+    return keys
+
+
+def load_showo(ckpt_dir: str | Path, phi_dir: str | Path | None = None, *, dtype=torch.float32,
+               device="cpu") -> tuple[Showo, ShowoTokenizer]:
+    """Load a Show-o checkpoint (showlab/show-o, show-o-512x512, a DPO checkpoint) and its tokenizer."""
+    phi = resolve_phi_dir(ckpt_dir, phi_dir)
+    phi_cfg_path = phi / "config.json"
+    phi_cfg = data.read_config(phi) if phi_cfg_path.is_file() else None  # absent: phi-1.5 defaults
+    c = showo_config(ckpt_dir, phi_cfg)
+    tok = ShowoTokenizer(data.load_tokenizer(phi), c)
+    with torch.device("meta"):
+        model = Showo(c)
+    data.load_state(model, ckpt_dir, showo_key_map(c), dtype=data.parse_dtype(dtype), device=device,
+                    what="Show-o checkpoint")
+    return model.eval(), tok
+
+
+def save_showo(model: Showo, out_dir: str | Path, like_dir: str | Path | None = None) -> None:
+    """Write `model` in Show-o's own layout (config.json + pytorch_model.safetensors), atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    inv = {v: k for k, v in showo_key_map(model.config).items()}
+    data.save_state({inv[n]: p for n, p in model.state_dict().items()}, out / "pytorch_model.safetensors")
+    if like_dir is not None:
+        for name in ("config.json", "inference_config.yaml"):
+            src = Path(like_dir) / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                with data.atomic_path(out / name) as tmp:
+                    tmp.write_bytes(src.read_bytes())
+
+
+# ==========================================================================================================
+# 2. MAGVIT-v2 (ref §5)
+# ==========================================================================================================
+
+
+@dataclass
+class MagvitConfig:
+    """Defaults are the released showlab/magvitv2 (its config.json has no architecture fields)."""
+    ch: int = 128
+    enc_ch_mult: tuple = (1, 2, 2, 4, 4)
+    enc_num_res_blocks: tuple = (4, 3, 4, 3, 4)
+    dec_ch_mult: tuple = (1, 1, 2, 2, 4)
+    dec_num_res_blocks: tuple = (4, 4, 3, 4, 3)
+    dec_ch: int = 128
+    z_channels: int = 13   # = codebook bits
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "MagvitConfig":
+        arch = raw.get("architecture") or raw.get("oracle_arch") or {}
+        c = cls()
+        if arch:
+            enc, dec, q = arch["encoder"], arch["decoder"], arch.get("quantizer", {})
+            c = cls(ch=enc["ch"], enc_ch_mult=tuple(enc["ch_mult"]), enc_num_res_blocks=tuple(enc["num_res_blocks"]),
+                    dec_ch=dec["ch"], dec_ch_mult=tuple(dec["ch_mult"]),
+                    dec_num_res_blocks=tuple(dec["num_res_blocks"]), z_channels=enc["z_channels"])
+            if q.get("codebook_dim", c.z_channels) != c.z_channels or dec["z_channels"] != c.z_channels:
+                raise CheckpointError("MAGVIT-v2 config: encoder, decoder and quantizer disagree on the bits")
+        return c
+
+
+def swish(x):
+    return x * torch.sigmoid(x)
+
+
+def group_norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv2(swish(self.norm2(self.conv1(swish(self.norm1(x))))))
+        return (self.nin_shortcut(x) if self.nin_shortcut is not None else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head attention over the h*w positions."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = group_norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        t = self.norm(x)
+        q, k, v = (m(t).reshape(B, C, H * W) for m in (self.q, self.k, self.v))
+        a = torch.softmax(torch.bmm(q.transpose(1, 2), k) * C ** -0.5, dim=2)      # [B, hw(q), hw(k)]
+        y = torch.bmm(v, a.transpose(1, 2)).reshape(B, C, H, W)
+        return x + self.proj_out(y)
+
+
+class Mid(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # right and bottom only
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(blocks: list[nn.Module], resample: nn.Module | None) -> nn.Module:
+    m = nn.Module()
+    m.block = nn.ModuleList(blocks)
+    if resample is not None:
+        setattr(m, "downsample" if isinstance(resample, Downsample) else "upsample", resample)
+    return m
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: MagvitConfig):
+        super().__init__()
+        mult = (1,) + tuple(c.enc_ch_mult)
+        self.conv_in = nn.Conv2d(3, c.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        for i, n_blocks in enumerate(c.enc_num_res_blocks):
+            cin, cout = c.ch * mult[i], c.ch * mult[i + 1]
+            blocks = [ResnetBlock(cin if b == 0 else cout, cout) for b in range(n_blocks)]
+            last = i == len(c.enc_ch_mult) - 1
+            self.down.append(_level(blocks, None if last else Downsample(cout)))
+        top = c.ch * c.enc_ch_mult[-1]
+        self.mid = Mid(top)
+        self.norm_out = group_norm(top)
+        self.conv_out = nn.Conv2d(top, c.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.conv_out(swish(self.norm_out(self.mid(h))))
+        return self.quant_conv(h)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: MagvitConfig):
+        super().__init__()
+        ch, mult = c.dec_ch, c.dec_ch_mult
+        cin = ch * mult[-1]
+        self.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
+        self.conv_in = nn.Conv2d(c.z_channels, cin, 3, padding=1)
+        self.mid = Mid(cin)
+        levels = [None] * len(mult)
+        for i in reversed(range(len(mult))):    # up[i] belongs to ch_mult[i]; executed from the last to 0
+            cout = ch * mult[i]
+            blocks = [ResnetBlock(cin if b == 0 else cout, cout) for b in range(c.dec_num_res_blocks[i])]
+            levels[i] = _level(blocks, Upsample(cout) if i != 0 else None)
+            cin = cout
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(cin)
+        self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(self.post_quant_conv(z)))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class LFQ(nn.Module):
+    """Lookup-free quantiser: a code is `bits` signs, channel 0 the most significant bit (ref §5.3)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("embedding", torch.empty(2 ** bits, bits))
+        self.register_buffer("power_vals", torch.empty(bits, dtype=torch.long))
+
+    @staticmethod
+    def tables(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        power = 2 ** torch.arange(bits - 1, -1, -1, dtype=torch.long)               # [2^(bits-1) .. 1]
+        codes = torch.arange(2 ** bits, dtype=torch.long)
+        signs = ((codes[:, None] & power) != 0).float() * 2 - 1                      # [K, bits] of ±1
+        return signs, power
+
+    def codes_to_z(self, codes: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """[B, N] codes -> [B, bits, h, w] ±1 (token n at row n // w, column n % w)."""
+        z = self.embedding[codes]                                                   # [B, N, bits]
+        return z.view(codes.shape[0], *hw, self.bits).permute(0, 3, 1, 2)
+
+    def z_to_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, bits, h, w] -> [B, h*w]; z = 0 counts as bit 0."""
+        bits = (z > 0).long().permute(0, 2, 3, 1).flatten(1, 2)                     # [B, N, bits]
+        return (bits * self.power_vals).sum(-1)
+
+
+class MAGVITv2(nn.Module):
+    def __init__(self, c: MagvitConfig):
+        super().__init__()
+        self.config = c
+        self.encoder, self.decoder, self.quantize = Encoder(c), Decoder(c), LFQ(c.z_channels)
+
+    @property
+    def codebook_size(self) -> int:
+        return 2 ** self.config.z_channels
+
+    def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """Image tokens [B, N] -> image [B, 3, 16h, 16w] roughly in [-1, 1] (no final clamp)."""
+        n = codes.shape[1]
+        hw = hw or (math.isqrt(n), math.isqrt(n))
+        z = self.quantize.codes_to_z(codes.clamp(0, self.codebook_size - 1), hw)
+        return self.decoder(z.to(self.decoder.conv_in.weight.dtype))
+
+    def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image [B, 3, H, W] in [-1, 1] -> image tokens [B, (H/f)*(W/f)]."""
+        return self.quantize.z_to_codes(self.encoder(pixels.to(self.encoder.conv_in.weight.dtype)))
+
+
+def load_magvit(ckpt_dir: str | Path, *, dtype=torch.float32, device="cpu") -> MAGVITv2:
+    c = MagvitConfig.from_json(data.read_config(ckpt_dir))
+    with torch.device("meta"):
+        model = MAGVITv2(c)
+    keys = {n: n for n, _ in list(model.named_parameters()) + list(model.named_buffers())}
+    data.load_state(model, ckpt_dir, keys, dtype=data.parse_dtype(dtype), device=device, what="MAGVIT-v2 checkpoint")
+    signs, power = LFQ.tables(c.z_channels)
+    if not (torch.equal(model.quantize.embedding.float().cpu(), signs) and
+            torch.equal(model.quantize.power_vals.cpu(), power)):
+        raise CheckpointError(f"{ckpt_dir}: quantize.embedding / power_vals are not the MSB-first LFQ tables "
+                              "this code assumes; is this showlab/magvitv2?")
+    model.quantize.embedding = model.quantize.embedding.float()  # ±1 is exact in any dtype; keep the table fp32
+    return model.eval()
+
+
+def image_to_pixels(img, resolution: int) -> torch.Tensor:
+    """PIL image -> [1, 3, r, r] in [-1, 1]: resize the shorter side (bicubic), centre crop (ref §5.5)."""
+    from PIL import Image
+    import numpy as np
+
+    w, h = img.size
+    s = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return ((x - 0.5) / 0.5)[None]
+
+
+# ==========================================================================================================
+# 3. Masked parallel decoding (Sec. 3.1; MaskGIT; ref §4)
+# ==========================================================================================================
+
+
+def cosine_schedule(r: float) -> torch.Tensor:
+    """Fraction of image tokens still masked after a fraction r of the steps, in float32 as the original
+    (float64 would change mask_len in some steps)."""
+    return torch.cos(torch.tensor(r) * math.pi * 0.5)
+
+
+def gumbel(u: torch.Tensor) -> torch.Tensor:
+    return -torch.log(torch.clamp(-torch.log(torch.clamp(u, min=1e-20)), min=1e-20))
+
+
+@dataclass
+class Step:
+    """What one call of `Paths.step()` did to the paths it advanced (all tensors are per advanced path)."""
+    paths: list[int]              # which paths advanced
+    step: list[int]               # the step index s (0-based) each of them just completed
+    x0: torch.Tensor              # [k, N] codes: each path's current x̂0 prediction (the full sampled map)
+    mask_len: list[int]           # image tokens re-masked for the next step
+    temperature: list[float]      # the annealed temperature used for re-masking
+    masking: torch.Tensor         # [k, N] True = re-masked
+    probs: torch.Tensor | None = None  # [k, N, K] the CFG distribution sampled from (with keep_probs=True)
+
+
+class Paths:
+    """N decoding paths of one prompt, decoded together as one batch (Sec. 3.1).
+
+    Each path has its own `torch.Generator`, so its result does not depend on which other paths share the
+    batch, and with one path the random draws happen in the original order (a multinomial over every image
+    slot, then a uniform for the Gumbel re-masking noise, per step). `step()` advances every live path by one
+    step and returns the x̂0 predictions; `stop(i)` removes path i from later batches (PARM's truncation) and
+    `resume(i)` puts it back exactly where it stopped.
+
+    fast=True reuses the text part's keys/values across steps and computes only the image positions' code
+    logits; fast=False runs the original full forward every step (kept for checks and the benchmark)."""
+
+    def __init__(self, model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
+                 cfg: float = 1.75, temperature: float = 1.0, generators: Sequence[torch.Generator] | None = None,
+                 seed: int = 0, fast: bool = True, keep_probs: bool = False):
+        if n < 1:
+            raise ValueError(f"number of paths must be at least 1 (got {n})")
+        if steps < 1:
+            raise ValueError(f"number of decoding steps must be at least 1 (got {steps})")
+        c = model.config
+        device = model.embed_tokens.weight.device
+        self.model, self.tok, self.config = model, tokenizer, c
+        self.n, self.steps, self.cfg, self.fast, self.keep_probs = n, steps, float(cfg), fast, keep_probs
+        self.prompt = prompt
+        if generators is None:
+            generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
+        if len(generators) != n:
+            raise ValueError(f"{len(generators)} generators for {n} paths: give one per path")
+        self.generators = list(generators)
+        # cond row, and the empty prompt for CFG (ref §3.3)
+        self.ids = tokenizer.t2i_ids([prompt, ""]).to(device)                       # [2, L]
+        self.tokens = torch.full((n, c.num_vq_tokens), c.mask_token_id, dtype=torch.long, device=device)
+        self.x0: list[torch.Tensor | None] = [None] * n
+        self.step_of = [0] * n
+        self.temperature = [float(temperature)] * n
+        self.stopped = [False] * n
+        self.token_forwards = 0      # token positions run through the transformer (work counter)
+        self._prefix = None
+        if fast:
+            with torch.inference_mode():
+                self._prefix = model.prefix(self.ids[:, : c.text_len], tokenizer.pad_id)
+            self.token_forwards += (2 if self.cfg else 1) * c.text_len
+        else:
+            self._allowed = omni_attention_mask(self.ids, tokenizer.pad_id, tokenizer.soi_id, tokenizer.eoi_id)
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    def finished(self, i: int) -> bool:
+        return self.step_of[i] >= self.steps
+
+    def live(self) -> list[int]:
+        return [i for i in range(self.n) if not self.stopped[i] and not self.finished(i)]
+
+    def stop(self, i: int) -> None:
+        self.stopped[i] = True
+
+    def resume(self, i: int) -> None:
+        self.stopped[i] = False
+
+    def final_tokens(self) -> torch.Tensor:
+        """[n, N] codes of every path's last step (the return value of the original t2i_generate)."""
+        if any(not self.finished(i) for i in range(self.n)):
+            raise RuntimeError("some paths have not finished: resume and step them first")
+        return torch.stack(self.x0)
+
+    def __iter__(self) -> Iterator[Step]:
+        while self.live():
+            yield self.step()
+
+    # -- one step ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def probs(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """softmax of the guided logits (1+g)·cond − g·uncond over the K codes, [k, N, K] for image-slot
+        states [k, N] (vocabulary ids). Depends on nothing else, so a test can feed recorded states in."""
+        c, k = self.config, image_tokens.shape[0]
+        g = self.cfg
+        rows = 2 if g else 1
+        if self.fast:
+            soi = torch.full((k, 1), self.tok.soi_id, device=image_tokens.device)
+            eoi = torch.full((k, 1), self.tok.eoi_id, device=image_tokens.device)
+            seg = torch.cat([soi, image_tokens, eoi], 1).repeat(rows, 1)             # [rows*k, N+2]: cond; uncond
+            which = torch.arange(rows, device=seg.device).repeat_interleave(k)
+            logits = self.model.image_logits(seg, self._prefix, which)
+            self.token_forwards += seg.numel()
+        else:
+            ids = self.ids.repeat_interleave(k, 0).clone()                             # [2k, L]: cond; uncond
+            ids[:, c.text_len + 1: c.text_len + 1 + c.num_vq_tokens] = image_tokens.repeat(2, 1)
+            allowed = self._allowed.repeat_interleave(k, 0)
+            if not g:
+                ids, allowed = ids[:k], allowed[:k]
+            off = c.image_offset
+            logits = self.model(ids, allowed)[:, -(c.num_vq_tokens + 1):-1, off:off + c.codebook_size]
+            self.token_forwards += ids.numel()
+        if g:
+            cond, uncond = logits.chunk(2)
+            logits = (1 + g) * cond - g * uncond
+        return torch.softmax(logits, dim=-1)
+
+    @torch.inference_mode()
+    def step(self) -> Step:
+        """Advance every live path by one step (ref §4 steps 1-10)."""
+        live = self.live()
+        if not live:
+            raise RuntimeError("no live path to advance")
+        probs = self.probs(self.tokens[live])
+        out = Step(paths=live, step=[], x0=torch.empty(0), mask_len=[], temperature=[], masking=torch.empty(0),
+                   probs=probs if self.keep_probs else None)
+        x0, masking = [], []
+        for j, i in enumerate(live):
+            sampled, remask, mask_len = self._advance(i, probs[j])
+            out.step.append(self.step_of[i])
+            out.mask_len.append(mask_len)
+            out.temperature.append(self.temperature[i])
+            self.step_of[i] += 1
+            x0.append(sampled)
+            masking.append(remask)
+        out.x0, out.masking = torch.stack(x0), torch.stack(masking)
+        return out
+
+    def _advance(self, i: int, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One path, one step: sample every slot, keep known codes, re-mask the least confident."""
+        c, gen = self.config, self.generators[i]
+        N, off = c.num_vq_tokens, c.image_offset
+        tokens = self.tokens[i]
+        unknown = tokens == c.mask_token_id
+        # every slot is sampled, known ones too: the original consumes the RNG that way
+        draws = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        sampled = torch.where(unknown, draws, tokens - off)
+        r = (self.step_of[i] + 1) / self.steps
+        conf = torch.gather(probs, -1, sampled[:, None])[:, 0]
+        conf = torch.where(unknown, conf, torch.finfo(conf.dtype).max)
+        mask_len = int(max(1.0, min(float(unknown.sum() - 1), float(torch.floor(N * cosine_schedule(r))))))
+        # the temperature anneals by compounding (1 - r) every step, starting again for each path
+        self.temperature[i] *= 1.0 - r
+        u = torch.zeros(1, N, device=probs.device).uniform_(0, 1, generator=gen)[0]
+        confidence = torch.log(torch.clamp(conf, min=1e-20)) + self.temperature[i] * gumbel(u)
+        cut = torch.sort(confidence).values[mask_len]
+        remask = confidence < cut
+        self.tokens[i] = torch.where(remask, c.mask_token_id, sampled + off)
+        self.x0[i] = sampled
+        return sampled, remask, mask_len
+
+
+def generate(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
+             cfg: float = 1.75, seed: int = 0, generators=None, on_step=None) -> torch.Tensor:
+    """Decode n paths of `prompt` to the end and return their codes [n, N] (Sec. 3.1).
+
+    `on_step(paths, step)` is called after every step; it may call `paths.stop(i)`."""
+    paths = Paths(model, tokenizer, prompt, n, steps=steps, cfg=cfg, seed=seed, generators=generators)
+    for step in paths:
+        if on_step is not None:
+            on_step(paths, step)
+    return torch.stack([x for x in paths.x0])
+
+
+# ==========================================================================================================
+# Built-in tiny checkpoints (`--tiny`): random weights written in the official formats
+# ==========================================================================================================
+
+TINY_MAGVIT = {"encoder": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": [1, 1, 1, 1], "z_channels": 6},
+               "decoder": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": [1, 1, 1, 1], "z_channels": 6},
+               "quantizer": {"codebook_dim": 6}}
+
+
+def _random_fill(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic random weights: norms at 1/0, other weights ~ N(0, 1/fan_in), biases small."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in sorted(model.named_parameters()):
+        if "norm" in name:
+            t = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
+        elif p.dim() == 1:
+            t = torch.randn(p.shape, generator=g) * 0.02
+        else:
+            t = torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
+        out[name] = t
+    return out
+
+
+def write_tiny_showo(root: str | Path, seed: int = 0) -> None:
+    """Write `phi/`, `showo/` and `magvitv2/` under `root` as the released repos lay them out."""
+    from tokenizers import AddedToken
+
+    root = Path(root)
+    tok = data.train_tiny_bpe(data.tiny_corpus(), 400)
+    # phi-1.5 puts <|endoftext|> right after the BPE vocabulary, then whitespace-run tokens
+    tok.add_special_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)])
+    tok.add_tokens([AddedToken("   ", normalized=True), AddedToken("  ", normalized=True)])
+    (root / "phi").mkdir(parents=True, exist_ok=True)
+    tok.save(str(root / "phi" / "tokenizer.json"))
+    c = ShowoConfig.preset("tiny")
+    c.llm_vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    c.vocab_size = c.image_offset + c.codebook_size + 1
+    data.write_json({"architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_size": c.n_embd,
+                     "intermediate_size": c.intermediate_size, "num_hidden_layers": c.n_layer,
+                     "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head,
+                     "partial_rotary_factor": c.partial_rotary_factor, "rope_theta": c.rope_theta,
+                     "layer_norm_eps": c.layer_norm_eps, "max_position_embeddings": c.max_position_embeddings,
+                     "hidden_act": "gelu_new", "qk_layernorm": False, "tie_word_embeddings": False,
+                     "vocab_size": c.vocab_size + 7}, root / "phi" / "config.json")
+    data.write_json({"_class_name": "Showo", "_diffusers_version": "0.30.1", "codebook_size": c.codebook_size,
+                     "llm_model_path": "../phi", "llm_vocab_size": c.llm_vocab_size, "mask_token_id": c.mask_token_id,
+                     "num_vq_tokens": c.num_vq_tokens, "vocab_size": c.vocab_size, "w_clip_vit": False},
+                    root / "showo" / "config.json")
+    (root / "showo" / "inference_config.yaml").write_text(
+        f"model:\n  showo:\n    num_new_special_tokens: {c.num_new_special_tokens}\n"
+        f"dataset:\n  preprocessing:\n    max_seq_length: {c.max_seq_length}\n")
+    inv = {v: k for k, v in showo_key_map(c).items()}
+    weights = _random_fill(Showo(c), seed)
+    data.save_state({inv[n]: t for n, t in weights.items()}, root / "showo" / "pytorch_model.safetensors")
+
+    mc = MagvitConfig.from_json({"architecture": TINY_MAGVIT})
+    weights = _random_fill(MAGVITv2(mc), seed + 1)
+    weights["quantize.embedding"], weights["quantize.power_vals"] = LFQ.tables(mc.z_channels)
+    data.write_json({"_class_name": "MAGVITv2", "_diffusers_version": "0.30.1", "architecture": TINY_MAGVIT},
+                    root / "magvitv2" / "config.json")
+    data.save_state(weights, root / "magvitv2" / "pytorch_model.safetensors")

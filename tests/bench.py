@@ -1,0 +1,128 @@
+"""Benchmarks, printed side by side in one run (not collected by pytest).
+
+    python tests/bench.py            # every section
+    python tests/bench.py showo      # one section: showo | verifier
+
+Show-o: N paths of one prompt decoded as one batch with the text prefix reused and only the codebook logits
+computed, against the same paths decoded one after another with the original full forward (full sequence,
+full vocabulary), at the real sequence length (387 = 129 text + soi + 256 image + eoi) and real vocabulary,
+with a small width. Each variant runs in a fresh process so its peak memory is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def bench_model(width: int, layers: int):
+    """A Show-o with the released vocabulary and sequence layout, random weights, small width."""
+    import torch
+    from tokenizers import AddedToken
+
+    import cotgen
+    import data
+
+    tok = data.train_tiny_bpe(data.tiny_corpus(), 400)
+    tok.add_special_tokens([AddedToken(cotgen.EOT_TOKEN, special=True, normalized=False)])
+    # pad the text vocabulary to phi-1.5's size so that the full-vocabulary logits cost what they really cost
+    tok.add_tokens([AddedToken(f"<unused{i}>", special=False) for i in range(50295 - tok.get_vocab_size())])
+    c = cotgen.ShowoConfig(n_layer=layers, n_head=width // 64, n_embd=width, intermediate_size=4 * width)
+    torch.manual_seed(0)
+    model = cotgen.Showo(c).eval()
+    return model, cotgen.ShowoTokenizer(tok, c)
+
+
+def _showo_worker(args, queue):
+    import torch
+
+    import cotgen
+
+    torch.set_num_threads(args["threads"])
+    model, tok = bench_model(args["width"], args["layers"])
+    prompt = "a photo of a red apple on a wooden table"
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    forwards = 0
+    if args["batched"]:
+        paths = cotgen.Paths(model, tok, prompt, args["paths"], steps=args["steps"], fast=True)
+        for _ in paths:
+            pass
+        forwards = paths.token_forwards
+    else:
+        for i in range(args["paths"]):
+            paths = cotgen.Paths(model, tok, prompt, 1, steps=args["steps"], seed=i, fast=False)
+            for _ in paths:
+                pass
+            forwards += paths.token_forwards
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put({"seconds": dt, "images": args["paths"], "peak_mib": peak / 1024, "extra_mib": (peak - base) / 1024,
+               "token_forwards": forwards})
+
+
+def run_isolated(worker, args: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=worker, args=(args, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def bench_showo(opts) -> None:
+    common = {"width": opts.width, "layers": opts.layers, "steps": opts.steps, "threads": opts.threads}
+    fast = run_isolated(_showo_worker, {**common, "paths": opts.paths, "batched": True})
+    slow = run_isolated(_showo_worker, {**common, "paths": opts.baseline_paths, "batched": False})
+    rows = [("batched + prefix reuse", fast), ("one by one, full forward", slow)]
+    print(f"\n== Show-o decoding: L=387, vocab 58498, width {opts.width}, {opts.layers} layers, {opts.steps} steps, "
+          f"{opts.threads} thread(s) ==")
+    print(f"{'variant':<28}{'paths':>6}{'seconds':>10}{'images/s':>10}{'token-fwd/img':>15}{'peak MiB':>10}"
+          f"{'+MiB':>8}")
+    for name, r in rows:
+        print(f"{name:<28}{r['images']:>6}{r['seconds']:>10.2f}{r['images'] / r['seconds']:>10.3f}"
+              f"{r['token_forwards'] / r['images']:>15.0f}{r['peak_mib']:>10.0f}{r['extra_mib']:>8.0f}")
+    ratio = (fast["images"] / fast["seconds"]) / (slow["images"] / slow["seconds"])
+    print(f"speed-up (images/s, batched+reuse vs one-by-one full): {ratio:.1f}x")
+    return {"showo_speedup": ratio, "fast": fast, "slow": slow}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sections", nargs="*", default=["showo", "verifier"], help="sections to run: showo, verifier")
+    p.add_argument("--paths", type=int, default=20, help="paths decoded as one batch (default 20)")
+    p.add_argument("--baseline-paths", type=int, default=4,
+                   help="paths decoded one by one for the baseline; images/s is per image (default 4)")
+    p.add_argument("--steps", type=int, default=18, help="decoding steps (default 18)")
+    p.add_argument("--width", type=int, default=256, help="Show-o hidden width (default 256)")
+    p.add_argument("--layers", type=int, default=4, help="Show-o layers (default 4)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    opts = p.parse_args(argv)
+    results = {}
+    for s in opts.sections:
+        if s == "showo":
+            results["showo"] = bench_showo(opts)
+        elif s == "verifier":
+            try:
+                import bench_verifiers
+            except ImportError:
+                print("\n== verifier: tests/bench_verifiers.py not present ==")
+                continue
+            results["verifier"] = bench_verifiers.run(print)
+        else:
+            p.error(f"unknown section {s!r}: use showo or verifier")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
