@@ -128,20 +128,31 @@ class ShowoTokenizer:
         n = self.config.text_len
         return [self.pad_id] * (n - len(t)) + t if len(t) <= n else t[: n - 1] + [self.eos_id]
 
-    def t2i_ids(self, prompts: Sequence[str], image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def image_segment(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N] vocabulary ids -> [B, N+2] with <|soi|> ... <|eoi|> around them."""
+        b = image_tokens.shape[0]
+        soi = torch.full((b, 1), self.soi_id, dtype=torch.long, device=image_tokens.device)
+        eoi = torch.full((b, 1), self.eoi_id, dtype=torch.long, device=image_tokens.device)
+        return torch.cat([soi, image_tokens.long(), eoi], dim=1)
+
+    def t2i_ids(self, prompts: Sequence[str], image_tokens: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
         """The full t2i sequences [B, L]: text part + <|soi|> + N image ids + <|eoi|>.
 
-        `image_tokens` [B, N] are vocabulary ids (code + offset, or the mask id); all masked by default."""
+        `image_tokens` [B, N] are vocabulary ids (code + offset, or the mask id); all masked by default.
+        `condition` [B, N] codes: PARM++'s self-correction format (ours), where the previous image comes as
+        a second image segment before the one being generated."""
         if isinstance(prompts, str):
             prompts = [prompts]
         c = self.config
         text = torch.tensor([self.text_part(p) for p in prompts], dtype=torch.long)
         if image_tokens is None:
             image_tokens = torch.full((len(prompts), c.num_vq_tokens), c.mask_token_id, dtype=torch.long)
-        b = text.shape[0]
-        soi = torch.full((b, 1), self.soi_id, dtype=torch.long)
-        eoi = torch.full((b, 1), self.eoi_id, dtype=torch.long)
-        return torch.cat([text, soi, image_tokens.to(torch.long).cpu(), eoi], dim=1)
+        parts = [text]
+        if condition is not None:
+            parts.append(self.image_segment(condition.cpu().long() + c.image_offset))
+        parts.append(self.image_segment(image_tokens.cpu()))
+        return torch.cat(parts, dim=1)
 
     def is_truncated(self, prompt: str) -> bool:
         return len(self.text_ids(prompt)) + 2 > self.config.text_len
@@ -152,14 +163,18 @@ def omni_attention_mask(ids: torch.Tensor, pad_id: int, soi_id: int, eoi_id: int
 
     Text queries attend causally to non-pad text; the image segment (<|soi|> through <|eoi|>) attends to
     every non-pad position in both directions; pad queries attend causally among themselves so no row is
-    empty (an empty row would give NaN)."""
+    empty (an empty row would give NaN). With several image segments (the self-correction format of PARM++,
+    ours) a segment also sees the segments before it but not those after, so a conditioning image does not
+    change while the next one is decoded; with one segment this is exactly the original mask."""
     L = ids.shape[1]
     pad = ids == pad_id                                                           # [B, L]
-    in_image = torch.cumsum(ids == soi_id, 1) > torch.cumsum(ids == eoi_id, 1) - (ids == eoi_id).long()
+    segment = torch.cumsum(ids == soi_id, 1)                                      # 0 = text before any image
+    in_image = segment > torch.cumsum(ids == eoi_id, 1) - (ids == eoi_id).long()
     causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()        # [q, k]
     key_ok = ~pad[:, None, :]                                                     # [B, 1(q), L(k)]
     text_rule = torch.where(pad[:, :, None], causal, causal & key_ok)
-    allowed = torch.where(in_image[:, :, None], key_ok.expand(-1, L, -1), text_rule)
+    image_rule = key_ok & (segment[:, None, :] <= segment[:, :, None])
+    allowed = torch.where(in_image[:, :, None], image_rule, text_rule)
     return allowed[:, None]
 
 
@@ -295,17 +310,18 @@ class Showo(nn.Module):
 
     # -- the decoding fast path: the text part never attends to image tokens, so its keys/values are fixed --
 
-    def prefix(self, text_ids: torch.Tensor, pad_id: int) -> "TextPrefix":
-        """Run the text part [R, T] once and keep every layer's keys/values (ref §3.5: text rows attend
-        causally to text only, so nothing in them changes while the image is decoded)."""
-        allowed = omni_attention_mask(text_ids, pad_id, soi_id=-1, eoi_id=-1)     # no image: the text rule
+    def prefix(self, text_ids: torch.Tensor, tok: "ShowoTokenizer") -> "TextPrefix":
+        """Run the part before the decoded image [R, T] once and keep every layer's keys/values (ref §3.5:
+        text rows attend causally to text only, so nothing in them changes while the image is decoded; the
+        same holds for a conditioning image segment, see `omni_attention_mask`)."""
+        allowed = omni_attention_mask(text_ids, tok.pad_id, tok.soi_id, tok.eoi_id)
         x = self.embed_tokens(text_ids)
         cos, sin = self._rope(0, text_ids.shape[1], text_ids.device)
         kv = []
         for layer in self.layers:
             x, layer_kv = layer(x, cos, sin, allowed)
             kv.append(layer_kv)
-        return TextPrefix(kv=kv, key_ok=text_ids != pad_id)
+        return TextPrefix(kv=kv, key_ok=text_ids != tok.pad_id)
 
     def image_logits(self, image_ids: torch.Tensor, prefix: "TextPrefix", rows: torch.Tensor) -> torch.Tensor:
         """Codebook logits [B, N, K] at the N image positions for image segments [B, N+2] (soi, N, eoi).
@@ -714,7 +730,7 @@ class Paths:
 
     def __init__(self, model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
                  cfg: float = 1.75, temperature: float = 1.0, generators: Sequence[torch.Generator] | None = None,
-                 seed: int = 0, fast: bool = True, keep_probs: bool = False):
+                 seed: int = 0, fast: bool = True, keep_probs: bool = False, condition: torch.Tensor | None = None):
         if n < 1:
             raise ValueError(f"number of paths must be at least 1 (got {n})")
         if steps < 1:
@@ -729,8 +745,10 @@ class Paths:
         if len(generators) != n:
             raise ValueError(f"{len(generators)} generators for {n} paths: give one per path")
         self.generators = list(generators)
-        # cond row, and the empty prompt for CFG (ref §3.3)
-        self.ids = tokenizer.t2i_ids([prompt, ""]).to(device)                       # [2, L]
+        # cond row, and the empty prompt for CFG (ref §3.3); a conditioning image stays in both rows
+        cond = None if condition is None else condition.reshape(1, -1).expand(2, -1)
+        self.ids = tokenizer.t2i_ids([prompt, ""], condition=cond).to(device)      # [2, L]
+        self.prefix_len = self.ids.shape[1] - (c.num_vq_tokens + 2)
         self.tokens = torch.full((n, c.num_vq_tokens), c.mask_token_id, dtype=torch.long, device=device)
         self.x0: list[torch.Tensor | None] = [None] * n
         self.step_of = [0] * n
@@ -740,8 +758,8 @@ class Paths:
         self._prefix = None
         if fast:
             with torch.inference_mode():
-                self._prefix = model.prefix(self.ids[:, : c.text_len], tokenizer.pad_id)
-            self.token_forwards += (2 if self.cfg else 1) * c.text_len
+                self._prefix = model.prefix(self.ids[:, : self.prefix_len], tokenizer)
+            self.token_forwards += (2 if self.cfg else 1) * self.prefix_len
         else:
             self._allowed = omni_attention_mask(self.ids, tokenizer.pad_id, tokenizer.soi_id, tokenizer.eoi_id)
 
@@ -759,11 +777,20 @@ class Paths:
     def resume(self, i: int) -> None:
         self.stopped[i] = False
 
+    def copy_state(self, src: int, dst: int) -> None:
+        """Make path `dst` continue from path `src`'s state (PRM's re-branching); it keeps its own generator."""
+        self.tokens[dst] = self.tokens[src]
+        self.x0[dst], self.step_of[dst] = self.x0[src], self.step_of[src]
+        self.temperature[dst], self.stopped[dst] = self.temperature[src], self.stopped[src]
+
+    def final_tokens_of(self, which: Sequence[int]) -> torch.Tensor:
+        if any(not self.finished(i) for i in which):
+            raise RuntimeError("some paths have not finished: resume and step them first")
+        return torch.stack([self.x0[i] for i in which])
+
     def final_tokens(self) -> torch.Tensor:
         """[n, N] codes of every path's last step (the return value of the original t2i_generate)."""
-        if any(not self.finished(i) for i in range(self.n)):
-            raise RuntimeError("some paths have not finished: resume and step them first")
-        return torch.stack(self.x0)
+        return self.final_tokens_of(range(self.n))
 
     def __iter__(self) -> Iterator[Step]:
         while self.live():
@@ -779,15 +806,13 @@ class Paths:
         g = self.cfg
         rows = 2 if g else 1
         if self.fast:
-            soi = torch.full((k, 1), self.tok.soi_id, device=image_tokens.device)
-            eoi = torch.full((k, 1), self.tok.eoi_id, device=image_tokens.device)
-            seg = torch.cat([soi, image_tokens, eoi], 1).repeat(rows, 1)             # [rows*k, N+2]: cond; uncond
+            seg = self.tok.image_segment(image_tokens).repeat(rows, 1)                 # [rows*k, N+2]: cond; uncond
             which = torch.arange(rows, device=seg.device).repeat_interleave(k)
             logits = self.model.image_logits(seg, self._prefix, which)
             self.token_forwards += seg.numel()
         else:
             ids = self.ids.repeat_interleave(k, 0).clone()                             # [2k, L]: cond; uncond
-            ids[:, c.text_len + 1: c.text_len + 1 + c.num_vq_tokens] = image_tokens.repeat(2, 1)
+            ids[:, self.prefix_len + 1: self.prefix_len + 1 + c.num_vq_tokens] = image_tokens.repeat(2, 1)
             allowed = self._allowed.repeat_interleave(k, 0)
             if not g:
                 ids, allowed = ids[:k], allowed[:k]
@@ -854,6 +879,253 @@ def generate(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *
         if on_step is not None:
             on_step(paths, step)
     return torch.stack([x for x in paths.x0])
+
+
+# ==========================================================================================================
+# 4. Test-time verification: searches over the decoding paths (Sec. 3.2, 4, 5)
+# ==========================================================================================================
+
+
+class Judge:
+    """The searches' view of a verifier (verifiers.Verifier): every call judges the x̂0 images of some paths
+    at one step, in one batched verifier call. `who` names the (path, step) of each image, which the real
+    verifier does not need but the trace and the scripted test verifiers do."""
+
+    def __init__(self, verifier, *, decide: str = "greedy", generator: torch.Generator | None = None,
+                 released_scores: bool = False):
+        if decide not in ("greedy", "sample"):
+            raise ValueError(f"--judge {decide!r}: use greedy (deterministic) or sample (the released code)")
+        self.verifier = verifier
+        self.kw = {"decide": decide, "generator": generator, "released_scores": released_scores}
+        self._turns: dict[int, object] = {}   # path -> the cached clarity turn of its first clear step
+
+    @property
+    def tokens_processed(self) -> int:
+        return self.verifier.tokens_processed
+
+    def orm(self, images, prompt: str, who) -> list:
+        return self.verifier.judge_orm(images, [prompt] * len(who), **self.kw)
+
+    def prm(self, images, prompt: str, who) -> list:
+        return self.verifier.judge_prm(images, [prompt] * len(who), **self.kw)
+
+    def clarity(self, images, prompt: str, who) -> list:
+        judgments, turns = self.verifier.judge_clarity(images, [prompt] * len(who), **self.kw)
+        self._turns.update({path: t for (path, _), t in zip(who, turns)})
+        return judgments
+
+    def potential(self, prompt: str, who) -> list:
+        turns = [self._turns.pop(path) for path, _ in who]
+        return self.verifier.judge_potential(turns, [prompt] * len(who), **self.kw)
+
+    def reflect(self, images, prompt: str, max_new_tokens: int) -> list[str]:
+        return self.verifier.reflect(images, [prompt] * images.shape[0], max_new_tokens=max_new_tokens)
+
+
+@dataclass
+class SearchResult:
+    """The chosen image of a search and everything that led to it (`trace` is JSON-ready)."""
+    codes: torch.Tensor                # [N] the chosen image's codes
+    winner: int                        # index of the winning path
+    finals: torch.Tensor               # [n, N] each path's last x̂0 (for a truncated path: where it stopped)
+    pruned: list[bool]
+    trace: dict
+    history: torch.Tensor | None = None  # [n, S, N] every step's x̂0 (plain generation only)
+
+
+class Search:
+    """Shared machinery of the searches: the paths, x̂0 decoding, the JSON trace and the work counters."""
+
+    def __init__(self, model: Showo, tok: ShowoTokenizer, magvit: MAGVITv2, judge: Judge | None, prompt: str,
+                 n: int, *, steps: int = 18, cfg: float = 1.75, seed: int = 0, progress=None, strategy: str):
+        self.model, self.tok, self.magvit, self.judge, self.prompt = model, tok, magvit, judge, prompt
+        self.paths = Paths(model, tok, prompt, n, steps=steps, cfg=cfg, seed=seed)
+        self.progress = progress or (lambda *_: None)
+        self.decodes = 0
+        self.judge_tokens0 = judge.tokens_processed if judge is not None else 0
+        self.log = {i: {"path": i, "seed": seed + i, "steps": [], "ended": None} for i in range(n)}
+        self.strategy = strategy
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """x̂0 codes [k, N] -> images [k, 3, H, W] in about [-1, 1] (what the verifier is shown)."""
+        self.decodes += codes.shape[0]
+        return self.magvit.decode_code(codes)
+
+    def record(self, path: int, step: int, task: str, j) -> None:
+        self.log[path]["steps"].append({"step": step, "task": task, "answer": j.answer,
+                                        "p_yes": round(j.p_yes, 6), "p_no": round(j.p_no, 6)})
+
+    def result(self, winner: int, why: str, pruned: list[bool] | None = None, **extra) -> SearchResult:
+        p = self.paths
+        pruned = pruned or [False] * p.n
+        finals = torch.stack([x if x is not None else torch.full_like(p.tokens[0], -1) for x in p.x0])
+        for i in range(p.n):
+            self.log[i]["ended"] = self.log[i]["ended"] or ("finished" if p.finished(i) else "stopped")
+            self.log[i]["final_step"] = p.step_of[i]
+        trace = {"strategy": self.strategy, "prompt": self.prompt, "n": p.n, "steps": p.steps, "cfg": p.cfg,
+                 "winner": winner, "why": why, "paths": [self.log[i] for i in range(p.n)],
+                 "work": {"showo_token_forwards": p.token_forwards, "decodes": self.decodes,
+                          "verifier_tokens": (self.judge.tokens_processed - self.judge_tokens0) if self.judge else 0},
+                 **extra}
+        return SearchResult(codes=finals[winner], winner=winner, finals=finals, pruned=pruned, trace=trace)
+
+
+def best_of(scores: Sequence[float]) -> int:
+    """Index of the highest score; ties go to the lowest index (as the released code's strict '>')."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def decode_all(model, tok, magvit, prompt, n, *, steps=18, cfg=1.75, seed=0, progress=None) -> SearchResult:
+    """Plain generation of n paths (Sec. 3.1, no verifier): the winner is path 0; keeps every step's x̂0."""
+    s = Search(model, tok, magvit, None, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
+               strategy="none")
+    history = []
+    for step in s.paths:
+        history.append(step.x0)
+        s.progress(step.step[0] + 1, f"{len(step.paths)} paths alive")
+    result = s.result(0, "no verifier: path 0")
+    result.history = torch.stack(history, 1)
+    return result
+
+
+def orm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
+               progress=None) -> SearchResult:
+    """Sec. 3.2, ORM best-of-N: decode N paths to the end, score the final images with the ORM prompt, keep
+    the highest p(yes)."""
+    s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
+               strategy="orm")
+    for step in s.paths:
+        s.progress(step.step[0] + 1, f"{len(step.paths)} paths alive")
+    finals = s.paths.final_tokens()
+    judgments = judge.orm(s.decode(finals), prompt, [(i, steps) for i in range(n)])
+    for i, j in enumerate(judgments):
+        s.record(i, steps, "orm", j)
+    winner = best_of([j.p_yes for j in judgments])
+    return s.result(winner, f"best-of-{n}: highest ORM p(yes) = {judgments[winner].p_yes:.4f}")
+
+
+def prm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
+               progress=None) -> SearchResult:
+    """Sec. 3.2, PRM step-level best-of-N: after every step, score each path's intermediate image with the
+    PRM prompt and continue from the most confident one: all N paths re-branch from its state (each keeps its
+    own generator, so they diverge again at the next step)."""
+    s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
+               strategy="prm")
+    followed = []
+    for step in s.paths:
+        t = step.step[0]
+        judgments = judge.prm(s.decode(step.x0), prompt, [(i, t) for i in step.paths])
+        for i, j in zip(step.paths, judgments):
+            s.record(i, t, "prm", j)
+        best = step.paths[best_of([j.p_yes for j in judgments])]
+        followed.append(best)
+        if t + 1 < steps:
+            for i in step.paths:
+                if i != best:
+                    s.paths.copy_state(best, i)
+        s.progress(t + 1, f"{n} paths, following path {best} (PRM p(yes) {max(j.p_yes for j in judgments):.3f})")
+    return s.result(followed[-1], f"step-level best-of-{n}: most confident path at the last step",
+                    followed=followed)
+
+
+def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
+                truncate: bool = True, progress=None) -> SearchResult:
+    """Sec. 4, PARM: clarity judgment, potential assessment, best-of-N' selection.
+
+    Task 1, clarity judgment: at each step, every live path not yet judged clear is asked whether its x̂0 is
+    clear enough to judge (one batched call). Task 2, potential assessment: at a path's first clear step it
+    is asked, as a follow-up turn on the same image, whether it can still become an image satisfying the
+    prompt; "no" truncates the path immediately (`truncate=False` decodes it to the end, as the released code
+    does). Task 3, best-of-N': the N' paths judged to have potential are scored with the ORM prompt on the
+    same verifier and the best is kept; if N' = 0, the path with the lowest p(no) wins (never-clear paths count
+    p(no) = 1), and if it was truncated it is resumed and finished, giving exactly the image it would have."""
+    s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
+               strategy="parm")
+    clear_at: dict[int, int] = {}             # path -> its first clear step
+    potential: dict[int, bool] = {}
+    p_no = [1.0] * n
+    pruned = [False] * n
+    for step in s.paths:
+        t = step.step[0]
+        ask = [(j, i) for j, i in enumerate(step.paths) if i not in clear_at]
+        if ask:
+            judgments = judge.clarity(s.decode(step.x0[[j for j, _ in ask]]), prompt, [(i, t) for _, i in ask])
+            newly_clear = []
+            for (_, i), jd in zip(ask, judgments):
+                s.record(i, t, "clarity", jd)
+                if jd.is_yes:
+                    clear_at[i] = t
+                    newly_clear.append(i)
+            if newly_clear:
+                for i, jd in zip(newly_clear, judge.potential(prompt, [(i, t) for i in newly_clear])):
+                    s.record(i, t, "potential", jd)
+                    potential[i], p_no[i] = jd.is_yes, jd.p_no
+                    if not jd.is_yes and truncate:
+                        s.paths.stop(i)
+                        pruned[i] = True
+                        s.log[i]["ended"] = f"truncated after step {t + 1}: potential assessment said no"
+        s.progress(t + 1, f"{len(s.paths.live())} alive, {len(clear_at)} judged clear, {sum(pruned)} pruned")
+    keep = [i for i in range(n) if potential.get(i)]
+    if keep:
+        judgments = judge.orm(s.decode(s.paths.final_tokens_of(keep)), prompt, [(i, steps) for i in keep])
+        for i, jd in zip(keep, judgments):
+            s.record(i, steps, "orm", jd)
+        winner = keep[best_of([jd.p_yes for jd in judgments])]
+        why = f"best-of-N' with N' = {len(keep)}: highest ORM p(yes) among the paths with potential"
+    else:
+        winner = best_of([-p for p in p_no])
+        why = f"N' = 0: lowest p(no) = {p_no[winner]:.4f}"
+        if pruned[winner]:
+            s.paths.resume(winner)
+            for step in s.paths:
+                s.progress(step.step[0] + 1, f"finishing path {winner}")
+            why += f"; path {winner} was resumed from step {clear_at[winner] + 1} and finished"
+    return s.result(winner, why, pruned, clear_at=clear_at, n_prime=len(keep))
+
+
+# PARM++'s self-correction input (ours; the released code has no PARM++): the reason follows the prompt in the
+# text part and the previous image is a second image segment before the one being generated.
+SELF_CORRECTION_TEXT = "{prompt}\nCorrection: {reason}"
+
+
+def self_correction_text(prompt: str, reason: str) -> str:
+    return SELF_CORRECTION_TEXT.format(prompt=prompt, reason=" ".join(reason.split()))
+
+
+def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
+                   truncate: bool = True, rounds: int = 3, max_reason_tokens: int = 64,
+                   progress=None) -> SearchResult:
+    """Sec. 5, PARM++: PARM's choice, then up to `rounds` reflection rounds. Reflection evaluation asks
+    whether the image matches the prompt; on "no" the verifier writes the reason, and Show-o regenerates from
+    the prompt, the previous image's tokens and the reason; it stops at the first "yes"."""
+    result = parm_search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, truncate=truncate,
+                         progress=progress)
+    codes, reflections = result.codes, []
+    work = result.trace["work"]
+    tokens0 = judge.tokens_processed
+    for r in range(rounds + 1):
+        image = magvit.decode_code(codes[None])
+        work["decodes"] += 1
+        verdict = judge.orm(image, prompt, [(result.winner, f"reflection {r}")])[0]
+        entry = {"round": r, "answer": verdict.answer, "p_yes": round(verdict.p_yes, 6), "codes": codes.tolist()}
+        reflections.append(entry)
+        if verdict.is_yes or r == rounds:
+            entry["stopped"] = "reflection evaluation said yes" if verdict.is_yes else f"{rounds} rounds done"
+            break
+        reason = judge.reflect(image, prompt, max_reason_tokens)[0]
+        entry["reason"] = reason
+        paths = Paths(model, tok, self_correction_text(prompt, reason), 1, steps=steps, cfg=cfg,
+                      seed=seed + 1000 * (r + 1), condition=codes)
+        for step in paths:
+            if progress:
+                progress(step.step[0] + 1, f"self-correction round {r + 1}")
+        codes = paths.final_tokens()[0]
+        work["showo_token_forwards"] += paths.token_forwards
+    work["verifier_tokens"] += judge.tokens_processed - tokens0
+    result.trace.update(strategy="parm++", reflections=reflections)
+    result.codes = codes
+    return result
 
 
 # ==========================================================================================================

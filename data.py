@@ -352,34 +352,27 @@ def default_cache_dir() -> Path:
 
 def tiny_checkpoints(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Write (once) and return the tiny random checkpoints, in the official formats, so that `--tiny` goes
-    through exactly the loaders real weights go through. Keys: showo, phi, magvit (and llava when the
-    verifier module provides a writer)."""
+    through exactly the loaders real weights go through. Keys: showo, phi, magvit, llava. Each part is
+    written to a temporary folder and renamed into place, so an interrupted run leaves no half-written part."""
     import shutil
 
     import cotgen
+    import verifiers
 
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = root / TINY_VERSION
-    if not (root / "complete").is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / TINY_VERSION
+    parts = {"generator": cotgen.write_tiny_showo, "llava": verifiers.write_tiny_llava}
+    for name, writer in parts.items():
+        final = root / name
+        if (final / "complete").is_file():
+            continue
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
-            cotgen.write_tiny_showo(tmp)
-            try:
-                import verifiers
-            except ImportError:
-                verifiers = None
-            if verifiers is not None and hasattr(verifiers, "write_tiny_llava"):
-                verifiers.write_tiny_llava(tmp / "llava")
+            writer(tmp)
             (tmp / "complete").write_text("ok\n")
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp, root)
-        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not (root / "complete").is_file():
-                raise
-    paths = {"showo": root / "showo", "phi": root / "phi", "magvit": root / "magvitv2"}
-    if (root / "llava").is_dir():
-        paths["llava"] = root / "llava"
-    return paths
+    gen = root / "generator"
+    return {"showo": gen / "showo", "phi": gen / "phi", "magvit": gen / "magvitv2", "llava": root / "llava"}

@@ -1,0 +1,185 @@
+"""The searches' decisions (Sec. 3.2, 4, 5) with a scripted verifier: fixed answers per path and step."""
+import pytest
+import torch
+
+import cotgen
+
+
+class Answer:
+    def __init__(self, yes: bool, p_yes: float = None, p_no: float = None):
+        self.answer = "yes" if yes else "no"
+        self.is_yes = yes
+        self.p_yes = p_yes if p_yes is not None else (0.9 if yes else 0.1)
+        self.p_no = p_no if p_no is not None else 1.0 - self.p_yes
+
+
+class ScriptedJudge(cotgen.Judge):
+    """Answers from tables keyed by path (and step), and a log of every call, in place of the verifier."""
+
+    def __init__(self, clear_from=None, potential=None, orm=None, prm=None, reflection=()):
+        self.clear_from = clear_from or {}      # path -> first step (0-based) judged clear
+        self.potential_table = potential or {}  # path -> (yes, p_no)
+        self.orm_table = orm or {}              # path -> p_yes
+        self.prm_table = prm or {}              # (path, step) -> p_yes
+        self.reflection = list(reflection)      # answers of successive reflection evaluations
+        self.calls = []
+        self.tokens = 0
+
+    @property
+    def tokens_processed(self):
+        return self.tokens
+
+    def _log(self, task, images, who):
+        assert images is None or images.shape[0] == len(who)
+        self.calls.append((task, list(who)))
+        self.tokens += 10 * len(who)
+
+    def clarity(self, images, prompt, who):
+        self._log("clarity", images, who)
+        return [Answer(step >= self.clear_from.get(path, 99)) for path, step in who]
+
+    def potential(self, prompt, who):
+        self._log("potential", None, who)
+        return [Answer(self.potential_table[p][0], p_no=self.potential_table[p][1]) for p, _ in who]
+
+    def orm(self, images, prompt, who):
+        self._log("orm", images, who)
+        if isinstance(who[0][1], str):  # reflection evaluation
+            return [Answer(self.reflection.pop(0))]
+        return [Answer(True, p_yes=self.orm_table.get(p, 0.5)) for p, _ in who]
+
+    def prm(self, images, prompt, who):
+        self._log("prm", images, who)
+        return [Answer(True, p_yes=self.prm_table.get(w, 0.5)) for w in who]
+
+    def reflect(self, images, prompt, max_new_tokens):
+        self._log("reflect", images, [None])
+        return ["the apple is green, not red"]
+
+
+@pytest.fixture(scope="module")
+def models(tiny):
+    model, tok = cotgen.load_showo(tiny["showo"])
+    return model, tok, cotgen.load_magvit(tiny["magvit"])
+
+
+PROMPT = "a photo of a red apple"
+
+
+def run(search, models, judge, n=4, **kw):
+    model, tok, magvit = models
+    return search(model, tok, magvit, judge, PROMPT, n, steps=kw.pop("steps", 18), seed=3, **kw)
+
+
+def plain(models, n=4, steps=18):
+    model, tok, magvit = models
+    return cotgen.decode_all(model, tok, magvit, PROMPT, n, steps=steps, seed=3).finals
+
+
+def test_orm_keeps_highest_p_yes(models):
+    judge = ScriptedJudge(orm={0: 0.2, 1: 0.7, 2: 0.9, 3: 0.9})
+    r = run(cotgen.orm_search, models, judge)
+    assert r.winner == 2  # ties go to the lower index
+    assert judge.calls == [("orm", [(i, 18) for i in range(4)])]
+    assert torch.equal(r.finals, plain(models))
+
+
+def test_parm_truncates_exactly_the_paths_without_potential(models):
+    judge = ScriptedJudge(clear_from={0: 7, 1: 7, 2: 9, 3: 7},
+                          potential={0: (False, 0.8), 1: (True, 0.1), 2: (True, 0.3), 3: (False, 0.6)},
+                          orm={1: 0.4, 2: 0.6})
+    r = run(cotgen.parm_search, models, judge)
+    assert r.pruned == [True, False, False, True]
+    assert r.winner == 2 and r.trace["n_prime"] == 2
+    # clarity is asked only while a path is not yet clear, potential once at the first clear step
+    clarity_steps = {p: [s for task, who in judge.calls if task == "clarity" for (q, s) in who if q == p] for p in range(4)}
+    assert clarity_steps[0] == list(range(8)) and clarity_steps[2] == list(range(10))
+    assert [c for c in judge.calls if c[0] == "potential"] == [("potential", [(0, 7), (1, 7), (3, 7)]),
+                                                               ("potential", [(2, 9)])]
+    assert [c for c in judge.calls if c[0] == "orm"] == [("orm", [(1, 18), (2, 18)])]
+    # one batched verifier call per task and step
+    assert all(len({s for _, s in who}) == 1 for task, who in judge.calls)
+    # truncated paths stopped after step 8 and ran nothing afterwards
+    assert r.trace["paths"][0]["final_step"] == 8 and r.trace["paths"][3]["final_step"] == 8
+    assert "truncated after step 8" in r.trace["paths"][0]["ended"]
+    full = plain(models)
+    assert torch.equal(r.finals[[1, 2]], full[[1, 2]])
+
+
+def test_parm_without_potential_resumes_lowest_p_no(models):
+    judge = ScriptedJudge(clear_from={0: 5, 1: 6, 2: 7}, potential={0: (False, 0.7), 1: (False, 0.2), 2: (False, 0.5)})
+    r = run(cotgen.parm_search, models, judge)
+    # path 3 never clear: p(no) counts as 1.0; path 1 has the lowest p(no) and was truncated at step 7
+    assert r.trace["n_prime"] == 0 and r.winner == 1
+    assert r.pruned == [True, True, True, False]
+    assert "resumed" in r.trace["why"]
+    assert torch.equal(r.codes, plain(models)[1])  # the image the untruncated path gives
+
+
+def test_parm_truncation_saves_work(models):
+    """Half the paths pruned at step 8 of 18: the counters show the saving against the released no-truncation loop."""
+    judge_kw = dict(clear_from={i: 7 for i in range(4)},
+                    potential={0: (False, 0.9), 1: (False, 0.9), 2: (True, 0.1), 3: (True, 0.2)}, orm={2: 0.5, 3: 0.6})
+    cut = run(cotgen.parm_search, models, ScriptedJudge(**judge_kw))
+    full = run(cotgen.parm_search, models, ScriptedJudge(**judge_kw), truncate=False)
+    assert cut.winner == full.winner == 3
+    c = models[0].config
+    per_path_step = 2 * (c.num_vq_tokens + 2)  # cond + uncond image segments
+    prefix = 2 * c.text_len
+    assert full.trace["work"]["showo_token_forwards"] == prefix + 4 * 18 * per_path_step
+    assert cut.trace["work"]["showo_token_forwards"] == prefix + (4 * 8 + 2 * 10) * per_path_step
+    assert cut.trace["work"]["decodes"] == full.trace["work"]["decodes"] == 4 * 8 + 2
+
+
+def test_prm_follows_the_most_confident_path(models):
+    steps = 4
+    prm = {(i, t): 0.1 for i in range(3) for t in range(steps)}
+    prm.update({(2, 0): 0.9, (0, 1): 0.8, (1, 2): 0.7, (1, 3): 0.95})
+    judge = ScriptedJudge(prm=prm)
+    r = run(cotgen.prm_search, models, judge, n=3, steps=steps)
+    assert r.trace["followed"] == [2, 0, 1, 1] and r.winner == 1
+    # after re-branching from path 2 at step 0, every path holds path 2's tokens up to its own step-1 samples
+    model, tok, magvit = models
+    ref = cotgen.Paths(model, tok, PROMPT, 3, steps=steps, seed=3)
+    ref.step()
+    kept = ref.tokens[2] != model.config.mask_token_id
+    assert int(kept.sum()) >= 1
+    assert all(torch.equal(r.finals[i][kept], ref.x0[2][kept]) for i in range(3))
+
+
+@pytest.mark.parametrize("answers,rounds_run", [([True], 0), ([False, True], 1), ([False, False, False, False], 3)])
+def test_parm_plus_plus_stops_at_first_yes_and_after_three_rounds(models, answers, rounds_run):
+    judge = ScriptedJudge(clear_from={i: 3 for i in range(2)}, potential={0: (True, 0.1), 1: (True, 0.2)},
+                          orm={0: 0.3, 1: 0.8}, reflection=answers)
+    r = run(cotgen.parm_plus_plus, models, judge, n=2, steps=6)
+    refl = r.trace["reflections"]
+    assert len(refl) == rounds_run + 1 and sum(1 for c in judge.calls if c[0] == "reflect") == rounds_run
+    assert refl[-1]["stopped"] == ("reflection evaluation said yes" if answers[-1] else "3 rounds done")
+    assert not judge.reflection  # every scripted answer consumed, none extra asked
+    if rounds_run:
+        assert refl[1]["codes"] == r.codes.tolist() if rounds_run == 1 else True
+        assert not torch.equal(r.codes, r.finals[1])  # regenerated from the prompt, the image and the reason
+
+
+def test_self_correction_layout_and_mask(models):
+    model, tok, _ = models
+    c = model.config
+    prev = torch.arange(c.num_vq_tokens) % c.codebook_size
+    ids = tok.t2i_ids([cotgen.self_correction_text(PROMPT, "too  green\n")], condition=prev[None])
+    T, N = c.text_len, c.num_vq_tokens
+    assert ids.shape[1] == T + 2 * (N + 2)
+    assert ids[0, T] == tok.soi_id and torch.equal(ids[0, T + 1:T + 1 + N], prev + c.image_offset)
+    assert ids[0, T + N + 1] == tok.eoi_id and ids[0, T + N + 2] == tok.soi_id
+    assert "Correction: too green" in tok.tok.decode(ids[0, :T].tolist())
+    a = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)[0, 0]
+    first, second = T + 5, T + N + 5
+    assert not a[first, second] and a[second, first] and a[second, T - 1] and a[first, T - 1]
+    # the fast path (previous image cached as prefix) agrees with the full forward under this mask
+    probs = [cotgen.Paths(model, tok, PROMPT, 2, condition=prev, fast=f).probs(
+        torch.full((2, N), c.mask_token_id)) for f in (True, False)]
+    torch.testing.assert_close(probs[0], probs[1], atol=1e-6, rtol=0)
+
+
+def test_judge_rejects_unknown_decision():
+    with pytest.raises(ValueError, match="greedy"):
+        cotgen.Judge(object(), decide="vote")
