@@ -820,8 +820,10 @@ class Paths:
             logits = self.model(ids, allowed)[:, -(c.num_vq_tokens + 1):-1, off:off + c.codebook_size]
             self.token_forwards += ids.numel()
         if g:
+            # (1+g)·cond − g·uncond, in place: the same roundings as the original without two fresh
+            # [k, N, K] temporaries (this product is the largest tensor of a step)
             cond, uncond = logits.chunk(2)
-            logits = (1 + g) * cond - g * uncond
+            logits = cond.mul_(1 + g).sub_(uncond.mul_(g))
         return torch.softmax(logits, dim=-1)
 
     @torch.inference_mode()

@@ -152,6 +152,8 @@ def check_common(args) -> None:
         fail("--check-prompts needs --metadata")
     if args.prompt is not None and not args.prompt.strip():
         fail("--prompt is empty: give the text to generate an image for")
+    if search and not args.tiny and not Path(args.verifier).is_dir():
+        fail(VERIFIER_HELP.format(path=args.verifier))
 
 
 def read_jobs(args) -> list[tuple[str, dict]]:
@@ -207,12 +209,7 @@ def load_judge(args):
         return None
     import verifiers
 
-    if args.tiny:
-        path = data.tiny_checkpoints(args.cache).get("llava")
-    else:
-        path = Path(args.verifier)
-        if not path.is_dir():
-            fail(VERIFIER_HELP.format(path=path))
+    path = data.tiny_checkpoints(args.cache)["llava"] if args.tiny else Path(args.verifier)
     try:
         verifier = verifiers.load_verifier(path, dtype=data.parse_dtype(args.dtype), device=data.parse_device(args.device))
     except data.CheckpointError as e:

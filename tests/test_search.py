@@ -157,7 +157,7 @@ def test_parm_plus_plus_stops_at_first_yes_and_after_three_rounds(models, answer
     assert refl[-1]["stopped"] == ("reflection evaluation said yes" if answers[-1] else "3 rounds done")
     assert not judge.reflection  # every scripted answer consumed, none extra asked
     if rounds_run:
-        assert refl[1]["codes"] == r.codes.tolist() if rounds_run == 1 else True
+        assert refl[-1]["codes"] == r.codes.tolist()  # the last regenerated image is the result
         assert not torch.equal(r.codes, r.finals[1])  # regenerated from the prompt, the image and the reason
 
 
@@ -183,3 +183,95 @@ def test_self_correction_layout_and_mask(models):
 def test_judge_rejects_unknown_decision():
     with pytest.raises(ValueError, match="greedy"):
         cotgen.Judge(object(), decide="vote")
+
+
+# ---- sample.py with the searches ------------------------------------------------------------------------
+
+import json
+
+import sample
+
+
+def run_cli(tiny, capsys, *args):
+    """Run sample.py in-process; returns (exit code, stderr)."""
+    cache = tiny["showo"].parent.parent.parent
+    try:
+        code = sample.main([*args, "--cache", str(cache)])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--orm", "--prm", "--parm", "--parm++"])
+def test_searches_end_to_end_with_tiny_models(tiny, capsys, tmp_path, flag):
+    out = tmp_path / "out"
+    code, err = run_cli(tiny, capsys, "--tiny", "--prompt", PROMPT, flag, "--n", "3", "--steps", "4", "--out", str(out))
+    assert code == 0, err
+    assert {"image.png", "paths.png", "trace.json", "path_02.png"} <= {p.name for p in out.iterdir()}
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["strategy"] == flag.strip("-") and 0 <= trace["winner"] < 3 and trace["why"]
+    assert trace["work"]["verifier_tokens"] > 0 and trace["work"]["showo_token_forwards"] > 0
+    assert all(p["steps"] for p in trace["paths"])  # every path was judged at least once
+    if flag == "--parm":
+        assert "alive" in err and "judged clear" in err and "pruned" in err
+
+
+def test_geneval_layout(tiny, capsys, tmp_path):
+    meta = [{"tag": "single_object", "include": [{"class": "apple", "count": 1}], "prompt": "a photo of an apple"},
+            {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a photo of a red dog"}]
+    mfile = tmp_path / "evaluation_metadata.jsonl"
+    mfile.write_text("".join(json.dumps(m) + "\n" for m in meta))
+    pfile = tmp_path / "generation_prompts.txt"
+    pfile.write_text("a photo of an apple\na photo of a red dog\n")
+    out = tmp_path / "geneval"
+    code, err = run_cli(tiny, capsys, "--tiny", "--metadata", str(mfile), "--check-prompts", str(pfile), "--orm",
+                        "--n", "2", "--steps", "3", "--samples", "2", "--out", str(out))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["00000", "00001"]
+    for k, m in enumerate(meta):
+        folder = out / f"{k:05d}"
+        assert json.loads((folder / "metadata.jsonl").read_text()) == m
+        assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--parm", "--n", "0"], "--n must be at least 1"),
+    (["--orm", "--no-truncate"], "--no-truncate only applies"),
+    (["--parm", "--rounds", "-1"], "--rounds must be 0 or more"),
+])
+def test_search_bad_flags_write_nothing(tiny, capsys, tmp_path, args, message):
+    code, err = run_cli(tiny, capsys, "--tiny", "--prompt", PROMPT, "--out", str(tmp_path / "o"), *args)
+    assert code == 2 and message in err and not (tmp_path / "o").exists()
+
+
+def test_two_strategies_are_refused(tiny, capsys, tmp_path):
+    code, err = run_cli(tiny, capsys, "--tiny", "--prompt", PROMPT, "--orm", "--parm", "--out", str(tmp_path / "o"))
+    assert code == 2 and "not allowed with argument" in err and not (tmp_path / "o").exists()
+
+
+def test_missing_verifier_is_named_before_any_work(fixtures, capsys, tmp_path):
+    _, _, fx = fixtures
+    try:
+        sample.main(["--prompt", PROMPT, "--parm", "--showo", str(fx / "showo"), "--magvit", str(fx / "magvitv2"),
+                     "--verifier", str(tmp_path / "no-verifier"), "--out", str(tmp_path / "o")])
+    except SystemExit as e:
+        assert e.code == 2
+    err = capsys.readouterr().err
+    assert "no verifier found" in err and "hf download ZiyuG/Image-Generation-CoT" in err and "--verifier" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_metadata_that_does_not_match_the_prompts(tiny, capsys, tmp_path):
+    mfile = tmp_path / "m.jsonl"
+    mfile.write_text(json.dumps({"prompt": "a photo of a cat"}) + "\n" + json.dumps({"prompt": "a photo of a dog"}) + "\n")
+    pfile = tmp_path / "p.txt"
+    pfile.write_text("a photo of a cat\na photo of a bird\n")
+    code, err = run_cli(tiny, capsys, "--tiny", "--metadata", str(mfile), "--check-prompts", str(pfile), "--parm",
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and "prompt 2 differs" in err and not (tmp_path / "o").exists()
+    mfile.write_text("{not json\n")
+    code, err = run_cli(tiny, capsys, "--tiny", "--metadata", str(mfile), "--out", str(tmp_path / "o"))
+    assert code == 2 and "line 1 is not JSON" in err and not (tmp_path / "o").exists()
+    (tmp_path / "empty.txt").write_text("\n")
+    code, err = run_cli(tiny, capsys, "--tiny", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "has no prompts" in err

@@ -332,7 +332,7 @@ def run_sample(*args, cache):
 
 
 def test_sample_tiny_end_to_end(tiny, tmp_path):
-    cache = tiny["showo"].parent.parent
+    cache = tiny["showo"].parent.parent.parent
     out = tmp_path / "out"
     r = run_sample("--tiny", "--prompt", "a photo of a red apple", "--n", "2", "--steps", "5", "--out", str(out),
                    cache=cache)
@@ -352,7 +352,7 @@ def test_sample_tiny_end_to_end(tiny, tmp_path):
 ])
 def test_sample_bad_flags_write_nothing(tiny, tmp_path, args, message):
     out = tmp_path / "out"
-    r = run_sample("--tiny", "--prompt", "a cat", "--out", str(out), *args, cache=tiny["showo"].parent.parent)
+    r = run_sample("--tiny", "--prompt", "a cat", "--out", str(out), *args, cache=tiny["showo"].parent.parent.parent)
     assert r.returncode == 2 and message in r.stderr and not out.exists()
 
 
@@ -365,5 +365,5 @@ def test_sample_without_weights_says_what_to_download(tmp_path):
 
 
 def test_sample_empty_prompt(tiny, tmp_path):
-    r = run_sample("--tiny", "--prompt", " ", "--out", str(tmp_path / "o"), cache=tiny["showo"].parent.parent)
+    r = run_sample("--tiny", "--prompt", " ", "--out", str(tmp_path / "o"), cache=tiny["showo"].parent.parent.parent)
     assert r.returncode == 2 and "--prompt is empty" in r.stderr
