@@ -1,12 +1,15 @@
 """Benchmarks, printed side by side in one run (not collected by pytest).
 
     python tests/bench.py            # every section
-    python tests/bench.py showo      # one section: showo | verifier
+    python tests/bench.py showo      # one section: showo | verifier | parm
 
 Show-o: N paths of one prompt decoded as one batch with the text prefix reused and only the codebook logits
 computed, against the same paths decoded one after another with the original full forward (full sequence,
 full vocabulary), at the real sequence length (387 = 129 text + soi + 256 image + eoi) and real vocabulary,
 with a small width. Each variant runs in a fresh process so its peak memory is its own.
+
+PARM: the search as implemented here (paths batched, the clarity turn's KV cache reused for the potential
+question, truncation) against the released loop's shape, on the tiny checkpoints.
 """
 from __future__ import annotations
 
@@ -95,9 +98,73 @@ def bench_showo(opts) -> None:
     return {"showo_speedup": ratio, "fast": fast, "slow": slow}
 
 
+def released_parm_loop(model, tok, magvit, verifier, prompt: str, n: int, steps: int, seed: int) -> int:
+    """The shape of the released parm.py loop, for comparison: paths one after another with the full forward,
+    one verifier call per clarity check, the potential question re-encoding the whole two-turn conversation
+    with the image, no truncation, then one ORM call per path with potential. Returns the winner."""
+    import torch
+
+    import cotgen
+    import verifiers
+
+    potential, p_no, finals = {}, [1.0] * n, []
+    with torch.inference_mode():
+        for i in range(n):
+            paths = cotgen.Paths(model, tok, prompt, 1, steps=steps, seed=seed + i, fast=False)
+            for step in paths:
+                if i in potential:
+                    continue
+                image = magvit.decode_code(step.x0)
+                if verifier.judge(image, [verifiers.clarity_question(prompt)])[0].is_yes:
+                    j = verifier.judge(image, [verifiers.potential_question(prompt)])[0]
+                    potential[i], p_no[i] = j.is_yes, j.p_no
+            finals.append(paths.final_tokens())
+        keep = [i for i in range(n) if potential.get(i)]
+        if not keep:
+            return min(range(n), key=lambda i: p_no[i])
+        scores = [verifier.judge(magvit.decode_code(finals[i]), [verifiers.orm_question(prompt)])[0].p_yes
+                  for i in keep]
+    return keep[cotgen.best_of(scores)]
+
+
+def bench_parm(opts) -> dict:
+    import tempfile
+
+    import torch
+
+    import cotgen
+    import data
+    import verifiers
+
+    torch.set_num_threads(opts.threads)
+    t = data.tiny_checkpoints(Path(tempfile.mkdtemp()))
+    model, tok = cotgen.load_showo(t["showo"])
+    magvit = cotgen.load_magvit(t["magvit"])
+    verifier = verifiers.load_verifier(t["llava"])
+    prompt, n, steps = "a photo of a red apple", opts.paths, opts.steps
+    cotgen.parm_search(model, tok, magvit, cotgen.Judge(verifier), prompt, 2, steps=2)  # warm-up, untimed
+    rows = []
+    for name, truncate in (("batched + cache + truncation", True), ("batched + cache, no truncation", False)):
+        tokens0, t0 = verifier.tokens_processed, time.perf_counter()
+        r = cotgen.parm_search(model, tok, magvit, cotgen.Judge(verifier), prompt, n, steps=steps, truncate=truncate)
+        rows.append((name, time.perf_counter() - t0, verifier.tokens_processed - tokens0, sum(r.pruned), r.winner))
+    tokens0, t0 = verifier.tokens_processed, time.perf_counter()
+    winner = released_parm_loop(model, tok, magvit, verifier, prompt, n, steps, seed=0)
+    rows.append(("released loop shape", time.perf_counter() - t0, verifier.tokens_processed - tokens0, 0, winner))
+    print(f"\n== PARM at tiny size: {n} paths x {steps} steps, tiny Show-o + tiny LLaVA-OneVision, "
+          f"{opts.threads} thread(s) ==")
+    print(f"{'variant':<34}{'s/image':>9}{'verifier tokens':>17}{'pruned':>8}{'winner':>8}")
+    for name, dt, tokens, pruned, w in rows:
+        print(f"{name:<34}{dt:>9.2f}{tokens:>17}{pruned:>8}{w:>8}")
+    print(f"speed-up vs released loop shape: {rows[2][1] / rows[0][1]:.1f}x time, "
+          f"{rows[2][2] / max(rows[0][2], 1):.2f}x verifier tokens")
+    return {"rows": rows}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sections", nargs="*", default=["showo", "verifier"], help="sections to run: showo, verifier")
+    p.add_argument("sections", nargs="*", default=["showo", "verifier", "parm"],
+                   help="sections to run: showo, verifier, parm")
     p.add_argument("--paths", type=int, default=20, help="paths decoded as one batch (default 20)")
     p.add_argument("--baseline-paths", type=int, default=4,
                    help="paths decoded one by one for the baseline; images/s is per image (default 4)")
@@ -111,6 +178,8 @@ def main(argv=None):
     for s in opts.sections:
         if s == "showo":
             results["showo"] = bench_showo(opts)
+        elif s == "parm":
+            results["parm"] = bench_parm(opts)
         elif s == "verifier":
             try:
                 import bench_verifiers
@@ -119,7 +188,7 @@ def main(argv=None):
                 continue
             results["verifier"] = bench_verifiers.run(print)
         else:
-            p.error(f"unknown section {s!r}: use showo or verifier")
+            p.error(f"unknown section {s!r}: use showo, verifier or parm")
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=2, default=str))
 
