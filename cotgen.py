@@ -729,7 +729,8 @@ class Paths:
     logits; fast=False runs the original full forward every step (kept for checks and the benchmark)."""
 
     def __init__(self, model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
-                 cfg: float = 1.75, temperature: float = 1.0, generators: Sequence[torch.Generator] | None = None,
+                 cfg: float = 1.75, temperature: float | Sequence[float] = 1.0,
+                 generators: Sequence[torch.Generator] | None = None,
                  seed: int = 0, fast: bool = True, keep_probs: bool = False, condition: torch.Tensor | None = None):
         if n < 1:
             raise ValueError(f"number of paths must be at least 1 (got {n})")
@@ -752,7 +753,11 @@ class Paths:
         self.tokens = torch.full((n, c.num_vq_tokens), c.mask_token_id, dtype=torch.long, device=device)
         self.x0: list[torch.Tensor | None] = [None] * n
         self.step_of = [0] * n
-        self.temperature = [float(temperature)] * n
+        # the starting temperature of each path's annealing (a list restores the released τ leak, see README)
+        self.temperature = [float(t) for t in temperature] if isinstance(temperature, Sequence) else \
+            [float(temperature)] * n
+        if len(self.temperature) != n:
+            raise ValueError(f"{len(self.temperature)} temperatures for {n} paths")
         self.stopped = [False] * n
         self.token_forwards = 0      # token positions run through the transformer (work counter)
         self._prefix = None
@@ -939,9 +944,12 @@ class Search:
     """Shared machinery of the searches: the paths, x̂0 decoding, the JSON trace and the work counters."""
 
     def __init__(self, model: Showo, tok: ShowoTokenizer, magvit: MAGVITv2, judge: Judge | None, prompt: str,
-                 n: int, *, steps: int = 18, cfg: float = 1.75, seed: int = 0, progress=None, strategy: str):
+                 n: int, *, steps: int = 18, cfg: float = 1.75, seed: int = 0, progress=None, strategy: str,
+                 released_temperature: bool = False):
         self.model, self.tok, self.magvit, self.judge, self.prompt = model, tok, magvit, judge, prompt
-        self.paths = Paths(model, tok, prompt, n, steps=steps, cfg=cfg, seed=seed)
+        # the released scripts never reset the annealed temperature: every path after the first runs at τ = 0
+        temperature = [1.0] + [0.0] * (n - 1) if released_temperature else 1.0
+        self.paths = Paths(model, tok, prompt, n, steps=steps, cfg=cfg, seed=seed, temperature=temperature)
         self.progress = progress or (lambda *_: None)
         self.decodes = 0
         self.judge_tokens0 = judge.tokens_processed if judge is not None else 0
@@ -978,10 +986,11 @@ def best_of(scores: Sequence[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
-def decode_all(model, tok, magvit, prompt, n, *, steps=18, cfg=1.75, seed=0, progress=None) -> SearchResult:
+def decode_all(model, tok, magvit, prompt, n, *, steps=18, cfg=1.75, seed=0, progress=None,
+               released_temperature=False) -> SearchResult:
     """Plain generation of n paths (Sec. 3.1, no verifier): the winner is path 0; keeps every step's x̂0."""
     s = Search(model, tok, magvit, None, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
-               strategy="none")
+               strategy="none", released_temperature=released_temperature)
     history = []
     for step in s.paths:
         history.append(step.x0)
@@ -992,11 +1001,11 @@ def decode_all(model, tok, magvit, prompt, n, *, steps=18, cfg=1.75, seed=0, pro
 
 
 def orm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
-               progress=None) -> SearchResult:
+               progress=None, released_temperature=False) -> SearchResult:
     """Sec. 3.2, ORM best-of-N: decode N paths to the end, score the final images with the ORM prompt, keep
     the highest p(yes)."""
     s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
-               strategy="orm")
+               strategy="orm", released_temperature=released_temperature)
     for step in s.paths:
         s.progress(step.step[0] + 1, f"{len(step.paths)} paths alive")
     finals = s.paths.final_tokens()
@@ -1008,12 +1017,12 @@ def orm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, st
 
 
 def prm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
-               progress=None) -> SearchResult:
+               progress=None, released_temperature=False) -> SearchResult:
     """Sec. 3.2, PRM step-level best-of-N: after every step, score each path's intermediate image with the
     PRM prompt and continue from the most confident one: all N paths re-branch from its state (each keeps its
     own generator, so they diverge again at the next step)."""
     s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
-               strategy="prm")
+               strategy="prm", released_temperature=released_temperature)
     followed = []
     for step in s.paths:
         t = step.step[0]
@@ -1032,7 +1041,7 @@ def prm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, st
 
 
 def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
-                truncate: bool = True, progress=None) -> SearchResult:
+                truncate: bool = True, progress=None, released_temperature=False) -> SearchResult:
     """Sec. 4, PARM: clarity judgment, potential assessment, best-of-N' selection.
 
     Task 1, clarity judgment: at each step, every live path not yet judged clear is asked whether its x̂0 is
@@ -1043,7 +1052,7 @@ def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, s
     same verifier and the best is kept; if N' = 0, the path with the lowest p(no) wins (never-clear paths count
     p(no) = 1), and if it was truncated it is resumed and finished, giving exactly the image it would have."""
     s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
-               strategy="parm")
+               strategy="parm", released_temperature=released_temperature)
     clear_at: dict[int, int] = {}             # path -> its first clear step
     potential: dict[int, bool] = {}
     p_no = [1.0] * n
@@ -1097,12 +1106,12 @@ def self_correction_text(prompt: str, reason: str) -> str:
 
 def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
                    truncate: bool = True, rounds: int = 3, max_reason_tokens: int = 64,
-                   progress=None) -> SearchResult:
+                   progress=None, released_temperature=False) -> SearchResult:
     """Sec. 5, PARM++: PARM's choice, then up to `rounds` reflection rounds. Reflection evaluation asks
     whether the image matches the prompt; on "no" the verifier writes the reason, and Show-o regenerates from
     the prompt, the previous image's tokens and the reason; it stops at the first "yes"."""
     result = parm_search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, truncate=truncate,
-                         progress=progress)
+                         progress=progress, released_temperature=released_temperature)
     codes, reflections = result.codes, []
     work = result.trace["work"]
     tokens0 = judge.tokens_processed

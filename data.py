@@ -376,3 +376,123 @@ def tiny_checkpoints(cache_dir: str | os.PathLike | None = None) -> dict[str, Pa
             shutil.rmtree(tmp, ignore_errors=True)
     gen = root / "generator"
     return {"showo": gen / "showo", "phi": gen / "phi", "magvit": gen / "magvitv2", "llava": root / "llava"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# preference data (DPO, Sec. 3.3): JSONL pair records, prompt lists, GenEval-template prompts
+
+
+class DataError(ValueError):
+    """A data file (preference pairs, prompts) cannot be used as given. The message names the file and record."""
+
+
+from dataclasses import dataclass  # noqa: E402  (this section was added after the others)
+
+
+@dataclass
+class PairRecord:
+    """One line of a preference file: `chosen`/`rejected` are image paths (str) or image-token lists (codes)."""
+    line: int
+    prompt: str
+    chosen: str | list
+    rejected: str | list
+    extra: dict
+
+
+def _pair_side(rec: dict, key: str) -> str | None:
+    """Why rec[key] is not an image path or a token list (None when it is fine)."""
+    v = rec.get(key)
+    if v is None:
+        return f"no {key!r} field"
+    if isinstance(v, str):
+        return None if v.strip() else f"{key!r} is an empty path"
+    if isinstance(v, list):
+        if not v:
+            return f"{key!r} is an empty token list"
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            return f"{key!r} is a list but not of integer image tokens"
+        return None
+    return f"{key!r} must be an image path or a list of image tokens, not {type(v).__name__}"
+
+
+def read_pair_records(path: str | os.PathLike) -> tuple[list[PairRecord], list[str]]:
+    """Read a JSONL preference file: records {"prompt", "chosen", "rejected"} (other fields are kept in
+    `extra`). Returns (good records, problems), one problem per bad line as "FILE line N: why", so the caller
+    can stop with all of them at once or skip them. A missing or empty file raises DataError."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"preference file {p} not found")
+    good, problems = [], []
+    with open(p, encoding="utf-8") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    if not lines:
+        raise DataError(f"preference file {p} is empty: it needs one JSON record per line, "
+                        '{"prompt": ..., "chosen": IMAGE, "rejected": IMAGE}')
+    for i, line in lines:
+        where = f"{p} line {i}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: not valid JSON ({e.msg})")
+            continue
+        if not isinstance(rec, dict):
+            problems.append(f"{where}: a record must be a JSON object")
+            continue
+        why = [w for w in (_pair_side(rec, "chosen"), _pair_side(rec, "rejected")) if w]
+        prompt = rec.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            why.insert(0, "no 'prompt' text")
+        if not why and rec["chosen"] == rec["rejected"]:
+            why.append("'chosen' and 'rejected' are the same image")
+        if why:
+            problems.append(f"{where}: {'; '.join(why)}")
+            continue
+        extra = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
+        good.append(PairRecord(i, prompt, rec["chosen"], rec["rejected"], extra))
+    return good, problems
+
+
+def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> None:
+    """Write one JSON object per line, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, separators=(",", ":")) + "\n")
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """A prompt file: one prompt per line (GenEval's generation_prompts.txt format); blank lines are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"prompt file {p} not found")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"prompt file {p} holds no prompts: write one prompt per line")
+    return prompts
+
+
+GENEVAL_OBJECTS = ("person", "bicycle", "car", "bus", "bench", "bird", "cat", "dog", "horse", "sheep", "giraffe",
+                   "umbrella", "suitcase", "bottle", "cup", "bowl", "banana", "apple", "pizza", "chair", "couch",
+                   "clock", "vase", "teddy bear")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
+
+
+def geneval_prompts(n: int | None = None) -> list[str]:
+    """Prompts in GenEval's six templates (single object, two objects, counting, colours, position, colour
+    attribution), interleaved so that any prefix mixes all six. A stand-in when no prompt file is at hand;
+    not the 553 benchmark prompts themselves."""
+    obj, col, rel = GENEVAL_OBJECTS, GENEVAL_COLORS, GENEVAL_RELATIONS
+    k = len(obj)
+    plural = lambda o: o + ("es" if o.endswith(("ch", "sh", "s")) else "s")
+    tags = [
+        [f"a photo of a {o}" for o in obj],
+        [f"a photo of a {obj[i]} and a {obj[(i + 5) % k]}" for i in range(k)],
+        [f"a photo of {('two', 'three', 'four')[i % 3]} {plural(obj[i])}" for i in range(k)],
+        [f"a photo of a {col[i % len(col)]} {obj[i]}" for i in range(k)],
+        [f"a photo of a {obj[i]} {rel[i % len(rel)]} a {obj[(i + 7) % k]}" for i in range(k)],
+        [f"a photo of a {col[i % len(col)]} {obj[i]} and a {col[(i + 3) % len(col)]} {obj[(i + 11) % k]}"
+         for i in range(k)],
+    ]
+    prompts = [t[i] for i in range(k) for t in tags]
+    return prompts if n is None else prompts[:n]

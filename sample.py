@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(saturates at 1.0); default: the full softmax")
     p.add_argument("--no-truncate", action="store_true",
                    help="PARM: decode paths judged without potential to the end, as the released code does")
+    p.add_argument("--released-temperature", action="store_true",
+                   help="start every path after the first at temperature 0, as the released scripts do (they "
+                        "never reset the annealed temperature); default: each path starts at 1")
     p.add_argument("--rounds", type=int, default=3, help="PARM++: maximum reflection rounds (default 3)")
     p.add_argument("--tiny", action="store_true", help="use built-in tiny random checkpoints (no download)")
     p.add_argument("--cache", default=None, help="where --tiny writes its checkpoints (default ~/.cache/cotgen)")
@@ -220,7 +223,8 @@ def load_judge(args):
 
 def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, label: str) -> cotgen.SearchResult:
     progress = Progress(args.steps, label if label != "none" else "decode")
-    kw = dict(steps=args.steps, cfg=args.cfg, seed=seed, progress=progress)
+    kw = dict(steps=args.steps, cfg=args.cfg, seed=seed, progress=progress,
+              released_temperature=args.released_temperature)
     strategy = strategy_of(args)
     if strategy == "none":
         return cotgen.decode_all(model, tok, magvit, prompt, args.n, **kw)

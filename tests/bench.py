@@ -1,7 +1,7 @@
 """Benchmarks, printed side by side in one run (not collected by pytest).
 
     python tests/bench.py            # every section
-    python tests/bench.py showo      # one section: showo | verifier | parm
+    python tests/bench.py showo      # one section: showo | verifier | parm | dpo
 
 Show-o: N paths of one prompt decoded as one batch with the text prefix reused and only the codebook logits
 computed, against the same paths decoded one after another with the original full forward (full sequence,
@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def bench_model(width: int, layers: int):
@@ -163,8 +164,8 @@ def bench_parm(opts) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sections", nargs="*", default=["showo", "verifier", "parm"],
-                   help="sections to run: showo, verifier, parm")
+    p.add_argument("sections", nargs="*", default=["showo", "verifier", "parm", "dpo"],
+                   help="sections to run: showo, verifier, parm, dpo")
     p.add_argument("--paths", type=int, default=20, help="paths decoded as one batch (default 20)")
     p.add_argument("--baseline-paths", type=int, default=4,
                    help="paths decoded one by one for the baseline; images/s is per image (default 4)")
@@ -181,14 +182,15 @@ def main(argv=None):
         elif s == "parm":
             results["parm"] = bench_parm(opts)
         elif s == "verifier":
-            try:
-                import bench_verifiers
-            except ImportError:
-                print("\n== verifier: tests/bench_verifiers.py not present ==")
-                continue
+            import bench_verifiers
+
             results["verifier"] = bench_verifiers.run(print)
+        elif s == "dpo":
+            import bench_dpo
+
+            results["dpo"] = bench_dpo.run(print, width=opts.width, layers=opts.layers, threads=opts.threads)
         else:
-            p.error(f"unknown section {s!r}: use showo, verifier or parm")
+            p.error(f"unknown section {s!r}: use showo, verifier, parm or dpo")
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=2, default=str))
 

@@ -275,3 +275,15 @@ def test_metadata_that_does_not_match_the_prompts(tiny, capsys, tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     code, err = run_cli(tiny, capsys, "--tiny", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"))
     assert code == 2 and "has no prompts" in err
+
+
+def test_released_temperature_leak(models):
+    """With the flag, paths after the first anneal from τ = 0 (pure confidence re-masking), as the released loop."""
+    model, tok, magvit = models
+    r = cotgen.decode_all(model, tok, magvit, PROMPT, 3, steps=6, seed=3, released_temperature=True)
+    alone = [cotgen.Paths(model, tok, PROMPT, 1, steps=6, generators=[torch.Generator().manual_seed(3 + i)],
+                          temperature=t) for i, t in enumerate((1.0, 0.0, 0.0))]
+    for p in alone:
+        for _ in p:
+            pass
+    assert all(torch.equal(r.finals[i], alone[i].final_tokens()[0]) for i in range(3))
