@@ -918,7 +918,8 @@ class Judge:
 
     def clarity(self, images, prompt: str, who) -> list:
         judgments, turns = self.verifier.judge_clarity(images, [prompt] * len(who), **self.kw)
-        self._turns.update({path: t for (path, _), t in zip(who, turns)})
+        # only a "yes" is followed up; holding the other caches would keep a 7B's KV memory alive for nothing
+        self._turns.update({path: t for (path, _), t, j in zip(who, turns, judgments) if j.is_yes})
         return judgments
 
     def potential(self, prompt: str, who) -> list:

@@ -237,17 +237,20 @@ def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, label: str)
     return search(model, tok, magvit, judge, prompt, args.n, **kw)
 
 
-def result_files(args, magvit, result: cotgen.SearchResult, prompt: str, prefix: str = "") -> dict:
+def result_files(args, magvit, result: cotgen.SearchResult) -> dict:
+    """The files of a one-prompt run: chosen image, every path's image and their grid, and the trace."""
     import json
 
     finished = result.finals.min(dim=1).values >= 0          # paths that never ran have no x̂0
     finals = decode_images(magvit, result.finals.clamp(min=0))
     finals[~finished.numpy()] = 255
     chosen = decode_images(magvit, result.codes[None])[0]
-    files = {f"{prefix}image.png": chosen,
-             f"{prefix}paths.png": data.image_grid(finals, cols=min(args.n, 5), marks=result.pruned)}
+    files = {"image.png": chosen, "paths.png": data.image_grid(finals, cols=min(args.n, 5), marks=result.pruned),
+             **{f"path_{i:02d}.png": finals[i] for i in range(args.n)}}
     if strategy_of(args) != "none":
-        files[f"{prefix}trace.json"] = json.dumps(result.trace, indent=2) + "\n"
+        files["trace.json"] = json.dumps(result.trace, indent=2) + "\n"
+    else:
+        files["steps.png"] = data.image_grid(decode_images(magvit, result.history.flatten(0, 1)), cols=args.steps)
     return files
 
 
@@ -264,12 +267,7 @@ def main(argv=None) -> int:
               f"and are truncated, as the original does (first: {long[0]!r})", file=sys.stderr)
     if args.prompt is not None:
         result = run_one(args, model, tok, magvit, judge, args.prompt, args.seed, strategy_of(args))
-        files = result_files(args, magvit, result, args.prompt)
-        finals = decode_images(magvit, result.finals.clamp(min=0))
-        files.update({f"path_{i:02d}.png": finals[i] for i in range(args.n)})
-        if strategy_of(args) == "none":
-            files["steps.png"] = data.image_grid(decode_images(magvit, result.history.flatten(0, 1)), cols=args.steps)
-        write_outputs(out, files)
+        write_outputs(out, result_files(args, magvit, result))
         print(f"wrote {out}/: image.png (path {result.winner}: {result.trace['why']})", file=sys.stderr)
         return 0
     import json

@@ -287,3 +287,22 @@ def test_released_temperature_leak(models):
         for _ in p:
             pass
     assert all(torch.equal(r.finals[i], alone[i].final_tokens()[0]) for i in range(3))
+
+
+def test_judge_keeps_only_the_turns_it_will_follow_up():
+    class FakeVerifier:
+        tokens_processed = 0
+
+        def judge_clarity(self, images, prompts, **kw):
+            return [Answer(True), Answer(False)], ["turn-of-path-4", "turn-of-path-7"]
+
+        def judge_potential(self, turns, prompts, **kw):
+            self.followed = list(turns)
+            return [Answer(True) for _ in turns]
+
+    v = FakeVerifier()
+    judge = cotgen.Judge(v)
+    judge.clarity(torch.zeros(2, 3, 8, 8), PROMPT, [(4, 2), (7, 2)])
+    assert list(judge._turns) == [4]  # the "no" path's cache is not held
+    judge.potential(PROMPT, [(4, 2)])
+    assert v.followed == ["turn-of-path-4"] and not judge._turns
