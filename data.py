@@ -415,19 +415,18 @@ def _pair_side(rec: dict, key: str) -> str | None:
     return f"{key!r} must be an image path or a list of image tokens, not {type(v).__name__}"
 
 
-def read_pair_records(path: str | os.PathLike) -> tuple[list[PairRecord], list[str]]:
-    """Read a JSONL preference file: records {"prompt", "chosen", "rejected"} (other fields are kept in
-    `extra`). Returns (good records, problems), one problem per bad line as "FILE line N: why", so the caller
-    can stop with all of them at once or skip them. A missing or empty file raises DataError."""
+def read_jsonl_objects(path: str | os.PathLike, what: str, example: str) -> tuple[list[tuple[int, str, dict]], list[str]]:
+    """The JSON objects of a JSONL file as (N, "FILE line N", object), and one "FILE line N: why" problem
+    per line that is not a JSON object. A missing or empty file raises DataError naming `what` and the
+    expected record (`example`)."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"preference file {p} not found")
-    good, problems = [], []
+        raise DataError(f"{what} {p} not found")
     with open(p, encoding="utf-8") as f:
         lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
     if not lines:
-        raise DataError(f"preference file {p} is empty: it needs one JSON record per line, "
-                        '{"prompt": ..., "chosen": IMAGE, "rejected": IMAGE}')
+        raise DataError(f"{what} {p} is empty: it needs one JSON record per line, {example}")
+    records, problems = [], []
     for i, line in lines:
         where = f"{p} line {i}"
         try:
@@ -438,6 +437,18 @@ def read_pair_records(path: str | os.PathLike) -> tuple[list[PairRecord], list[s
         if not isinstance(rec, dict):
             problems.append(f"{where}: a record must be a JSON object")
             continue
+        records.append((i, where, rec))
+    return records, problems
+
+
+def read_pair_records(path: str | os.PathLike) -> tuple[list[PairRecord], list[str]]:
+    """Read a JSONL preference file: records {"prompt", "chosen", "rejected"} (other fields are kept in
+    `extra`). Returns (good records, problems), one problem per bad line as "FILE line N: why", so the caller
+    can stop with all of them at once or skip them. A missing or empty file raises DataError."""
+    good = []
+    records, problems = read_jsonl_objects(path, "preference file",
+                                           '{"prompt": ..., "chosen": IMAGE, "rejected": IMAGE}')
+    for i, where, rec in records:
         why = [w for w in (_pair_side(rec, "chosen"), _pair_side(rec, "rejected")) if w]
         prompt = rec.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -496,3 +507,334 @@ def geneval_prompts(n: int | None = None) -> list[str]:
     ]
     prompts = [t[i] for i in range(k) for t in tags]
     return prompts if n is None else prompts[:n]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# self-correction data (PARM++, Sec. 5): reflect.json records, and (prompt, low, reason, high) groups
+
+
+@dataclass
+class ReflectRecord:
+    """One record of reflect.json (`train.py curate --task reflect`): an image judged against its prompt,
+    "yes" (it passes) or "no" with the reason it fails. `image` is resolved to a path that exists, if any."""
+    where: str          # how messages name it: "FILE record N (id 'X')"
+    id: str
+    image: Path
+    prompt: str
+    label: str
+    reason: str | None
+
+
+@dataclass
+class CorrectionRecord:
+    """One self-correction group (Sec. 5): the prompt, the low-quality image, the reflection reason and the
+    high-quality image. `low`/`high` are image paths (str) or image-token lists; `low_from`/`high_from` name
+    the record each image came from, so an image problem names the record that holds it."""
+    prompt: str
+    reason: str
+    low: str | list
+    high: str | list
+    low_from: str
+    high_from: str
+
+
+def _text_field(rec: dict, key: str) -> str | None:
+    v = rec.get(key)
+    return v if isinstance(v, str) and v.strip() else None
+
+
+def read_reflect_records(path: str | os.PathLike) -> tuple[list[ReflectRecord], list[str]]:
+    """Read reflect.json: a JSON list of {"id", "image", "prompt", "label": "yes"|"no", "reason": str|null,
+    "conversations"} (the conversations are the verifier's and are not needed here). A "no" needs its reason.
+    Image paths are relative to the file's folder; a bare name is also looked up under `images/` there.
+    Returns (good records, problems), one "FILE record N (id 'X'): why" per bad record. A missing, empty or
+    non-list file raises DataError."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"reflection file {p} not found: it is written by `train.py curate --task reflect`")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"reflection file {p} is empty: it needs a JSON list of records "
+                        '{"id", "image", "prompt", "label", "reason"}')
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"reflection file {p} is not valid JSON ({e.msg} at line {e.lineno}): it must be one JSON "
+                        "list (JSONL groups go to --data)") from e
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"reflection file {p} must hold a non-empty JSON list of records, not "
+                        f"{'an empty list' if raw == [] else type(raw).__name__}")
+    good, problems = [], []
+    for i, rec in enumerate(raw, 1):
+        if not isinstance(rec, dict):
+            problems.append(f"{p} record {i}: a record must be a JSON object")
+            continue
+        rid = rec.get("id")
+        where = f"{p} record {i}" + (f" (id {rid!r})" if isinstance(rid, str) and rid else "")
+        why = [f"no {k!r} text" for k in ("id", "image", "prompt") if _text_field(rec, k) is None]
+        label = rec.get("label")
+        if label not in ("yes", "no"):
+            why.append(f"unknown label {label!r} (use \"yes\" or \"no\")")
+        elif label == "no" and _text_field(rec, "reason") is None:
+            why.append('a "no" record needs its "reason" (the reflection text the self-correction learns from)')
+        if why:
+            problems.append(f"{where}: {'; '.join(why)}")
+            continue
+        image = p.parent / rec["image"]
+        if not image.exists() and (p.parent / "images" / rec["image"]).exists():
+            image = p.parent / "images" / rec["image"]
+        good.append(ReflectRecord(where, rid, image, rec["prompt"], label, rec.get("reason") if label == "no" else None))
+    return good, problems
+
+
+def correction_groups(records: Iterable[ReflectRecord]) -> tuple[list[CorrectionRecord], list[str]]:
+    """Sec. 5, self-correction groups from the PARM++ ranking data: for each prompt, every "no" image with its
+    reason is paired with a "yes" image of the same prompt, the k-th "no" with the (k mod Y)-th "yes" in file
+    order (deterministic, and it spreads the "no" images over the "yes" ones). Returns (groups, the prompts
+    skipped because they lack a "yes" or a "no")."""
+    by_prompt: dict[str, dict[str, list[ReflectRecord]]] = {}
+    for r in records:
+        by_prompt.setdefault(r.prompt, {"yes": [], "no": []})[r.label].append(r)
+    groups, skipped = [], []
+    for prompt, got in by_prompt.items():
+        yes, no = got["yes"], got["no"]
+        if not yes or not no:
+            skipped.append(prompt)
+            continue
+        for k, n in enumerate(no):
+            y = yes[k % len(yes)]
+            groups.append(CorrectionRecord(prompt, n.reason, str(n.image), str(y.image), f"{n.where}:", f"{y.where}:"))
+    return groups, skipped
+
+
+def read_correction_records(path: str | os.PathLike) -> tuple[list[CorrectionRecord], list[str]]:
+    """Read explicit self-correction groups, JSONL {"prompt", "low", "reason", "high"} (low/high: image paths
+    relative to the caller's image root, or lists of image tokens). Returns (good records, problems), one
+    "FILE line N: why" per bad line; a missing or empty file raises DataError."""
+    good = []
+    records, problems = read_jsonl_objects(path, "self-correction file",
+                                           '{"prompt": ..., "low": IMAGE, "reason": ..., "high": IMAGE}')
+    for i, where, rec in records:
+        why = [f"no {k!r} text" for k in ("prompt", "reason") if _text_field(rec, k) is None]
+        why += [w for w in (_pair_side(rec, "low"), _pair_side(rec, "high")) if w]
+        if why:
+            problems.append(f"{where}: {'; '.join(why)}")
+            continue
+        side = lambda s: f"{where}: {s!r}" if isinstance(rec[s], list) else f"{where}: {s}"
+        good.append(CorrectionRecord(rec["prompt"], rec["reason"], rec["low"], rec["high"], side("low"), side("high")))
+    return good, problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verifier training data (Sec. 3.2, 4, 5): prompts from GenEval's templates, LLaVA conversation records
+
+
+PROMPT_TEMPLATES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+COUNT_WORDS = ("two", "three", "four")     # GenEval counts 2..4
+
+
+def with_article(word: str) -> str:
+    """GenEval's article rule: "an" before a vowel letter, else "a"."""
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def plural(word: str) -> str:
+    """GenEval's plural rule: "es" after a final s, else "s" (so "bus" -> "buses", "mouse" -> "mouses")."""
+    return word + ("es" if word.endswith("s") else "s")
+
+
+def prompt_key(prompt: str) -> str:
+    """What two prompts must share to count as the same one: case, spacing and a final period are ignored."""
+    return " ".join(prompt.lower().split()).rstrip(".")
+
+
+def _distinct_pair(i: int, k: int) -> tuple[int, int]:
+    """The i-th ordered pair (a, b), a != b, of range(k): a bijection of range(k * (k - 1))."""
+    a, b = divmod(i, k - 1)
+    return a, b + (b >= a)
+
+
+def _template_size(tag: str, objects, colourable, colors) -> int:
+    k, p, m = len(objects), len(colourable), len(colors)
+    return {"single_object": k, "two_object": k * (k - 1), "counting": k * len(COUNT_WORDS), "colors": p * m,
+            "position": k * (k - 1) * len(GENEVAL_RELATIONS), "color_attr": p * (p - 1) * m * (m - 1)}[tag]
+
+
+def _template_prompt(tag: str, i: int, objects, colourable, colors) -> str:
+    """Prompt number i of one template (mixed-radix decoding of i; every i gives a different prompt)."""
+    O, P, C = objects, colourable, colors
+    if tag == "single_object":
+        return f"a photo of {with_article(O[i])}"
+    if tag == "two_object":
+        a, b = _distinct_pair(i, len(O))
+        return f"a photo of {with_article(O[a])} and {with_article(O[b])}"
+    if tag == "counting":
+        o, n = divmod(i, len(COUNT_WORDS))
+        return f"a photo of {COUNT_WORDS[n]} {plural(O[o])}"
+    if tag == "colors":
+        o, c = divmod(i, len(C))
+        return f"a photo of {with_article(C[c])} {P[o]}"
+    if tag == "position":
+        pair, r = divmod(i, len(GENEVAL_RELATIONS))
+        a, b = _distinct_pair(pair, len(O))
+        return f"a photo of {with_article(O[a])} {GENEVAL_RELATIONS[r]} {with_article(O[b])}"
+    pair, cpair = divmod(i, len(C) * (len(C) - 1))
+    (a, b), (ca, cb) = _distinct_pair(pair, len(P)), _distinct_pair(cpair, len(C))
+    return f"a photo of {with_article(C[ca])} {P[a]} and {with_article(C[cb])} {P[b]}"
+
+
+def _name_list(names, what: str) -> list[str]:
+    names = [" ".join(str(n).split()) for n in names]
+    if not names or not all(names):
+        raise DataError(f"the {what} list is empty or has a blank entry: give one {what} name per line")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"the {what} list names {', '.join(dup)} more than once: each name must appear once")
+    return names
+
+
+def training_prompts(n: int | None = None, *, objects=GENEVAL_OBJECTS, colors=GENEVAL_COLORS,
+                     exclude: Iterable[str] = (), seed: int = 0) -> list[str]:
+    """Sec. 3.2, the ranking data's prompts: GenEval's six object-centred templates (single object, two
+    objects, counting, colours, position, colour attribution) over an object and a colour list, with GenEval's
+    wording (articles, plurals, counts 2-4, no coloured "person", two different colours in an attribution).
+
+    Each template's prompts are taken in a seeded random order and the templates take turns, so any prefix
+    mixes all six and the same arguments always give the same list; a template that runs out leaves the
+    turn to the others. Prompts equal to one of `exclude` (the test prompts; case, spacing and a final period
+    ignored) are skipped. n=None gives every prompt; an n larger than that raises DataError."""
+    objects, colors = _name_list(objects, "object"), _name_list(colors, "colour")
+    colourable = [o for o in objects if o != "person"]
+    skip = {prompt_key(p) for p in exclude}
+    rng = np.random.default_rng(seed)
+    streams = []
+    for tag in PROMPT_TEMPLATES:
+        size = _template_size(tag, objects, colourable, colors)
+        streams.append([tag, rng.permutation(size) if size > 0 else np.zeros(0, dtype=np.int64), 0])
+    out: list[str] = []
+    while n is None or len(out) < n:
+        took = False
+        for s in streams:
+            tag, order, pos = s
+            while pos < len(order):
+                prompt = _template_prompt(tag, int(order[pos]), objects, colourable, colors)
+                pos += 1
+                if prompt_key(prompt) not in skip:
+                    out.append(prompt)
+                    took = True
+                    break
+            s[2] = pos
+            if n is not None and len(out) == n:
+                break
+        if not took:
+            break
+    if n is not None and len(out) < n:
+        raise DataError(f"asked for {n} prompts, but the templates give only {len(out)} over {len(objects)} objects "
+                        f"and {len(colors)} colours (after excluding the test prompts): ask for fewer, or give "
+                        "longer --objects / --colors lists")
+    return out
+
+
+@dataclass
+class Conversation:
+    """One LLaVA training record: an image and the turns of its conversation, human first, gpt last."""
+    where: str          # how messages name it: "FILE record N (id 'X')"
+    id: str
+    image: Path
+    turns: list[str]    # the values, alternating human, gpt, ..., gpt
+
+
+def llava_record(rid: str, image: str, turns, **extra) -> dict:
+    """A record in LLaVA's JSON format: {"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}
+    with `turns` alternating human, gpt, ...; `extra` fields (prompt, label, ...) ride along."""
+    convs = [{"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(turns)]
+    return {"id": rid, "image": image, **extra, "conversations": convs}
+
+
+def _conversation_problem(rec: dict) -> str | None:
+    """Why rec["conversations"] is not human/gpt turns with one <image> in the first human turn (None: fine)."""
+    convs = rec.get("conversations")
+    if not isinstance(convs, list) or len(convs) < 2:
+        return "'conversations' must be a list of at least two turns (human, then gpt)"
+    for t, turn in enumerate(convs):
+        want = ("human", "gpt")[t % 2]
+        if not isinstance(turn, dict) or turn.get("from") != want:
+            got = turn.get("from") if isinstance(turn, dict) else type(turn).__name__
+            return (f"turn {t + 1} comes from {got!r} but must come from {want!r}: turns alternate human, gpt, "
+                    "starting with human")
+        if not isinstance(turn.get("value"), str) or not turn["value"].strip():
+            return f"turn {t + 1} has no 'value' text"
+    if len(convs) % 2:
+        return "the last turn is a human one: every human turn needs the gpt answer that follows it"
+    where_images = [t for t, turn in enumerate(convs) if "<image>" in turn["value"]]
+    if where_images != [0] or convs[0]["value"].count("<image>") != 1:
+        return ("the conversation needs exactly one <image>, in the first human turn "
+                f"(found it in turn(s) {', '.join(str(t + 1) for t in where_images) or 'none'})")
+    return None
+
+
+def read_conversations(path: str | os.PathLike, image_root: str | os.PathLike | None = None
+                       ) -> tuple[list[Conversation], list[str]]:
+    """Read LLaVA training data: a JSON list (or JSONL) of {"id", "image", "conversations"} records, as
+    `train.py curate` writes them. Image paths are relative to `image_root` (default: the file's folder) or
+    absolute, and must exist. Returns (good records, problems), one "FILE record N (id 'X'): why" per bad
+    record; a missing, empty or unreadable file raises DataError."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"training data {p} not found: make it with `train.py curate`")
+    root = Path(image_root) if image_root is not None else p.parent
+    text = p.read_text(encoding="utf-8")
+    try:
+        raw = [json.loads(line) for line in text.splitlines() if line.strip()] if p.suffix == ".jsonl" \
+            else json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"training data {p} is not valid JSON ({e.msg} at line {e.lineno}): it must be one JSON "
+                        "list of records (or .jsonl, one record per line)") from e
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"training data {p} must hold a non-empty list of records "
+                        '{"id", "image", "conversations"}')
+    good, problems = [], []
+    for i, rec in enumerate(raw, 1):
+        if not isinstance(rec, dict):
+            problems.append(f"{p} record {i}: a record must be a JSON object")
+            continue
+        rid = rec.get("id")
+        where = f"{p} record {i}" + (f" (id {rid!r})" if rid not in (None, "") else "")
+        image = rec.get("image")
+        if not isinstance(image, str) or not image.strip():
+            why = "no 'image' path (the verifier is trained on image questions only)"
+        elif not (root / image).is_file():
+            why = f"image {root / image} not found (paths are relative to {root}; pass --image-root)"
+        else:
+            why = _conversation_problem(rec)
+        if why:
+            problems.append(f"{where}: {why}")
+            continue
+        good.append(Conversation(where, str(rid if rid is not None else i), root / image,
+                                 [t["value"] for t in rec["conversations"]]))
+    return good, problems
+
+
+def read_reasons(path: str | os.PathLike) -> dict[str, str]:
+    """A reasons file for PARM++'s reflection data: JSONL {"id" or "image", "reason"} (e.g. written by a
+    stronger model). Returns {id or image: reason}; a bad line raises DataError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"reasons file {p} not found")
+    out = {}
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p} line {i}: not valid JSON ({e.msg})") from e
+        key = rec.get("id", rec.get("image")) if isinstance(rec, dict) else None
+        reason = rec.get("reason") if isinstance(rec, dict) else None
+        if not isinstance(key, str) or not isinstance(reason, str) or not reason.strip():
+            raise DataError(f'{p} line {i}: each line must be {{"id" or "image": ..., "reason": "..."}} with a '
+                            "non-empty reason")
+        out[key] = reason.strip()
+    if not out:
+        raise DataError(f"reasons file {p} holds no reasons")
+    return out

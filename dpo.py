@@ -1,10 +1,12 @@
-"""DPO for Show-o (Sec. 3.3), iterative DPO, and DPO with reward-model guidance (Sec. 3.4).
+"""DPO for Show-o (Sec. 3.3), iterative DPO, DPO with reward-model guidance (Sec. 3.4), and the self-correction
+fine-tuning of PARM++ (Sec. 5).
 
-Read next to `../shared/reference/showo.md` §6 (the released `train_dpo.py`, cited as "ref §6.x"). Four parts:
+Read next to `../shared/reference/showo.md` §6 (the released `train_dpo.py`, cited as "ref §6.x"). Five parts:
   1. The likelihood of an image under Show-o's masked prediction, and the DPO loss.
   2. Preference pairs: records -> image tokens (MAGVIT-v2), and curation with a yes/no verifier.
   3. The online reward-model term of Sec. 3.4, with a gradient.
   4. Training: AdamW with cosine warm-up, and checkpoints that resume bit for bit.
+  5. Self-correction fine-tuning for PARM++ (Sec. 5), on the same training machinery.
 
 A verifier enters only as a plain callable, `score(images, prompts) -> (p_yes [k], is_yes [k])` with images
 [k, 3, H, W] in [-1, 1] as MAGVIT decodes them, so the tests can script it and the CLI wires in LLaVA-OneVision
@@ -59,20 +61,24 @@ def sample_masks(batch: int, n_tokens: int, generator: torch.Generator) -> torch
 
 
 def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes: torch.Tensor,
-                       masked: torch.Tensor, drop_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       masked: torch.Tensor, drop_text: torch.Tensor,
+                       condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One masked-prediction example per row (ref §6.3 steps 4-5): the masked image slots hold [MASK]; a
     dropped text condition becomes the empty prompt. Returns ids [B, L] and labels [B, L]: the true code at
     every masked slot, the <|soi|>/<|eoi|> ids at their own positions (the released code scores them too),
-    IGNORE elsewhere."""
+    IGNORE elsewhere.
+
+    `condition` [B, N] codes puts a previous image before the one being predicted (PARM++'s self-correction
+    format, Sec. 5): it is input only, so its segment is never scored, and text dropout leaves it in place."""
     c = tok.config
     vocab = codes.cpu() + c.image_offset
     masked = masked.cpu()
     ids = tok.t2i_ids(["" if d else p for p, d in zip(prompts, drop_text.tolist())],
-                      torch.where(masked, c.mask_token_id, vocab))
+                      torch.where(masked, c.mask_token_id, vocab), condition=condition)
     labels = torch.full_like(ids, IGNORE)
-    T = c.text_len
-    labels[:, T] = tok.soi_id
-    labels[:, T + 1:T + 1 + c.num_vq_tokens] = torch.where(masked, vocab, IGNORE)
+    start = ids.shape[1] - (c.num_vq_tokens + 2)     # the predicted segment is always the last one
+    labels[:, start] = tok.soi_id
+    labels[:, start + 1:start + 1 + c.num_vq_tokens] = torch.where(masked, vocab, IGNORE)
     labels[:, -1] = tok.eoi_id
     return ids, labels
 
@@ -171,60 +177,70 @@ def magvit_resolution(magvit: cotgen.MAGVITv2, n_tokens: int) -> int:
     return math.isqrt(n_tokens) * 2 ** (len(magvit.config.enc_ch_mult) - 1)
 
 
-def encode_pairs(records: Sequence[data.PairRecord], config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2 | None,
-                 image_root: str | os.PathLike, where: str, batch: int = 16,
-                 progress: Callable[[str], None] | None = None) -> tuple[PairData, list[str]]:
-    """Records -> image codes (ref §6.1). Token lists are checked and used as they are; image paths (relative
-    to `image_root`) are loaded, preprocessed as ref §5.5 and encoded with MAGVIT-v2, as the released code does
-    (so the likelihood is that of encode(PNG), not of the tokens that made the image).
-    Returns (pairs, problems): every record that cannot be used gives one "where line N: why" problem."""
+def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.ShowoConfig,
+                  magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str, batch: int = 16,
+                  progress: Callable[[str], None] | None = None) -> tuple[list[torch.Tensor | None], list[str]]:
+    """Images as codes (ref §6.1). Each item is (where, value): a token list is checked and used as it is; an
+    image path (relative to `image_root`) is loaded, preprocessed as ref §5.5 and encoded with MAGVIT-v2, as
+    the released code does (so a likelihood is that of encode(PNG), not of the tokens that made the image).
+    Returns (codes [N] or None per item, problems "where: why"); `what` names the source in errors."""
     N, K = config.num_vq_tokens, config.codebook_size
     root = Path(image_root)
+    codes: list[torch.Tensor | None] = [None] * len(images)
     problems: list[str] = []
-    sides: dict[tuple[int, str], torch.Tensor] = {}
-    todo: list[tuple[int, str, Path]] = []
-    for r, rec in enumerate(records):
-        for side in ("chosen", "rejected"):
-            v = getattr(rec, side)
-            if isinstance(v, list):
-                if len(v) != N or min(v) < 0 or max(v) >= K:
-                    problems.append(f"{where} line {rec.line}: {side!r} must hold {N} image tokens in [0, {K}) "
-                                    f"(got {len(v)} in [{min(v)}, {max(v)}])")
-                else:
-                    sides[r, side] = torch.tensor(v, dtype=torch.long)
-            else:
-                todo.append((r, side, root / v))
+    todo: list[int] = []
+    for i, (where, v) in enumerate(images):
+        if not isinstance(v, list):
+            todo.append(i)
+        elif len(v) != N or min(v) < 0 or max(v) >= K:
+            problems.append(f"{where} must hold {N} image tokens in [0, {K}) (got {len(v)} in [{min(v)}, {max(v)}])")
+        else:
+            codes[i] = torch.tensor(v, dtype=torch.long)
     if todo and magvit is None:
-        raise DataError(f"{where} names image files but no MAGVIT-v2 was given to encode them")
+        raise DataError(f"{what} names image files but no MAGVIT-v2 was given to encode them")
     for start in range(0, len(todo), batch):
         chunk, pixels = [], []
-        for r, side, path in todo[start:start + batch]:
+        for i in todo[start:start + batch]:
             try:
-                pixels.append(cotgen.image_to_pixels(data.load_image(path), magvit_resolution(magvit, N)))
-                chunk.append((r, side))
+                pixels.append(cotgen.image_to_pixels(data.load_image(root / images[i][1]), magvit_resolution(magvit, N)))
+                chunk.append(i)
             except (FileNotFoundError, ValueError) as e:
-                problems.append(f"{where} line {records[r].line}: {side} {e}")
+                problems.append(f"{images[i][0]} {e}")
         if pixels:
             dev = magvit.encoder.conv_in.weight.device
             with torch.inference_mode():
-                codes = magvit.get_code(torch.cat(pixels).to(dev)).cpu()
-            for (r, side), c in zip(chunk, codes):
-                sides[r, side] = c.clone()
+                got = magvit.get_code(torch.cat(pixels).to(dev)).cpu()
+            for i, c in zip(chunk, got):
+                codes[i] = c.clone()
         if progress is not None:
             progress(f"encoded {min(start + batch, len(todo))}/{len(todo)} images")
+    return codes, problems
+
+
+def encode_pairs(records: Sequence[data.PairRecord], config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2 | None,
+                 image_root: str | os.PathLike, where: str, batch: int = 16,
+                 progress: Callable[[str], None] | None = None) -> tuple[PairData, list[str]]:
+    """Preference records -> image codes (`encode_images`). Returns (pairs, problems): every record that cannot
+    be used gives one "where line N: why" problem."""
+    items = []
+    for rec in records:
+        items += [(f"{where} line {rec.line}: {side!r}" if isinstance(getattr(rec, side), list)
+                   else f"{where} line {rec.line}: {side}", getattr(rec, side)) for side in ("chosen", "rejected")]
+    codes, problems = encode_images(items, config, magvit, image_root, where, batch, progress)
     keep = []
     for r, rec in enumerate(records):
-        if (r, "chosen") not in sides or (r, "rejected") not in sides:
+        w, l = codes[2 * r], codes[2 * r + 1]
+        if w is None or l is None:
             continue
-        if torch.equal(sides[r, "chosen"], sides[r, "rejected"]):
+        if torch.equal(w, l):
             problems.append(f"{where} line {rec.line}: 'chosen' and 'rejected' are the same image tokens, "
                             "so the pair carries no preference")
             continue
         keep.append(r)
-    empty = torch.empty(0, N, dtype=torch.long)
+    empty = torch.empty(0, config.num_vq_tokens, dtype=torch.long)
     return PairData(prompts=[records[r].prompt for r in keep],
-                    chosen=torch.stack([sides[r, "chosen"] for r in keep]) if keep else empty,
-                    rejected=torch.stack([sides[r, "rejected"] for r in keep]) if keep else empty,
+                    chosen=torch.stack([codes[2 * r] for r in keep]) if keep else empty,
+                    rejected=torch.stack([codes[2 * r + 1] for r in keep]) if keep else empty,
                     source=[f"{where}:{records[r].line}" for r in keep]), problems
 
 
@@ -319,8 +335,9 @@ def online_pairs(policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotge
 
 
 @dataclass
-class TrainConfig:
-    """Everything that changes the trained weights (a resumed run must match it). Defaults: Sec. 3.3 and ref §6."""
+class OptimConfig:
+    """What every Show-o fine-tune here shares and what changes its weights (a resumed run must match it).
+    Defaults: Sec. 3.3 and ref §6 (the self-correction fine-tune of Sec. 5 keeps them: the paper is silent)."""
     lr: float = 1e-5
     batch_size: int = 10
     epochs: int = 1
@@ -331,15 +348,7 @@ class TrainConfig:
     max_steps: int | None = None     # cap on the optimizer steps of a round (the schedule spans the cap)
     shuffle: bool = False            # the released loader keeps file order
     seed: int = 10086
-    beta: float = BETA
-    sft_coef: float = 0.0
-    shared_mask: bool = False
-    cond_dropout: float = 0.1
-    reward_coef: float = 0.0
-    online_per_step: int = 2
-    online_samples: int = 4
-    gen_steps: int = 18
-    gen_cfg: float = 1.75
+    cond_dropout: float = 0.1        # Show-o's text-condition dropout (ref §6.3 step 5)
     bf16: bool = False
     gradient_checkpointing: bool = False
 
@@ -350,6 +359,19 @@ class TrainConfig:
         return d
 
 
+@dataclass
+class TrainConfig(OptimConfig):
+    """DPO's settings on top of the shared ones (Sec. 3.3, 3.4)."""
+    beta: float = BETA
+    sft_coef: float = 0.0
+    shared_mask: bool = False
+    reward_coef: float = 0.0
+    online_per_step: int = 2
+    online_samples: int = 4
+    gen_steps: int = 18
+    gen_cfg: float = 1.75
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Cosine schedule with linear warm-up (ref §6.6): step/warmup, then 0.5·(1 + cos(π·progress)) down to 0."""
     if step < warmup:
@@ -357,7 +379,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW (ref §6.6). Only biases skip weight decay: the released no-decay list meant norms and embeddings
     too, but with Phi's parameter names it matches biases alone, and this keeps what actually ran."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -381,6 +403,8 @@ class Trainer:
     The data position and every random draw are functions of (seed, round, step), so the trainer's whole
     state is the policy, the AdamW state and the step: `state()` / `load_state()` carry exactly that."""
 
+    max_grad_norm: float | None = None   # gradient clipping before each step (None: none, as the DPO run)
+
     def __init__(self, policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, pairs: PairData,
                  cfg: TrainConfig, *, round_index: int = 1, magvit: cotgen.MAGVITv2 | None = None,
                  score: Scorer | None = None, online_prompts: Sequence[str] | None = None):
@@ -388,14 +412,21 @@ class Trainer:
             raise DataError("no preference pairs to train on")
         if cfg.reward_coef and (score is None or magvit is None):
             raise ValueError("reward-model guidance (reward_coef > 0) needs a scorer and MAGVIT-v2")
-        self.policy, self.reference, self.tok, self.pairs, self.cfg = policy, freeze(reference), tok, pairs, cfg
-        self.round, self.magvit, self.score = round_index, magvit, score
+        self.reference, self.pairs, self.magvit, self.score = freeze(reference), pairs, magvit, score
         self.online_prompts = list(online_prompts) if online_prompts else list(dict.fromkeys(pairs.prompts))
-        self.device = policy.embed_tokens.weight.device
+        self._setup(policy, tok, pairs, cfg, round_index)
+
+    def _setup(self, policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, examples, cfg: OptimConfig,
+               round_index: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """What every trainer here shares: the policy in training mode, AdamW, and the step count of the
+        schedule. `examples` is anything with a length and a `source` list (where each example came from).
+        `optimizer` replaces `make_optimizer`'s (a param group's "base_lr" then overrides cfg.lr for it)."""
+        self.policy, self.tok, self.examples, self.cfg, self.round = policy, tok, examples, cfg, round_index
+        self.device = next(policy.parameters()).device
         policy.train()
         policy.gradient_checkpointing = cfg.gradient_checkpointing
-        self.optimizer = make_optimizer(policy, cfg)
-        self.steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+        self.optimizer = make_optimizer(policy, cfg) if optimizer is None else optimizer
+        self.steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
         self.total = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             self.total = min(self.total, cfg.max_steps)
@@ -403,9 +434,9 @@ class Trainer:
         self.step = 0
 
     def batch_indices(self, step: int) -> list[int]:
-        """The pairs of optimizer step `step` (batches in file order, or a per-epoch permutation)."""
+        """The examples of optimizer step `step` (batches in file order, or a per-epoch permutation)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = list(range(len(self.pairs)))
+        order = list(range(len(self.examples)))
         if self.cfg.shuffle:
             g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.round, "epoch", epoch))
             order = torch.randperm(len(order), generator=g).tolist()
@@ -445,13 +476,16 @@ class Trainer:
         loss, stats = self.loss(self.step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"round {self.round} step {self.step}: the loss is {loss.item()} "
-                                     f"(pairs {', '.join(self.pairs.source[i] for i in self.batch_indices(self.step))}"
+                                     f"(examples {', '.join(self.examples.source[i] for i in self.batch_indices(self.step))}"
                                      "); lower --lr, or use fp32. The last checkpoint is intact.")
-        lr = self.cfg.lr * lr_factor(self.step, self.total, self.warmup)
+        factor = lr_factor(self.step, self.total, self.warmup)
+        lr = self.cfg.lr * factor
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group.get("base_lr", self.cfg.lr) * factor
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.step += 1
         stats["lr"] = lr
@@ -533,15 +567,20 @@ def publish_dir(build: Callable[[Path], None], target: Path) -> None:
 LATEST = "latest.json"
 
 
-def save_checkpoint(trainer: Trainer, out: str | os.PathLike, like_dir, phi_dir) -> Path:
+def save_checkpoint(trainer: Trainer, out: str | os.PathLike, like_dir, phi_dir,
+                    write_model: Callable[[Path], None] | None = None) -> Path:
     """Write the policy (Show-o layout), AdamW's state (optimizer.safetensors) and trainer.json as a new folder
-    `ckpt-rR-SSSSSS`, then point latest.json at it and remove older ones."""
+    `ckpt-rR-SSSSSS`, then point latest.json at it and remove older ones. `write_model(folder)` writes another
+    model's layout instead (the verifier fine-tunes, verifiers.save_verifier)."""
     out = Path(out)
     name = f"ckpt-r{trainer.round}-{trainer.step:06d}"
     tensors, meta = trainer.state()
 
     def build(d: Path):
-        write_showo_dir(trainer.policy, d, like_dir, phi_dir)
+        if write_model is not None:
+            write_model(d)
+        else:
+            write_showo_dir(trainer.policy, d, like_dir, phi_dir)
         data.save_state(tensors, d / "optimizer.safetensors")
         data.write_json(meta, d / "trainer.json")
 
@@ -581,7 +620,7 @@ def load_checkpoint_into(trainer: Trainer, ckpt_dir: str | os.PathLike) -> None:
 
 
 class Progress:
-    """One line per logged step on stderr: loss, reward margin, preference accuracy, lr, speed."""
+    """One line per logged step on stderr: loss, reward margin and preference accuracy (DPO), lr, speed."""
 
     def __init__(self, label: str, total: int, every: int = 1):
         self.label, self.total, self.every, self.t0, self.n = label, total, max(1, every), time.time(), 0
@@ -593,8 +632,9 @@ class Progress:
         rate = (time.time() - self.t0) / self.n
         online = (f"  online {stats['online_dpo']:.4f} ({stats['online_pairs']} pairs)"
                   if "online_dpo" in stats else "")
-        print(f"[{self.label}] step {step}/{self.total}  loss {stats['loss']:.4f}  margin {stats['margin']:+.4f}  "
-              f"acc {stats['accuracy']:.2f}  lr {stats['lr']:.2e}{online}  {rate:.2f}s/step  "
+        pref = f"  margin {stats['margin']:+.4f}  acc {stats['accuracy']:.2f}" if "margin" in stats else ""
+        print(f"[{self.label}] step {step}/{self.total}  loss {stats['loss']:.4f}{pref}  "
+              f"lr {stats['lr']:.2e}{online}  {rate:.2f}s/step  "
               f"eta {rate * (self.total - step) / 60:.1f}min", file=sys.stderr, flush=True)
 
 
@@ -632,3 +672,130 @@ def preference_stats(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.
     policy.train(was)
     m = torch.stack(margins).mean(0)
     return {"margin": float(m.mean()), "accuracy": float((m > 0).float().mean())}
+
+
+# ==========================================================================================================
+# 5. Self-correction fine-tuning (Sec. 5, PARM++)
+# ==========================================================================================================
+
+
+@dataclass
+class CorrectionData:
+    """Self-correction groups as image codes: prompt, reflection reason, low- and high-quality image."""
+    prompts: list[str]
+    reasons: list[str]
+    low: torch.Tensor     # [G, N] long, the image to correct
+    high: torch.Tensor    # [G, N] long, the image to learn to produce
+    source: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, index: Sequence[int]) -> "CorrectionData":
+        i = torch.as_tensor(list(index), dtype=torch.long)
+        return CorrectionData([self.prompts[j] for j in index], [self.reasons[j] for j in index], self.low[i],
+                              self.high[i], [self.source[j] for j in index])
+
+    def records(self) -> list[dict]:
+        """As explicit groups with token lists (data.read_correction_records reads them back)."""
+        return [{"prompt": p, "low": l.tolist(), "reason": r, "high": h.tolist(), "source": s}
+                for p, r, l, h, s in zip(self.prompts, self.reasons, self.low, self.high, self.source)]
+
+
+def encode_groups(records: Sequence[data.CorrectionRecord], config: cotgen.ShowoConfig,
+                  magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str,
+                  progress: Callable[[str], None] | None = None) -> tuple[CorrectionData, list[str]]:
+    """Self-correction groups -> image codes (`encode_images`). An image several groups share (a "yes" image
+    of reflect.json) is encoded once, and a problem with it is reported once, naming its record. Returns
+    (groups, problems)."""
+    slot: dict[str, int] = {}
+    items: list[tuple[str, str | list]] = []
+    for rec in records:
+        for where, image in ((rec.low_from, rec.low), (rec.high_from, rec.high)):
+            if where not in slot:
+                slot[where] = len(items)
+                items.append((where, image))
+    codes, problems = encode_images(items, config, magvit, image_root, what, progress=progress)
+    keep = []
+    for rec in records:
+        low, high = codes[slot[rec.low_from]], codes[slot[rec.high_from]]
+        if low is None or high is None:
+            continue
+        if torch.equal(low, high):
+            problems.append(f"{rec.low_from} the low- and high-quality images are the same image tokens, so there "
+                            "is nothing to correct")
+            continue
+        keep.append((rec, low, high))
+    empty = torch.empty(0, config.num_vq_tokens, dtype=torch.long)
+    return CorrectionData(prompts=[r.prompt for r, _, _ in keep], reasons=[r.reason for r, _, _ in keep],
+                          low=torch.stack([l for _, l, _ in keep]) if keep else empty,
+                          high=torch.stack([h for _, _, h in keep]) if keep else empty,
+                          source=[r.low_from.rsplit(":", 1)[0] for r, _, _ in keep]), problems
+
+
+def correction_sequences(tok: cotgen.ShowoTokenizer, groups: CorrectionData, masked: torch.Tensor,
+                         drop_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sec. 5, one self-correction example per group in PARM++'s input format (`cotgen.self_correction_text`):
+
+        [PAD.. <|t2i|> bos "{prompt}\\nCorrection: {reason}" eos] <|soi|> low <|eoi|> <|soi|> high, masked <|eoi|>
+
+    Only the second image is scored: its masked slots, its <|soi|> and its <|eoi|> (as Show-o's t2i loss and
+    the DPO likelihood). The low-quality image is a given condition. Text dropout replaces prompt and reason
+    by the empty prompt and keeps the low-quality image: the unconditional row of PARM++'s CFG."""
+    texts = [cotgen.self_correction_text(p, r) for p, r in zip(groups.prompts, groups.reasons)]
+    return training_sequences(tok, texts, groups.high, masked, drop_text, condition=groups.low)
+
+
+def correction_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData,
+                              generator: torch.Generator, *, cond_dropout: float = 0.1,
+                              bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sec. 5: log π(high | prompt, reason, low) under masked prediction (a cosine-schedule fraction of the
+    high-quality image masked, `sample_masks`), and the number of scored positions. Both [G]."""
+    G, N = groups.high.shape
+    masked = sample_masks(G, N, generator)
+    drop = torch.rand(G, generator=generator) < cond_dropout
+    ids, labels = correction_sequences(tok, groups, masked, drop)
+    device = model.embed_tokens.weight.device
+    ids, labels = ids.to(device), labels.to(device)
+    allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
+    with autocast(device, bf16):
+        logp = image_log_likelihood(model, ids, labels, allowed)
+    return logp, (labels != IGNORE).sum(dim=1)
+
+
+class SelfCorrectionTrainer(Trainer):
+    """Sec. 5, self-correction fine-tuning of Show-o: Show-o's masked-prediction loss (cross-entropy per scored
+    token, averaged over the batch) on the high-quality image given the prompt, the reason and the low-quality
+    image. No reference model. Batching, schedule, checkpoints and exact resume are DPO's (`Trainer`)."""
+
+    def __init__(self, policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData, cfg: OptimConfig):
+        if len(groups) == 0:
+            raise DataError("no self-correction groups to train on")
+        self._setup(policy, tok, groups, cfg, round_index=1)
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.round, step, "mask"))
+        logp, scored = correction_log_likelihood(self.policy, self.tok, self.examples.batch(self.batch_indices(step)),
+                                                 g, cond_dropout=self.cfg.cond_dropout, bf16=self.cfg.bf16)
+        loss = -logp.sum() / scored.sum()
+        return loss, {"loss": loss.item()}
+
+
+@torch.no_grad()
+def correction_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData, draws: int = 4,
+                    seed: int = 0, batch: int = 16) -> float:
+    """The self-correction loss of `model` on `groups`: cross-entropy per scored token, over `draws` mask draws
+    fixed by `seed` and without text dropout (an evaluation: every model compared sees the same masks)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for d in range(draws):
+        g = torch.Generator().manual_seed(derive_seed(seed, "eval", d))
+        for start in range(0, len(groups), batch):
+            logp, scored = correction_log_likelihood(model, tok, groups.batch(range(start, min(start + batch,
+                                                                                              len(groups)))),
+                                                     g, cond_dropout=0.0)
+            total -= float(logp.sum())
+            count += int(scored.sum())
+    model.train(was)
+    return total / count

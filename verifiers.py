@@ -984,3 +984,245 @@ def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     with data.atomic_path(out / "tokenizer.json") as tmp:
         tok.save(str(tmp))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fine-tuning the reward model: the fine-tuned ORM/PRM (Sec. 3.2), PARM (Sec. 4) and PARM++ (Sec. 5)
+#
+# Supervised fine-tuning on LLaVA conversation records (`train.py curate` writes them), as the released
+# LLaVA-NeXT recipe does (fact sheet §7): next-token cross-entropy on the assistant turns, AdamW with lr 1e-5
+# and 2e-6 for the SigLIP tower, cosine schedule with 3% warm-up, one epoch, gradient clipping at 1.0. The
+# batching, schedule, checkpoints and exact resume are the Show-o fine-tunes' (dpo.Trainer).
+
+import functools  # noqa: E402  (this section was added after the others)
+
+import torch.utils.checkpoint  # noqa: E402
+
+import dpo  # noqa: E402
+
+IGNORE = -100
+LABEL_RULES = ("released", "answer")
+
+
+def sft_tokens(tokenizer, turns: Sequence[str], rule: str = "released",
+               where: str = "conversation") -> tuple[list[int], list[int]]:
+    """Fine-tuning data of the reward models (Sec. 3.2, 4, 5): a training conversation (user, assistant, ...,
+    user, assistant) -> token ids (IMAGE_PLACEHOLDER for the image) and labels (IGNORE where no loss is taken), aligned with the ids (the shift happens in `sft_loss`).
+
+    The ids are exactly those the verifier reads at inference (`tokenize_chat`) followed by the last answer and
+    its "<|im_end|>\\n". Labels, `rule`:
+      "released": LLaVA-NeXT's preprocess_qwen (fact sheet §7): every token of each assistant turn
+                  ("<|im_start|>assistant\\n" + answer + "<|im_end|>\\n"), plus every "\\n", <|im_start|> and
+                  <|im_end|> token anywhere, system and user turns included (a quirk of the released code).
+      "answer":   only each answer's tokens and the <|im_end|> that closes it."""
+    if rule not in LABEL_RULES:
+        raise ValueError(f"label rule {rule!r}: use one of {', '.join(LABEL_RULES)}")
+    turns = list(turns)
+    if len(turns) < 2 or len(turns) % 2:
+        raise ValueError(f"{where} has {len(turns)} turn(s): it must alternate user, assistant and end with the "
+                         "assistant's answer")
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+    ids = tokenize_chat(tokenizer, turns[:-1], where) + enc(turns[-1] + "<|im_end|>\n")
+    labels = [IGNORE] * len(ids)
+    header = len(enc("<|im_start|>assistant\n"))
+    for k in range(1, len(turns), 2):
+        start = len(tokenize_chat(tokenizer, turns[:k], where))     # the answer starts right after the header
+        answer = enc(turns[k] + "<|im_end|>\n")
+        if ids[start:start + len(answer)] != answer:
+            raise ValueError(f"{where}: answer {k // 2 + 1} is tokenised differently inside the conversation than "
+                             "on its own; remove special tokens from the answer text")
+        lo, hi = (start - header, start + len(answer)) if rule == "released" else (start, start + len(answer) - 1)
+        labels[lo:hi] = ids[lo:hi]
+    if rule == "released":
+        newline = enc("\n")
+        always = {tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")}
+        always |= set(newline) if len(newline) == 1 else set()
+        labels = [t if t in always else y for t, y in zip(ids, labels)]
+    return ids, labels
+
+
+@dataclass
+class SFTData:
+    """Tokenised training records: ids and labels per record (`sft_tokens`), its image and where it came from."""
+    ids: list[list[int]]
+    labels: list[list[int]]
+    images: list[Path]
+    source: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode_conversations(tokenizer, records: Sequence[data.Conversation],
+                         rule: str = "released") -> tuple[SFTData, list[str]]:
+    """data.read_conversations' records -> SFTData. Returns (data, problems): one "where: why" per record that
+    does not tokenise."""
+    out, problems = SFTData([], [], [], []), []
+    for rec in records:
+        try:
+            ids, labels = sft_tokens(tokenizer, rec.turns, rule, rec.where)
+        except ValueError as e:
+            problems.append(str(e) if str(e).startswith(rec.where) else f"{rec.where}: {e}")
+            continue
+        out.ids.append(ids)
+        out.labels.append(labels)
+        out.images.append(rec.image)
+        out.source.append(rec.where)
+    return out, problems
+
+
+def sft_loss(model: LlavaOneVision, pixels: torch.Tensor, ids: Sequence[Sequence[int]],
+             labels: Sequence[Sequence[int]]) -> tuple[torch.Tensor, dict]:
+    """The fine-tuning loss of the reward models (Sec. 3.2, 4, 5): next-token cross-entropy of LLaVA-OneVision
+    on the labelled tokens of a batch, averaged over those tokens
+    (HF's causal-LM loss, which the released fine-tune uses). The image rows are never labelled. Logits are
+    computed only where a label is, so the vocabulary-wide matrix stays small. Returns (loss, stats)."""
+    x, lengths = model.splice(ids, model.encode_images(pixels))
+    states: list[torch.Tensor] = []
+    model.lm(x, lengths, None, states)              # states[-1]: the final-normed state at every position
+    n_img = model.cfg.n_image_tokens
+    target = torch.full(x.shape[:2], IGNORE, dtype=torch.long)
+    for b, (t, y) in enumerate(zip(ids, labels)):
+        p = list(t).index(IMAGE_PLACEHOLDER)
+        row = list(y[:p]) + [IGNORE] * n_img + list(y[p + 1:])
+        target[b, :len(row)] = torch.tensor(row)
+    target = target[:, 1:].to(x.device)             # the state at position t predicts token t + 1
+    scored = target != IGNORE
+    logits = model.lm.logits(states[-1][:, :-1][scored])
+    loss = F.cross_entropy(logits, target[scored])
+    accuracy = (logits.argmax(-1) == target[scored]).float().mean()
+    return loss, {"loss": loss.item(), "token_accuracy": accuracy.item(), "tokens": int(scored.sum())}
+
+
+@dataclass
+class SFTConfig(dpo.OptimConfig):
+    """The released LLaVA-NeXT fine-tune of ORM/PARM (fact sheet §7; the paper: one epoch, batch 8, lr 1e-5).
+    The released run's batch is 8 per GPU on 8 GPUs (64); `cond_dropout` is Show-o's and unused here."""
+    lr: float = 1e-5
+    vision_lr: float = 2e-6
+    freeze_vision: bool = False
+    batch_size: int = 8
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    shuffle: bool = True
+    seed: int = 0
+    label_rule: str = "released"
+
+
+def sft_optimizer(model: LlavaOneVision, cfg: SFTConfig) -> torch.optim.AdamW:
+    """AdamW with the released parameter groups: `vision_lr` for the SigLIP tower (the released rule: every
+    name containing "vision_tower"), `lr` for the projector, image_newline and the LM. Frozen parameters are
+    left out. Each group's peak lr is its "base_lr", which dpo.Trainer schedules."""
+    vision = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("vision.")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("vision.")]
+    groups = [{"params": rest, "base_lr": cfg.lr}] + ([{"params": vision, "base_lr": cfg.vision_lr}] if vision else [])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def set_gradient_checkpointing(model: LlavaOneVision, on: bool) -> None:
+    """Recompute every SigLIP and Qwen2 layer in the backward pass (less activation memory, same numbers).
+    Only the layers' call is wrapped, so parameter names, and with them the saved checkpoints, do not change."""
+    for layer in [*model.vision.encoder.layers, *model.lm.layers]:
+        if on:
+            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(layer).forward.__get__(layer),
+                                              use_reentrant=False)
+        else:
+            layer.__dict__.pop("forward", None)
+
+
+class VerifierTrainer(dpo.Trainer):
+    """Supervised fine-tuning of the LLaVA-OneVision reward model on conversation records (Sec. 3.2 ORM/PRM,
+    Sec. 4 PARM, Sec. 5 PARM++). One optimizer step per batch of `cfg.batch_size` records."""
+
+    def __init__(self, verifier: Verifier, examples: SFTData, cfg: SFTConfig):
+        if len(examples) == 0:
+            raise data.DataError("no training conversations to fine-tune on")
+        model = verifier.model
+        for p in model.vision.parameters():
+            p.requires_grad_(not cfg.freeze_vision)
+        self.verifier, self.max_grad_norm = verifier, cfg.max_grad_norm
+        self._setup(model, verifier.tokenizer, examples, cfg, round_index=1, optimizer=sft_optimizer(model, cfg))
+        set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        index = self.batch_indices(step)
+        ex = self.examples
+        pixels = self.verifier.pixels([data.load_image(ex.images[i]) for i in index]).to(self.device)
+        with dpo.autocast(self.device, self.cfg.bf16):
+            return sft_loss(self.policy, pixels, [ex.ids[i] for i in index], [ex.labels[i] for i in index])
+
+
+@torch.no_grad()
+def evaluate_sft(verifier: Verifier, examples: SFTData, batch: int = 8) -> float:
+    """Mean cross-entropy per labelled token over all of `examples` (the same tokens `sft_loss` trains on)."""
+    was = verifier.model.training
+    verifier.model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch):
+        index = range(start, min(start + batch, len(examples)))
+        pixels = verifier.pixels([data.load_image(examples.images[i]) for i in index]).to(verifier.device,
+                                                                                          verifier.dtype)
+        loss, stats = sft_loss(verifier.model, pixels, [examples.ids[i] for i in index],
+                               [examples.labels[i] for i in index])
+        total += loss.item() * stats["tokens"]
+        count += stats["tokens"]
+    verifier.model.train(was)
+    return total / count
+
+
+# files of an lmms-lab checkpoint folder that a fine-tune keeps as they are
+VERIFIER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                       "vocab.json", "merges.txt", "generation_config.json", "vision_tower/config.json")
+
+
+def save_verifier(model: LlavaOneVision, tokenizer, out_dir: str | os.PathLike, like_dir: str | os.PathLike,
+                  dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 4 * 2 ** 30) -> Path:
+    """Write `model` as an lmms-lab LLaVA-OneVision folder, the layout of the paper's orm_ft/parm checkpoints,
+    so that `load_verifier(out_dir)` (and `sample.py --verifier`) reads it: safetensors weights (one
+    model.safetensors, or shards of at most `shard_bytes` with model.safetensors.index.json), config.json,
+    the tokenizer and generation files and vision_tower/config.json, copied from `like_dir`, the lmms-lab
+    checkpoint the model was fine-tuned from. Vocabulary rows past len(tokenizer), which the model never uses,
+    are copied from `like_dir` too, so every tensor keeps its stored shape. config.json is written last: a
+    folder without it is incomplete and does not load."""
+    import shutil
+
+    from safetensors import safe_open
+
+    like, out = Path(like_dir), Path(out_dir)
+    files = data.find_weight_files(like)
+    if detect_layout(files) != "lmms-lab":
+        raise CheckpointError(f"{like} is not in the lmms-lab layout: fine-tune from an lmms-lab LLaVA-OneVision "
+                              "checkpoint (e.g. lmms-lab/llava-onevision-qwen2-7b-ov), whose layout the paper's "
+                              "checkpoints use")
+    state = {c: model.get_parameter(p).detach().to(dtype) for c, p in key_map(model, LAYOUTS["lmms-lab"]).items()}
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in state and key in files:
+            with safe_open(files[key], framework="pt") as f:
+                unused = f.get_slice(key)[state[key].shape[0]:]
+            state[key] = torch.cat((state[key].cpu(), unused.to(dtype)))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, tensors in zip(names, shards):
+        data.save_state(tensors, out / name)
+    if len(shards) > 1:
+        data.write_json({"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                         "weight_map": {k: n for n, ts in zip(names, shards) for k in ts}},
+                        out / "model.safetensors.index.json")
+    for name in VERIFIER_SIDE_FILES:
+        if (like / name).is_file():
+            with data.atomic_path(out / name) as tmp:
+                shutil.copyfile(like / name, tmp)
+    config = data.read_config(like)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    data.write_json(config, out / "config.json")
+    return out

@@ -32,3 +32,25 @@ def tiny(tmp_path_factory):
     import data
 
     return data.tiny_checkpoints(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def showo(tiny):
+    """The tiny Show-o and its tokenizer (test modules that need the fixture checkpoint define their own)."""
+    import cotgen
+
+    return cotgen.load_showo(tiny["showo"], tiny["phi"])
+
+
+@pytest.fixture(scope="module")
+def magvit(tiny):
+    import cotgen
+
+    return cotgen.load_magvit(tiny["magvit"])
+
+
+def fresh_showo(tiny):
+    """A new, trainable copy of the tiny Show-o."""
+    import cotgen
+
+    return cotgen.load_showo(tiny["showo"], tiny["phi"])[0]

@@ -17,18 +17,7 @@ import sample
 import train
 
 
-@pytest.fixture(scope="module")
-def showo(tiny):
-    return cotgen.load_showo(tiny["showo"], tiny["phi"])
-
-
-@pytest.fixture(scope="module")
-def magvit(tiny):
-    return cotgen.load_magvit(tiny["magvit"])
-
-
-def fresh(tiny):
-    return cotgen.load_showo(tiny["showo"], tiny["phi"])[0]
+from conftest import fresh_showo as fresh
 
 
 def random_pairs(n: int, seed: int = 0, N: int = 64, K: int = 64) -> dpo.PairData:
