@@ -543,6 +543,22 @@ def _text_field(rec: dict, key: str) -> str | None:
     return v if isinstance(v, str) and v.strip() else None
 
 
+def listed_records(p: Path, raw, what: str, expected: str) -> tuple[list[tuple[int, str, dict]], list[str]]:
+    """The records of a parsed JSON list as (N, "FILE record N (id 'X')", record), and one problem per entry
+    that is not an object. Anything but a non-empty list raises DataError naming `what` and `expected`."""
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{what} {p} must hold a non-empty JSON list of records {expected}, not "
+                        f"{'an empty list' if raw == [] else type(raw).__name__}")
+    records, problems = [], []
+    for i, rec in enumerate(raw, 1):
+        if not isinstance(rec, dict):
+            problems.append(f"{p} record {i}: a record must be a JSON object")
+            continue
+        rid = rec.get("id")
+        records.append((i, f"{p} record {i}" + (f" (id {rid!r})" if rid not in (None, "") else ""), rec))
+    return records, problems
+
+
 def read_reflect_records(path: str | os.PathLike) -> tuple[list[ReflectRecord], list[str]]:
     """Read reflect.json: a JSON list of {"id", "image", "prompt", "label": "yes"|"no", "reason": str|null,
     "conversations"} (the conversations are the verifier's and are not needed here). A "no" needs its reason.
@@ -561,16 +577,10 @@ def read_reflect_records(path: str | os.PathLike) -> tuple[list[ReflectRecord], 
     except json.JSONDecodeError as e:
         raise DataError(f"reflection file {p} is not valid JSON ({e.msg} at line {e.lineno}): it must be one JSON "
                         "list (JSONL groups go to --data)") from e
-    if not isinstance(raw, list) or not raw:
-        raise DataError(f"reflection file {p} must hold a non-empty JSON list of records, not "
-                        f"{'an empty list' if raw == [] else type(raw).__name__}")
-    good, problems = [], []
-    for i, rec in enumerate(raw, 1):
-        if not isinstance(rec, dict):
-            problems.append(f"{p} record {i}: a record must be a JSON object")
-            continue
+    records, problems = listed_records(p, raw, "reflection file", '{"id", "image", "prompt", "label", "reason"}')
+    good = []
+    for _, where, rec in records:
         rid = rec.get("id")
-        where = f"{p} record {i}" + (f" (id {rid!r})" if isinstance(rid, str) and rid else "")
         why = [f"no {k!r} text" for k in ("id", "image", "prompt") if _text_field(rec, k) is None]
         label = rec.get("label")
         if label not in ("yes", "no"):
@@ -790,16 +800,10 @@ def read_conversations(path: str | os.PathLike, image_root: str | os.PathLike | 
     except json.JSONDecodeError as e:
         raise DataError(f"training data {p} is not valid JSON ({e.msg} at line {e.lineno}): it must be one JSON "
                         "list of records (or .jsonl, one record per line)") from e
-    if not isinstance(raw, list) or not raw:
-        raise DataError(f"training data {p} must hold a non-empty list of records "
-                        '{"id", "image", "conversations"}')
-    good, problems = [], []
-    for i, rec in enumerate(raw, 1):
-        if not isinstance(rec, dict):
-            problems.append(f"{p} record {i}: a record must be a JSON object")
-            continue
+    records, problems = listed_records(p, raw, "training data", '{"id", "image", "conversations"}')
+    good = []
+    for i, where, rec in records:
         rid = rec.get("id")
-        where = f"{p} record {i}" + (f" (id {rid!r})" if rid not in (None, "") else "")
         image = rec.get("image")
         if not isinstance(image, str) or not image.strip():
             why = "no 'image' path (the verifier is trained on image questions only)"
