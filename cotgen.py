@@ -1,32 +1,33 @@
-"""Show-o as the generator of the paper (Sec. 3.1): Phi-1.5 with omni-attention, MAGVIT-v2, and masked
-parallel (MaskGIT) decoding with classifier-free guidance.
+"""The generator of the paper (Sec. 3.1) and the test-time searches over its decoding paths: Show-o (Phi-1.5
+with omni-attention), MAGVIT-v2, masked parallel decoding with classifier-free guidance, the ORM / PRM best-of-N
+(Sec. 3.2), PARM (Sec. 4) and PARM++ (Sec. 5) searches, and the tiny checkpoints of `--tiny`.
 
-Read next to `../shared/reference/showo.md` (cited below as "ref §x"). The file is in three parts:
-  1. Show-o: tokenizer + t2i sequence layout, omni-attention mask, the Phi-1.5 backbone as Show-o modified it.
-  2. MAGVIT-v2: the LFQ image tokenizer (encoder, decoder, bit order).
-  3. Masked parallel decoding: N paths of one prompt decoded together, each with its own generator, exposing
-     the per-step x̂0 prediction and letting a caller stop (and later resume) individual paths.
-"""
+Originals followed (Show-o = showlab/Show-o; the paper's code = ZiyuGuo99/Image-Generation-CoT): Show-o's
+`models/modeling_showo.py`, `models/phi.py`, `training/prompting_utils.py`, `models/sampling.py`,
+`models/modeling_magvitv2.py` and `inference_t2i.py`; the paper code's `baseline.py`, `orm.py` and `parm.py`."""
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from PIL import Image
+from tokenizers import AddedToken
 from torch import nn
 
 import data
 from data import CheckpointError
 
-# ==========================================================================================================
-# 1. Show-o
-# ==========================================================================================================
+# ---- 1. Show-o ---------------------------------------------------------------------------------------------
 
-# Show-o's nine new tokens, in the order UniversalPrompting adds them after "[PAD]" (ref §3.1).
+# Show-o's nine new tokens, in the order UniversalPrompting (`training/prompting_utils.py`) adds them after [PAD]
 SHOWO_SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>",
                         "<|lvg|>")
 PAD_TOKEN = "[PAD]"
@@ -35,7 +36,8 @@ EOT_TOKEN = "<|endoftext|>"
 
 @dataclass
 class ShowoConfig:
-    """Show-o = Phi-1.5 resized to Show-o's vocabulary. Defaults are the released 256px model (ref §1.2, §2)."""
+    """Show-o = Phi-1.5 resized to Show-o's vocabulary. Defaults: the released 256px showlab/show-o (its
+    config.json, microsoft/phi-1_5's config.json and Show-o's `configs/showo_demo.yaml`)."""
     vocab_size: int = 58498          # Show-o rows: phi text + 10 specials + codebook + [MASK]
     llm_vocab_size: int = 50295      # len(phi tokenizer)
     codebook_size: int = 8192
@@ -85,17 +87,12 @@ class ShowoConfig:
         return presets[name]
 
 
-# ---- tokenizer and the t2i sequence layout (ref §3) -------------------------------------------------------
-
-
 class ShowoTokenizer:
-    """The phi-1.5 tokenizer with Show-o's tokens added in Show-o's order, and the t2i sequence layout."""
+    """phi-1.5's tokenizer with Show-o's tokens added in Show-o's order, and the t2i sequence layout of
+    UniversalPrompting (`training/prompting_utils.py`, `t2i_gen_prompt`)."""
 
     def __init__(self, tokenizer, config: ShowoConfig):
-        from tokenizers import AddedToken
-
-        self.tok = tokenizer
-        self.config = config
+        self.tok, self.config = tokenizer, config
         eot = tokenizer.token_to_id(EOT_TOKEN)
         if eot is None:
             raise CheckpointError(f"the phi tokenizer has no {EOT_TOKEN} token: is this the microsoft/phi-1_5 tokenizer?")
@@ -105,35 +102,30 @@ class ShowoTokenizer:
                                   f"{config.llm_vocab_size}: use the tokenizer that belongs to this checkpoint")
         tokenizer.add_special_tokens([AddedToken(PAD_TOKEN, special=True, normalized=False)])
         tokenizer.add_tokens(list(SHOWO_SPECIAL_TOKENS))
-        ids = {t: tokenizer.token_to_id(t) for t in (PAD_TOKEN,) + SHOWO_SPECIAL_TOKENS}
-        expected = {t: config.llm_vocab_size + i for i, t in enumerate((PAD_TOKEN,) + SHOWO_SPECIAL_TOKENS)}
-        if ids != expected:
+        names = (PAD_TOKEN,) + SHOWO_SPECIAL_TOKENS
+        ids = {t: tokenizer.token_to_id(t) for t in names}
+        if ids != {t: config.llm_vocab_size + i for i, t in enumerate(names)}:
             raise CheckpointError(f"the phi tokenizer already contains Show-o's tokens at other ids ({ids}): "
                                   "pass the original phi-1.5 tokenizer.json, not a modified copy")
         self.bos_id = self.eos_id = eot
         self.pad_id = ids[PAD_TOKEN]
         self.soi_id, self.eoi_id, self.t2i_id = ids["<|soi|>"], ids["<|eoi|>"], ids["<|t2i|>"]
 
-    def __len__(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
-
     def text_ids(self, prompt: str) -> list[int]:
-        """Prompt -> ids: no special tokens from the tokenizer, then a bos is prepended (ref §3.1)."""
+        """Prompt -> ids: the tokenizer adds no special tokens, then a bos is prepended."""
         ids = self.tok.encode(prompt, add_special_tokens=False).ids
         return ids if ids and ids[0] == self.bos_id else [self.bos_id] + ids
 
     def text_part(self, prompt: str) -> list[int]:
-        """[<|t2i|>, bos, text, eos], left-padded with [PAD] to max_seq_length+1, or truncated (ref §3.2)."""
+        """[<|t2i|>, bos, text, eos], left-padded with [PAD] to max_seq_length+1, or truncated (eos kept)."""
         t = [self.t2i_id] + self.text_ids(prompt) + [self.eos_id]
         n = self.config.text_len
         return [self.pad_id] * (n - len(t)) + t if len(t) <= n else t[: n - 1] + [self.eos_id]
 
     def image_segment(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """[B, N] vocabulary ids -> [B, N+2] with <|soi|> ... <|eoi|> around them."""
-        b = image_tokens.shape[0]
-        soi = torch.full((b, 1), self.soi_id, dtype=torch.long, device=image_tokens.device)
-        eoi = torch.full((b, 1), self.eoi_id, dtype=torch.long, device=image_tokens.device)
-        return torch.cat([soi, image_tokens.long(), eoi], dim=1)
+        edge = lambda i: torch.full((image_tokens.shape[0], 1), i, dtype=torch.long, device=image_tokens.device)
+        return torch.cat([edge(self.soi_id), image_tokens.long(), edge(self.eoi_id)], dim=1)
 
     def t2i_ids(self, prompts: Sequence[str], image_tokens: torch.Tensor | None = None,
                 condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,13 +151,11 @@ class ShowoTokenizer:
 
 
 def omni_attention_mask(ids: torch.Tensor, pad_id: int, soi_id: int, eoi_id: int) -> torch.Tensor:
-    """Show-o's omni-attention as a boolean "may attend" mask [B, 1, L, L] (ref §3.5).
-
-    Text queries attend causally to non-pad text; the image segment (<|soi|> through <|eoi|>) attends to
-    every non-pad position in both directions; pad queries attend causally among themselves so no row is
-    empty (an empty row would give NaN). With several image segments (the self-correction format of PARM++,
-    ours) a segment also sees the segments before it but not those after, so a conditioning image does not
-    change while the next one is decoded; with one segment this is exactly the original mask."""
+    """Show-o's omni-attention as a boolean "may attend" mask [B, 1, L, L] (`training/prompting_utils.py`,
+    create_attention_mask_predict_next, rm_pad_in_image=True). Text attends causally to non-pad text; the
+    image segment (<|soi|> to <|eoi|>) to every non-pad position; pads causally to pads, so no row is empty
+    (that would give NaN). With several image segments (PARM++'s self-correction format, ours) a segment also
+    sees those before it but not those after: with one segment this is exactly the original mask."""
     L = ids.shape[1]
     pad = ids == pad_id                                                           # [B, L]
     segment = torch.cumsum(ids == soi_id, 1)                                      # 0 = text before any image
@@ -178,26 +168,16 @@ def omni_attention_mask(ids: torch.Tensor, pad_id: int, soi_id: int, eoi_id: int
     return allowed[:, None]
 
 
-def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
-    """The numeric form the original code passes to SDPA: 0 where allowed, float32(int64 min) where blocked."""
-    return torch.where(allowed, 0.0, float(torch.iinfo(torch.int64).min)).to(torch.float32)
-
-
-# ---- Phi-1.5 backbone as Show-o modified it (ref §2) --------------------------------------------------------
+# Phi-1.5 as Show-o's `models/phi.py` modifies it
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    # the explicit tanh formula of transformers' NewGELUActivation, kept for bit-level parity
+    # the explicit tanh formula of transformers' NewGELUActivation (not F.gelu(approximate="tanh")): bit parity
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
 def rope_tables(rot_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [L, rot_dim] in float32 for the given positions (rotate-half pairing (i, i + rot_dim/2))."""
+    """cos/sin [L, rot_dim] in float32, computed on the CPU as the original, for the given positions."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
     angles = torch.outer(positions.float().cpu(), inv_freq)
     emb = torch.cat((angles, angles), dim=-1)
@@ -209,18 +189,16 @@ class PhiAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = c.n_head, c.head_dim
         self.rot_dim = int(c.partial_rotary_factor * c.head_dim)
-        self.q_proj = nn.Linear(c.n_embd, c.n_embd)
-        self.k_proj = nn.Linear(c.n_embd, c.n_embd)
-        self.v_proj = nn.Linear(c.n_embd, c.n_embd)
-        self.dense = nn.Linear(c.n_embd, c.n_embd)
-        # Show-o forces qk_layernorm on, whatever phi's config says (ref §2)
-        self.q_layernorm = nn.LayerNorm(c.head_dim, eps=c.layer_norm_eps)
-        self.k_layernorm = nn.LayerNorm(c.head_dim, eps=c.layer_norm_eps)
+        self.q_proj, self.k_proj, self.v_proj, self.dense = (nn.Linear(c.n_embd, c.n_embd) for _ in range(4))
+        # Show-o forces qk_layernorm on, whatever phi's config says
+        self.q_layernorm, self.k_layernorm = (nn.LayerNorm(c.head_dim, eps=c.layer_norm_eps) for _ in range(2))
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Partial rotary embedding on the first rot_dim dims of each head, rotate-half pairing."""
         r = self.rot_dim
         x_rot, x_pass = x[..., :r], x[..., r:]
-        x_rot = x_rot * cos.to(x.dtype) + rotate_half(x_rot) * sin.to(x.dtype)
+        a, b = x_rot.chunk(2, dim=-1)
+        x_rot = x_rot * cos.to(x.dtype) + torch.cat((-b, a), dim=-1) * sin.to(x.dtype)
         return torch.cat((x_rot, x_pass), dim=-1)
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -266,10 +244,15 @@ class PhiBlock(nn.Module):
         return (a + self.mlp(h)) + x, kv
 
 
-class Showo(nn.Module):
-    """Show-o's transformer: token embedding, Phi blocks, final LayerNorm, lm_head with bias.
+@dataclass
+class TextPrefix:
+    kv: list              # per layer (k, v), each [R, nh, T, hd]
+    key_ok: torch.Tensor  # [R, T] False at pads
 
-    Parameter names follow the checkpoint with its `showo.model.` / `showo.` prefixes dropped."""
+
+class Showo(nn.Module):
+    """Show-o's transformer (`models/modeling_showo.py` around `models/phi.py`): token embedding, Phi blocks,
+    final LayerNorm, lm_head with bias. Parameter names are the checkpoint's without `showo.model.`/`showo.`."""
 
     def __init__(self, c: ShowoConfig):
         super().__init__()
@@ -288,10 +271,8 @@ class Showo(nn.Module):
                            torch.arange(start, end, device=device))
 
     def forward(self, ids: torch.Tensor, allowed: torch.Tensor, output_hidden_states: bool = False):
-        """Full forward of whole sequences (positions 0..L-1, pads included): fp32 logits [B, L, V].
-
-        This is the original computation; decoding uses `prefix` + `image_logits` instead, which give the
-        same image logits without recomputing the text part or the text columns."""
+        """The original full forward (positions 0..L-1, pads included): fp32 logits [B, L, V]. Decoding uses
+        `prefix` + `image_logits`: the same image logits without recomputing the text part or text columns."""
         x = self.embed_tokens(ids)
         cos, sin = self._rope(0, ids.shape[1], ids.device)
         hidden = [x]
@@ -308,12 +289,9 @@ class Showo(nn.Module):
         logits = self.lm_head(x).float()
         return (logits, hidden) if output_hidden_states else logits
 
-    # -- the decoding fast path: the text part never attends to image tokens, so its keys/values are fixed --
-
-    def prefix(self, text_ids: torch.Tensor, tok: "ShowoTokenizer") -> "TextPrefix":
-        """Run the part before the decoded image [R, T] once and keep every layer's keys/values (ref §3.5:
-        text rows attend causally to text only, so nothing in them changes while the image is decoded; the
-        same holds for a conditioning image segment, see `omni_attention_mask`)."""
+    def prefix(self, text_ids: torch.Tensor, tok: ShowoTokenizer) -> TextPrefix:
+        """Every layer's keys/values of the part before the decoded image [R, T]: text (and a conditioning
+        image) never attends to the decoded image, so they do not change while it is decoded."""
         allowed = omni_attention_mask(text_ids, tok.pad_id, tok.soi_id, tok.eoi_id)
         x = self.embed_tokens(text_ids)
         cos, sin = self._rope(0, text_ids.shape[1], text_ids.device)
@@ -323,11 +301,9 @@ class Showo(nn.Module):
             kv.append(layer_kv)
         return TextPrefix(kv=kv, key_ok=text_ids != tok.pad_id)
 
-    def image_logits(self, image_ids: torch.Tensor, prefix: "TextPrefix", rows: torch.Tensor) -> torch.Tensor:
-        """Codebook logits [B, N, K] at the N image positions for image segments [B, N+2] (soi, N, eoi).
-
-        Row b attends to the text prefix row `rows[b]` (no pads) and to its whole image segment; only the
-        K code columns of lm_head are computed (the sampler never looks at the others)."""
+    def image_logits(self, image_ids: torch.Tensor, prefix: TextPrefix, rows: torch.Tensor) -> torch.Tensor:
+        """Codebook logits [B, N, K] of image segments [B, N+2] (soi, N, eoi); row b attends to prefix row
+        `rows[b]` (no pads) and its own segment. Only lm_head's K code columns: the sampler reads no others."""
         c = self.config
         B, S = image_ids.shape
         T = prefix.kv[0][0].shape[2]
@@ -343,13 +319,13 @@ class Showo(nn.Module):
         return F.linear(x, w, b).float()
 
 
-@dataclass
-class TextPrefix:
-    kv: list          # per layer (k, v), each [R, nh, T, hd]
-    key_ok: torch.Tensor  # [R, T] False at pads
+# Loading and saving in the released layout (Show-o's `models/modeling_utils.py` reads it)
 
-
-# ---- loading (ref §1) ---------------------------------------------------------------------------------------
+# ShowoConfig field <- phi-1.5 config.json key; a key phi's config lacks keeps phi-1.5's value
+PHI_CONFIG_KEYS = {"n_embd": "hidden_size", "intermediate_size": "intermediate_size", "n_layer": "num_hidden_layers",
+                   "n_head": "num_attention_heads", "partial_rotary_factor": "partial_rotary_factor",
+                   "rope_theta": "rope_theta", "layer_norm_eps": "layer_norm_eps",
+                   "max_position_embeddings": "max_position_embeddings"}
 
 
 def _yaml_int(text: str, key: str) -> int | None:
@@ -367,20 +343,13 @@ def showo_config(ckpt_dir: str | Path, phi_config: dict | None) -> ShowoConfig:
             raise CheckpointError(f"{d / 'config.json'} lacks {k!r}: is this a Show-o checkpoint?")
     c = ShowoConfig(vocab_size=raw["vocab_size"], llm_vocab_size=raw["llm_vocab_size"],
                     codebook_size=raw["codebook_size"], num_vq_tokens=raw["num_vq_tokens"])
-    yaml = d / "inference_config.yaml"
-    if yaml.is_file():
-        text = yaml.read_text()
+    if (d / "inference_config.yaml").is_file():
+        text = (d / "inference_config.yaml").read_text()
         c.max_seq_length = _yaml_int(text, "max_seq_length") or c.max_seq_length
         c.num_new_special_tokens = _yaml_int(text, "num_new_special_tokens") or c.num_new_special_tokens
     if phi_config is not None:
-        c.n_layer = phi_config["num_hidden_layers"]
-        c.n_head = phi_config["num_attention_heads"]
-        c.n_embd = phi_config["hidden_size"]
-        c.intermediate_size = phi_config["intermediate_size"]
-        c.partial_rotary_factor = phi_config.get("partial_rotary_factor", c.partial_rotary_factor)
-        c.rope_theta = phi_config.get("rope_theta", c.rope_theta)
-        c.layer_norm_eps = phi_config.get("layer_norm_eps", c.layer_norm_eps)
-        c.max_position_embeddings = phi_config.get("max_position_embeddings", c.max_position_embeddings)
+        for ours, theirs in PHI_CONFIG_KEYS.items():
+            setattr(c, ours, phi_config.get(theirs, getattr(c, ours)))
         if phi_config.get("num_key_value_heads", c.n_head) != c.n_head:
             raise CheckpointError("phi config has grouped-query attention, which Show-o's Phi does not use")
     expect = c.llm_vocab_size + c.num_new_special_tokens + c.codebook_size + 1
@@ -411,24 +380,17 @@ def resolve_phi_dir(ckpt_dir: str | Path, phi_dir: str | Path | None) -> Path:
 
 
 def showo_key_map(c: ShowoConfig) -> dict[str, str]:
-    keys = {"showo.model.embed_tokens.weight": "embed_tokens.weight",
-            "showo.model.final_layernorm.weight": "final_layernorm.weight",
-            "showo.model.final_layernorm.bias": "final_layernorm.bias",
-            "showo.lm_head.weight": "lm_head.weight", "showo.lm_head.bias": "lm_head.bias"}
-    for i in range(c.n_layer):
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense",
-                     "self_attn.q_layernorm", "self_attn.k_layernorm", "mlp.fc1", "mlp.fc2", "input_layernorm"):
-            for leaf in ("weight", "bias"):
-                keys[f"showo.model.layers.{i}.{name}.{leaf}"] = f"layers.{i}.{name}.{leaf}"
-    return keys
+    """Checkpoint key -> `Showo` parameter name: the checkpoint holds Phi as `showo` (lm_head) / `showo.model`."""
+    with torch.device("meta"):
+        names = [n for n, _ in Showo(c).named_parameters()]
+    return {("showo." if n.startswith("lm_head.") else "showo.model.") + n: n for n in names}
 
 
 def load_showo(ckpt_dir: str | Path, phi_dir: str | Path | None = None, *, dtype=torch.float32,
                device="cpu") -> tuple[Showo, ShowoTokenizer]:
     """Load a Show-o checkpoint (showlab/show-o, show-o-512x512, a DPO checkpoint) and its tokenizer."""
     phi = resolve_phi_dir(ckpt_dir, phi_dir)
-    phi_cfg_path = phi / "config.json"
-    phi_cfg = data.read_config(phi) if phi_cfg_path.is_file() else None  # absent: phi-1.5 defaults
+    phi_cfg = data.read_config(phi) if (phi / "config.json").is_file() else None  # absent: phi-1.5 defaults
     c = showo_config(ckpt_dir, phi_cfg)
     tok = ShowoTokenizer(data.load_tokenizer(phi), c)
     with torch.device("meta"):
@@ -438,23 +400,28 @@ def load_showo(ckpt_dir: str | Path, phi_dir: str | Path | None = None, *, dtype
     return model.eval(), tok
 
 
-def save_showo(model: Showo, out_dir: str | Path, like_dir: str | Path | None = None) -> None:
-    """Write `model` in Show-o's own layout (config.json + pytorch_model.safetensors), atomically."""
+def save_showo(model: Showo, out_dir: str | Path, like_dir: str | Path | None = None,
+               phi_dir: str | Path | None = None) -> None:
+    """Write `model` in Show-o's own layout, every file atomically: pytorch_model.safetensors, and with
+    `like_dir` that folder's config.json and inference_config.yaml. With `phi_dir` too, config.json's
+    llm_model_path becomes that folder's absolute path: a copied relative one ("../phi" in the tiny model)
+    would point elsewhere from `out_dir`."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     inv = {v: k for k, v in showo_key_map(model.config).items()}
     data.save_state({inv[n]: p for n, p in model.state_dict().items()}, out / "pytorch_model.safetensors")
-    if like_dir is not None:
-        for name in ("config.json", "inference_config.yaml"):
-            src = Path(like_dir) / name
-            if src.is_file() and src.resolve() != (out / name).resolve():
-                with data.atomic_path(out / name) as tmp:
-                    tmp.write_bytes(src.read_bytes())
+    if like_dir is None:
+        return
+    for name in ("config.json", "inference_config.yaml"):
+        src = Path(like_dir) / name
+        if name == "config.json" and phi_dir is not None:
+            data.write_json({**data.read_config(like_dir), "llm_model_path": str(Path(phi_dir).resolve())},
+                            out / name)
+        elif src.is_file() and src.resolve() != (out / name).resolve():
+            with data.atomic_path(out / name) as tmp:
+                tmp.write_bytes(src.read_bytes())
 
 
-# ==========================================================================================================
-# 2. MAGVIT-v2 (ref §5)
-# ==========================================================================================================
+# ---- 2. MAGVIT-v2 (Show-o's `models/modeling_magvitv2.py`) ------------------------------------------------
 
 
 @dataclass
@@ -470,20 +437,20 @@ class MagvitConfig:
 
     @classmethod
     def from_json(cls, raw: dict) -> "MagvitConfig":
-        arch = raw.get("architecture") or raw.get("oracle_arch") or {}
-        c = cls()
-        if arch:
-            enc, dec, q = arch["encoder"], arch["decoder"], arch.get("quantizer", {})
-            c = cls(ch=enc["ch"], enc_ch_mult=tuple(enc["ch_mult"]), enc_num_res_blocks=tuple(enc["num_res_blocks"]),
-                    dec_ch=dec["ch"], dec_ch_mult=tuple(dec["ch_mult"]),
-                    dec_num_res_blocks=tuple(dec["num_res_blocks"]), z_channels=enc["z_channels"])
-            if q.get("codebook_dim", c.z_channels) != c.z_channels or dec["z_channels"] != c.z_channels:
-                raise CheckpointError("MAGVIT-v2 config: encoder, decoder and quantizer disagree on the bits")
+        arch = raw.get("architecture") or raw.get("oracle_arch")
+        if not arch:
+            return cls()
+        enc, dec, q = arch["encoder"], arch["decoder"], arch.get("quantizer", {})
+        c = cls(ch=enc["ch"], enc_ch_mult=tuple(enc["ch_mult"]), enc_num_res_blocks=tuple(enc["num_res_blocks"]),
+                dec_ch=dec["ch"], dec_ch_mult=tuple(dec["ch_mult"]), dec_num_res_blocks=tuple(dec["num_res_blocks"]),
+                z_channels=enc["z_channels"])
+        if q.get("codebook_dim", c.z_channels) != c.z_channels or dec["z_channels"] != c.z_channels:
+            raise CheckpointError("MAGVIT-v2 config: encoder, decoder and quantizer disagree on the bits")
         return c
 
 
 def swish(x):
-    return x * torch.sigmoid(x)
+    return x * torch.sigmoid(x)  # this form, not F.silu, as `models/common_modules.py` computes it
 
 
 def group_norm(c: int) -> nn.GroupNorm:
@@ -519,83 +486,74 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(y)
 
 
-class Mid(nn.Module):
-    def __init__(self, c: int):
+class Resample(nn.Module):
+    """Downsample: zero-pad right and bottom only, then a stride-2 3x3 conv. Upsample: nearest x2, 3x3 conv."""
+
+    def __init__(self, c: int, down: bool):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+        self.down = down
+        self.conv = nn.Conv2d(c, c, 3, stride=2) if down else nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class Downsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # right and bottom only
-
-
-class Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
+        if self.down:
+            return self.conv(F.pad(x, (0, 1, 0, 1)))
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(blocks: list[nn.Module], resample: nn.Module | None) -> nn.Module:
-    m = nn.Module()
-    m.block = nn.ModuleList(blocks)
-    if resample is not None:
-        setattr(m, "downsample" if isinstance(resample, Downsample) else "upsample", resample)
-    return m
+class Level(nn.Module):
+    """One resolution: resnet blocks, then a `downsample` or `upsample` (the checkpoint's names) if any."""
+
+    def __init__(self, cin: int, cout: int, n_blocks: int, resample: str | None):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(cin if b == 0 else cout, cout) for b in range(n_blocks))
+        self.resample = resample
+        if resample is not None:
+            self.add_module(resample, Resample(cout, down=resample == "downsample"))
+
+    def forward(self, x):
+        for block in self.block:
+            x = block(x)
+        return getattr(self, self.resample)(x) if self.resample else x
+
+
+def mid_block(c: int) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c)))
 
 
 class Encoder(nn.Module):
     def __init__(self, c: MagvitConfig):
         super().__init__()
-        mult = (1,) + tuple(c.enc_ch_mult)
+        mult, last = (1,) + tuple(c.enc_ch_mult), len(c.enc_ch_mult) - 1
         self.conv_in = nn.Conv2d(3, c.ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        for i, n_blocks in enumerate(c.enc_num_res_blocks):
-            cin, cout = c.ch * mult[i], c.ch * mult[i + 1]
-            blocks = [ResnetBlock(cin if b == 0 else cout, cout) for b in range(n_blocks)]
-            last = i == len(c.enc_ch_mult) - 1
-            self.down.append(_level(blocks, None if last else Downsample(cout)))
+        self.down = nn.ModuleList(Level(c.ch * mult[i], c.ch * mult[i + 1], k, "downsample" if i < last else None)
+                                  for i, k in enumerate(c.enc_num_res_blocks))
         top = c.ch * c.enc_ch_mult[-1]
-        self.mid = Mid(top)
-        self.norm_out = group_norm(top)
+        self.mid, self.norm_out = mid_block(top), group_norm(top)
         self.conv_out = nn.Conv2d(top, c.z_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
 
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.conv_out(swish(self.norm_out(self.mid(h))))
-        return self.quant_conv(h)
+            h = level(h)
+        return self.quant_conv(self.conv_out(swish(self.norm_out(self.mid(h)))))
 
 
 class Decoder(nn.Module):
+    """Not the encoder's mirror: its own ch_mult and block counts. up[i] belongs to ch_mult[i]; up[-1] runs
+    first."""
+
     def __init__(self, c: MagvitConfig):
         super().__init__()
         ch, mult = c.dec_ch, c.dec_ch_mult
         cin = ch * mult[-1]
         self.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
         self.conv_in = nn.Conv2d(c.z_channels, cin, 3, padding=1)
-        self.mid = Mid(cin)
+        self.mid = mid_block(cin)
         levels = [None] * len(mult)
-        for i in reversed(range(len(mult))):    # up[i] belongs to ch_mult[i]; executed from the last to 0
-            cout = ch * mult[i]
-            blocks = [ResnetBlock(cin if b == 0 else cout, cout) for b in range(c.dec_num_res_blocks[i])]
-            levels[i] = _level(blocks, Upsample(cout) if i != 0 else None)
-            cin = cout
+        for i in reversed(range(len(mult))):    # built in execution order, as the original
+            levels[i] = Level(cin, ch * mult[i], c.dec_num_res_blocks[i], "upsample" if i != 0 else None)
+            cin = ch * mult[i]
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
@@ -603,15 +561,12 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid(self.conv_in(self.post_quant_conv(z)))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(swish(self.norm_out(h)))
 
 
 class LFQ(nn.Module):
-    """Lookup-free quantiser: a code is `bits` signs, channel 0 the most significant bit (ref §5.3)."""
+    """Lookup-free quantiser: a code is `bits` signs, channel 0 the most significant bit."""
 
     def __init__(self, bits: int):
         super().__init__()
@@ -643,15 +598,11 @@ class MAGVITv2(nn.Module):
         self.config = c
         self.encoder, self.decoder, self.quantize = Encoder(c), Decoder(c), LFQ(c.z_channels)
 
-    @property
-    def codebook_size(self) -> int:
-        return 2 ** self.config.z_channels
-
     def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         """Image tokens [B, N] -> image [B, 3, 16h, 16w] roughly in [-1, 1] (no final clamp)."""
         n = codes.shape[1]
         hw = hw or (math.isqrt(n), math.isqrt(n))
-        z = self.quantize.codes_to_z(codes.clamp(0, self.codebook_size - 1), hw)
+        z = self.quantize.codes_to_z(codes.clamp(0, 2 ** self.config.z_channels - 1), hw)
         return self.decoder(z.to(self.decoder.conv_in.weight.dtype))
 
     def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -675,10 +626,8 @@ def load_magvit(ckpt_dir: str | Path, *, dtype=torch.float32, device="cpu") -> M
 
 
 def image_to_pixels(img, resolution: int) -> torch.Tensor:
-    """PIL image -> [1, 3, r, r] in [-1, 1]: resize the shorter side (bicubic), centre crop (ref §5.5)."""
-    from PIL import Image
-    import numpy as np
-
+    """PIL image -> [1, 3, r, r] in [-1, 1]: bicubic resize of the shorter side, centre crop, as Show-o's
+    `training/utils.py` (image_transform)."""
     w, h = img.size
     s = resolution / min(w, h)
     img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
@@ -689,14 +638,12 @@ def image_to_pixels(img, resolution: int) -> torch.Tensor:
     return ((x - 0.5) / 0.5)[None]
 
 
-# ==========================================================================================================
-# 3. Masked parallel decoding (Sec. 3.1; MaskGIT; ref §4)
-# ==========================================================================================================
+# ---- 3. Masked parallel decoding (Sec. 3.1; `t2i_generate` of `models/modeling_showo.py`) ----------------
 
 
 def cosine_schedule(r: float) -> torch.Tensor:
-    """Fraction of image tokens still masked after a fraction r of the steps, in float32 as the original
-    (float64 would change mask_len in some steps)."""
+    """Fraction of image tokens still masked after a fraction r of the steps (`models/sampling.py`), in
+    float32 as the original: float64 would change mask_len in some steps."""
     return torch.cos(torch.tensor(r) * math.pi * 0.5)
 
 
@@ -717,16 +664,12 @@ class Step:
 
 
 class Paths:
-    """N decoding paths of one prompt, decoded together as one batch (Sec. 3.1).
-
-    Each path has its own `torch.Generator`, so its result does not depend on which other paths share the
-    batch, and with one path the random draws happen in the original order (a multinomial over every image
-    slot, then a uniform for the Gumbel re-masking noise, per step). `step()` advances every live path by one
-    step and returns the x̂0 predictions; `stop(i)` removes path i from later batches (PARM's truncation) and
-    `resume(i)` puts it back exactly where it stopped.
-
-    fast=True reuses the text part's keys/values across steps and computes only the image positions' code
-    logits; fast=False runs the original full forward every step (kept for checks and the benchmark)."""
+    """N decoding paths of one prompt, decoded together as one batch (Sec. 3.1). Each path has its own
+    generator, so its result does not depend on the batch, and its draws come in the original order (per step
+    a multinomial over every image slot, then a uniform for the Gumbel noise). `step()` advances every live
+    path and returns their x̂0; `stop(i)` takes path i out (PARM's truncation), `resume(i)` puts it back.
+    fast=True caches the text part's keys/values and computes only code logits at image positions;
+    fast=False runs the original full forward every step (for checks and the benchmark)."""
 
     def __init__(self, model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
                  cfg: float = 1.75, temperature: float | Sequence[float] = 1.0,
@@ -738,37 +681,32 @@ class Paths:
             raise ValueError(f"number of decoding steps must be at least 1 (got {steps})")
         c = model.config
         device = model.embed_tokens.weight.device
-        self.model, self.tok, self.config = model, tokenizer, c
+        self.model, self.tok, self.config, self.prompt = model, tokenizer, c, prompt
         self.n, self.steps, self.cfg, self.fast, self.keep_probs = n, steps, float(cfg), fast, keep_probs
-        self.prompt = prompt
         if generators is None:
             generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
         if len(generators) != n:
             raise ValueError(f"{len(generators)} generators for {n} paths: give one per path")
         self.generators = list(generators)
-        # cond row, and the empty prompt for CFG (ref §3.3); a conditioning image stays in both rows
+        # each path's starting temperature; a list can restore the released scripts' τ leak (see `Search`)
+        self.temperature = [float(t) for t in temperature] if isinstance(temperature, Sequence) else \
+            [float(temperature)] * n
+        if len(self.temperature) != n:
+            raise ValueError(f"{len(self.temperature)} temperatures for {n} paths")
+        # the cond row, and the empty prompt's row for CFG (`inference_t2i.py`); a conditioning image is in both
         cond = None if condition is None else condition.reshape(1, -1).expand(2, -1)
         self.ids = tokenizer.t2i_ids([prompt, ""], condition=cond).to(device)      # [2, L]
         self.prefix_len = self.ids.shape[1] - (c.num_vq_tokens + 2)
         self.tokens = torch.full((n, c.num_vq_tokens), c.mask_token_id, dtype=torch.long, device=device)
         self.x0: list[torch.Tensor | None] = [None] * n
-        self.step_of = [0] * n
-        # the starting temperature of each path's annealing (a list restores the released τ leak, see README)
-        self.temperature = [float(t) for t in temperature] if isinstance(temperature, Sequence) else \
-            [float(temperature)] * n
-        if len(self.temperature) != n:
-            raise ValueError(f"{len(self.temperature)} temperatures for {n} paths")
-        self.stopped = [False] * n
+        self.step_of, self.stopped = [0] * n, [False] * n
         self.token_forwards = 0      # token positions run through the transformer (work counter)
-        self._prefix = None
         if fast:
             with torch.inference_mode():
                 self._prefix = model.prefix(self.ids[:, : self.prefix_len], tokenizer)
             self.token_forwards += (2 if self.cfg else 1) * self.prefix_len
         else:
             self._allowed = omni_attention_mask(self.ids, tokenizer.pad_id, tokenizer.soi_id, tokenizer.eoi_id)
-
-    # -- state ---------------------------------------------------------------------------------------------
 
     def finished(self, i: int) -> bool:
         return self.step_of[i] >= self.steps
@@ -801,8 +739,6 @@ class Paths:
         while self.live():
             yield self.step()
 
-    # -- one step ------------------------------------------------------------------------------------------
-
     @torch.inference_mode()
     def probs(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """softmax of the guided logits (1+g)·cond − g·uncond over the K codes, [k, N, K] for image-slot
@@ -833,27 +769,19 @@ class Paths:
 
     @torch.inference_mode()
     def step(self) -> Step:
-        """Advance every live path by one step (ref §4 steps 1-10)."""
+        """Advance every live path by one step (one pass of the original loop)."""
         live = self.live()
         if not live:
             raise RuntimeError("no live path to advance")
         probs = self.probs(self.tokens[live])
-        out = Step(paths=live, step=[], x0=torch.empty(0), mask_len=[], temperature=[], masking=torch.empty(0),
-                   probs=probs if self.keep_probs else None)
-        x0, masking = [], []
-        for j, i in enumerate(live):
-            sampled, remask, mask_len = self._advance(i, probs[j])
-            out.step.append(self.step_of[i])
-            out.mask_len.append(mask_len)
-            out.temperature.append(self.temperature[i])
-            self.step_of[i] += 1
-            x0.append(sampled)
-            masking.append(remask)
-        out.x0, out.masking = torch.stack(x0), torch.stack(masking)
-        return out
+        done = [self._advance(i, probs[j]) for j, i in enumerate(live)]           # (x0, masking, mask_len)
+        return Step(paths=live, step=[self.step_of[i] - 1 for i in live], x0=torch.stack([d[0] for d in done]),
+                    mask_len=[d[2] for d in done], temperature=[self.temperature[i] for i in live],
+                    masking=torch.stack([d[1] for d in done]), probs=probs if self.keep_probs else None)
 
     def _advance(self, i: int, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One path, one step: sample every slot, keep known codes, re-mask the least confident."""
+        """One path, one step: sample every slot, keep known codes, re-mask the least confident
+        (`mask_by_random_topk` of `models/sampling.py`)."""
         c, gen = self.config, self.generators[i]
         N, off = c.num_vq_tokens, c.image_offset
         tokens = self.tokens[i]
@@ -873,24 +801,29 @@ class Paths:
         remask = confidence < cut
         self.tokens[i] = torch.where(remask, c.mask_token_id, sampled + off)
         self.x0[i] = sampled
+        self.step_of[i] += 1
         return sampled, remask, mask_len
 
 
 def generate(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
-             cfg: float = 1.75, seed: int = 0, generators=None, on_step=None) -> torch.Tensor:
-    """Decode n paths of `prompt` to the end and return their codes [n, N] (Sec. 3.1).
-
-    `on_step(paths, step)` is called after every step; it may call `paths.stop(i)`."""
-    paths = Paths(model, tokenizer, prompt, n, steps=steps, cfg=cfg, seed=seed, generators=generators)
+             cfg: float = 1.75, seed: int = 0, temperature: float | Sequence[float] = 1.0, generators=None,
+             on_step=None, history: bool = False):
+    """Decode n paths of `prompt` to the end (Sec. 3.1): their codes [n, N], and with history=True also every
+    step's x̂0 [n, steps, N] (then no path may be stopped). `on_step(paths, step)` runs after every step and
+    may call `paths.stop(i)`."""
+    paths = Paths(model, tokenizer, prompt, n, steps=steps, cfg=cfg, seed=seed, temperature=temperature,
+                  generators=generators)
+    x0 = []
     for step in paths:
+        if history:
+            x0.append(step.x0)
         if on_step is not None:
             on_step(paths, step)
-    return torch.stack([x for x in paths.x0])
+    codes = torch.stack(paths.x0)
+    return (codes, torch.stack(x0, 1)) if history else codes
 
 
-# ==========================================================================================================
-# 4. Test-time verification: searches over the decoding paths (Sec. 3.2, 4, 5)
-# ==========================================================================================================
+# ---- 4. Test-time verification: searches over the decoding paths (Sec. 3.2, 4, 5) ----------------------
 
 
 class Judge:
@@ -942,20 +875,29 @@ class SearchResult:
 
 
 class Search:
-    """Shared machinery of the searches: the paths, x̂0 decoding, the JSON trace and the work counters."""
+    """Shared machinery of the searches: the paths, x̂0 decoding, the JSON trace and the work counters.
+
+    released_temperature=True reproduces the paper code's loops (`baseline.py`, `orm.py`, `parm.py`), which
+    never reset the annealed temperature: every path after the first runs at τ = 0."""
 
     def __init__(self, model: Showo, tok: ShowoTokenizer, magvit: MAGVITv2, judge: Judge | None, prompt: str,
                  n: int, *, steps: int = 18, cfg: float = 1.75, seed: int = 0, progress=None, strategy: str,
                  released_temperature: bool = False):
-        self.model, self.tok, self.magvit, self.judge, self.prompt = model, tok, magvit, judge, prompt
-        # the released scripts never reset the annealed temperature: every path after the first runs at τ = 0
+        self.magvit, self.judge, self.prompt, self.strategy = magvit, judge, prompt, strategy
         temperature = [1.0] + [0.0] * (n - 1) if released_temperature else 1.0
         self.paths = Paths(model, tok, prompt, n, steps=steps, cfg=cfg, seed=seed, temperature=temperature)
         self.progress = progress or (lambda *_: None)
         self.decodes = 0
         self.judge_tokens0 = judge.tokens_processed if judge is not None else 0
         self.log = {i: {"path": i, "seed": seed + i, "steps": [], "ended": None} for i in range(n)}
-        self.strategy = strategy
+
+    def finish(self, what: str | None = None) -> list[torch.Tensor]:
+        """Step the live paths to the end, reporting progress; returns each step's x̂0 [k, N]."""
+        x0 = []
+        for step in self.paths:
+            x0.append(step.x0)
+            self.progress(step.step[0] + 1, what or f"{len(step.paths)} paths alive")
+        return x0
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -992,10 +934,7 @@ def decode_all(model, tok, magvit, prompt, n, *, steps=18, cfg=1.75, seed=0, pro
     """Plain generation of n paths (Sec. 3.1, no verifier): the winner is path 0; keeps every step's x̂0."""
     s = Search(model, tok, magvit, None, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
                strategy="none", released_temperature=released_temperature)
-    history = []
-    for step in s.paths:
-        history.append(step.x0)
-        s.progress(step.step[0] + 1, f"{len(step.paths)} paths alive")
+    history = s.finish()
     result = s.result(0, "no verifier: path 0")
     result.history = torch.stack(history, 1)
     return result
@@ -1003,14 +942,12 @@ def decode_all(model, tok, magvit, prompt, n, *, steps=18, cfg=1.75, seed=0, pro
 
 def orm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
                progress=None, released_temperature=False) -> SearchResult:
-    """Sec. 3.2, ORM best-of-N: decode N paths to the end, score the final images with the ORM prompt, keep
-    the highest p(yes)."""
+    """Sec. 3.2, ORM best-of-N (the paper code's `orm.py`): decode N paths to the end, score the final images
+    with the ORM prompt, keep the highest p(yes)."""
     s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
                strategy="orm", released_temperature=released_temperature)
-    for step in s.paths:
-        s.progress(step.step[0] + 1, f"{len(step.paths)} paths alive")
-    finals = s.paths.final_tokens()
-    judgments = judge.orm(s.decode(finals), prompt, [(i, steps) for i in range(n)])
+    s.finish()
+    judgments = judge.orm(s.decode(s.paths.final_tokens()), prompt, [(i, steps) for i in range(n)])
     for i, j in enumerate(judgments):
         s.record(i, steps, "orm", j)
     winner = best_of([j.p_yes for j in judgments])
@@ -1019,9 +956,9 @@ def orm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, st
 
 def prm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
                progress=None, released_temperature=False) -> SearchResult:
-    """Sec. 3.2, PRM step-level best-of-N: after every step, score each path's intermediate image with the
-    PRM prompt and continue from the most confident one: all N paths re-branch from its state (each keeps its
-    own generator, so they diverge again at the next step)."""
+    """Sec. 3.2, PRM step-level best-of-N: after every step, score each path's x̂0 image with the PRM prompt
+    and continue from the most confident one: all N paths re-branch from its state (each keeps its own
+    generator, so they diverge again at the next step)."""
     s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
                strategy="prm", released_temperature=released_temperature)
     followed = []
@@ -1041,43 +978,49 @@ def prm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, st
                     followed=followed)
 
 
+def _parm_step(s: Search, step: Step, clear_at: dict, potential: dict, p_no: list, truncate: bool) -> None:
+    """Sec. 4, PARM tasks 1 and 2 at one step. Clarity judgment: every live path not yet judged clear is asked
+    whether its x̂0 is clear enough to judge (one batched call). Potential assessment: at a path's first clear
+    step it is asked, as a follow-up turn on the same image, whether it can still become an image satisfying
+    the prompt; "no" truncates the path at once unless `truncate` is False (the released `parm.py`)."""
+    t = step.step[0]
+    ask = [(j, i) for j, i in enumerate(step.paths) if i not in clear_at]
+    if not ask:
+        return
+    judgments = s.judge.clarity(s.decode(step.x0[[j for j, _ in ask]]), s.prompt, [(i, t) for _, i in ask])
+    newly_clear = []
+    for (_, i), jd in zip(ask, judgments):
+        s.record(i, t, "clarity", jd)
+        if jd.is_yes:
+            clear_at[i] = t
+            newly_clear.append(i)
+    if not newly_clear:
+        return
+    for i, jd in zip(newly_clear, s.judge.potential(s.prompt, [(i, t) for i in newly_clear])):
+        s.record(i, t, "potential", jd)
+        potential[i], p_no[i] = jd.is_yes, jd.p_no
+        if not jd.is_yes and truncate:
+            s.paths.stop(i)
+            s.log[i]["ended"] = f"truncated after step {t + 1}: potential assessment said no"
+
+
 def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
                 truncate: bool = True, progress=None, released_temperature=False) -> SearchResult:
-    """Sec. 4, PARM: clarity judgment, potential assessment, best-of-N' selection.
+    """Sec. 4, PARM: clarity judgment, potential assessment (`_parm_step`), best-of-N' selection.
 
-    Task 1, clarity judgment: at each step, every live path not yet judged clear is asked whether its x̂0 is
-    clear enough to judge (one batched call). Task 2, potential assessment: at a path's first clear step it
-    is asked, as a follow-up turn on the same image, whether it can still become an image satisfying the
-    prompt; "no" truncates the path immediately (`truncate=False` decodes it to the end, as the released code
-    does). Task 3, best-of-N': the N' paths judged to have potential are scored with the ORM prompt on the
-    same verifier and the best is kept; if N' = 0, the path with the lowest p(no) wins (never-clear paths count
+    Task 3, best-of-N': the N' paths judged to have potential are scored with the ORM prompt on the same
+    verifier and the best is kept; if N' = 0, the path with the lowest p(no) wins (never-clear paths count
     p(no) = 1), and if it was truncated it is resumed and finished, giving exactly the image it would have."""
     s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
                strategy="parm", released_temperature=released_temperature)
     clear_at: dict[int, int] = {}             # path -> its first clear step
     potential: dict[int, bool] = {}
     p_no = [1.0] * n
-    pruned = [False] * n
     for step in s.paths:
-        t = step.step[0]
-        ask = [(j, i) for j, i in enumerate(step.paths) if i not in clear_at]
-        if ask:
-            judgments = judge.clarity(s.decode(step.x0[[j for j, _ in ask]]), prompt, [(i, t) for _, i in ask])
-            newly_clear = []
-            for (_, i), jd in zip(ask, judgments):
-                s.record(i, t, "clarity", jd)
-                if jd.is_yes:
-                    clear_at[i] = t
-                    newly_clear.append(i)
-            if newly_clear:
-                for i, jd in zip(newly_clear, judge.potential(prompt, [(i, t) for i in newly_clear])):
-                    s.record(i, t, "potential", jd)
-                    potential[i], p_no[i] = jd.is_yes, jd.p_no
-                    if not jd.is_yes and truncate:
-                        s.paths.stop(i)
-                        pruned[i] = True
-                        s.log[i]["ended"] = f"truncated after step {t + 1}: potential assessment said no"
-        s.progress(t + 1, f"{len(s.paths.live())} alive, {len(clear_at)} judged clear, {sum(pruned)} pruned")
+        _parm_step(s, step, clear_at, potential, p_no, truncate)
+        s.progress(step.step[0] + 1, f"{len(s.paths.live())} alive, {len(clear_at)} judged clear, "
+                                     f"{sum(s.paths.stopped)} pruned")
+    pruned = list(s.paths.stopped)
     keep = [i for i in range(n) if potential.get(i)]
     if keep:
         judgments = judge.orm(s.decode(s.paths.final_tokens_of(keep)), prompt, [(i, steps) for i in keep])
@@ -1090,8 +1033,7 @@ def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, s
         why = f"N' = 0: lowest p(no) = {p_no[winner]:.4f}"
         if pruned[winner]:
             s.paths.resume(winner)
-            for step in s.paths:
-                s.progress(step.step[0] + 1, f"finishing path {winner}")
+            s.finish(f"finishing path {winner}")
             why += f"; path {winner} was resumed from step {clear_at[winner] + 1} and finished"
     return s.result(winner, why, pruned, clear_at=clear_at, n_prime=len(keep))
 
@@ -1140,9 +1082,7 @@ def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *
     return result
 
 
-# ==========================================================================================================
-# Built-in tiny checkpoints (`--tiny`): random weights written in the official formats
-# ==========================================================================================================
+# ---- 5. Built-in tiny checkpoints (`--tiny`): random weights written in the released formats --------------
 
 TINY_MAGVIT = {"encoder": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": [1, 1, 1, 1], "z_channels": 6},
                "decoder": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": [1, 1, 1, 1], "z_channels": 6},
@@ -1166,8 +1106,6 @@ def _random_fill(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 def write_tiny_showo(root: str | Path, seed: int = 0) -> None:
     """Write `phi/`, `showo/` and `magvitv2/` under `root` as the released repos lay them out."""
-    from tokenizers import AddedToken
-
     root = Path(root)
     tok = data.train_tiny_bpe(data.tiny_corpus(), 400)
     # phi-1.5 puts <|endoftext|> right after the BPE vocabulary, then whitespace-run tokens
@@ -1178,13 +1116,10 @@ def write_tiny_showo(root: str | Path, seed: int = 0) -> None:
     c = ShowoConfig.preset("tiny")
     c.llm_vocab_size = tok.get_vocab_size(with_added_tokens=True)
     c.vocab_size = c.image_offset + c.codebook_size + 1
-    data.write_json({"architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_size": c.n_embd,
-                     "intermediate_size": c.intermediate_size, "num_hidden_layers": c.n_layer,
-                     "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head,
-                     "partial_rotary_factor": c.partial_rotary_factor, "rope_theta": c.rope_theta,
-                     "layer_norm_eps": c.layer_norm_eps, "max_position_embeddings": c.max_position_embeddings,
-                     "hidden_act": "gelu_new", "qk_layernorm": False, "tie_word_embeddings": False,
-                     "vocab_size": c.vocab_size + 7}, root / "phi" / "config.json")
+    data.write_json({"architectures": ["PhiForCausalLM"], "model_type": "phi",
+                     **{theirs: getattr(c, ours) for ours, theirs in PHI_CONFIG_KEYS.items()},
+                     "num_key_value_heads": c.n_head, "hidden_act": "gelu_new", "qk_layernorm": False,
+                     "tie_word_embeddings": False, "vocab_size": c.vocab_size + 7}, root / "phi" / "config.json")
     data.write_json({"_class_name": "Showo", "_diffusers_version": "0.30.1", "codebook_size": c.codebook_size,
                      "llm_model_path": "../phi", "llm_vocab_size": c.llm_vocab_size, "mask_token_id": c.mask_token_id,
                      "num_vq_tokens": c.num_vq_tokens, "vocab_size": c.vocab_size, "w_clip_vit": False},
@@ -1192,9 +1127,9 @@ def write_tiny_showo(root: str | Path, seed: int = 0) -> None:
     (root / "showo" / "inference_config.yaml").write_text(
         f"model:\n  showo:\n    num_new_special_tokens: {c.num_new_special_tokens}\n"
         f"dataset:\n  preprocessing:\n    max_seq_length: {c.max_seq_length}\n")
-    inv = {v: k for k, v in showo_key_map(c).items()}
-    weights = _random_fill(Showo(c), seed)
-    data.save_state({inv[n]: t for n, t in weights.items()}, root / "showo" / "pytorch_model.safetensors")
+    showo = Showo(c)
+    showo.load_state_dict(_random_fill(showo, seed))
+    save_showo(showo, root / "showo")
 
     mc = MagvitConfig.from_json({"architecture": TINY_MAGVIT})
     weights = _random_fill(MAGVITv2(mc), seed + 1)

@@ -1,29 +1,19 @@
-"""DPO for Show-o (Sec. 3.3), iterative DPO, DPO with reward-model guidance (Sec. 3.4), and the self-correction
-fine-tuning of PARM++ (Sec. 5).
+"""The objectives on Show-o: Show-o's masked-token likelihood, DPO (Sec. 3.3) and iterative DPO's pair curation,
+the reward-model guidance term (Sec. 3.4), and the self-correction loss of PARM++ (Sec. 5).
 
-Read next to `../shared/reference/showo.md` §6 (the released `train_dpo.py`, cited as "ref §6.x"). Five parts:
-  1. The likelihood of an image under Show-o's masked prediction, and the DPO loss.
-  2. Preference pairs: records -> image tokens (MAGVIT-v2), and curation with a yes/no verifier.
-  3. The online reward-model term of Sec. 3.4, with a gradient.
-  4. Training: AdamW with cosine warm-up, and checkpoints that resume bit for bit.
-  5. Self-correction fine-tuning for PARM++ (Sec. 5), on the same training machinery.
-
-A verifier enters only as a plain callable, `score(images, prompts) -> (p_yes [k], is_yes [k])` with images
-[k, 3, H, W] in [-1, 1] as MAGVIT decodes them, so the tests can script it and the CLI wires in LLaVA-OneVision
-(`verifier_scorer`).
+Each objective is a function from a batch to a loss; `train.py` holds the one trainer that optimises them.
+The released DPO code is Show-o's `training/train_dpo.py` (from the paper's repository); "as released" below
+refers to it. A verifier enters only as a plain callable, `score(images, prompts) -> (p_yes [k], is_yes [k])`
+with images [k, 3, H, W] in [-1, 1] as MAGVIT-v2 decodes them, so tests can script it and the command line
+wires in LLaVA-OneVision (`verifier_scorer`): this file never imports verifiers.py.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import shutil
-import sys
-import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,7 +24,7 @@ import cotgen
 import data
 from data import DataError
 
-BETA = 0.1       # Sec. 3.3 / ref §6.5
+BETA = 0.1       # Sec. 3.3, as released
 IGNORE = -100    # label of positions that are not scored
 
 Scorer = Callable[[torch.Tensor, Sequence[str]], "tuple[torch.Tensor, torch.Tensor]"]
@@ -47,12 +37,12 @@ def derive_seed(*parts) -> int:
 
 
 # ==========================================================================================================
-# 1. Likelihood under masked prediction, and the DPO loss
+# 1. Show-o's masked-token likelihood, and the DPO loss
 # ==========================================================================================================
 
 
 def sample_masks(batch: int, n_tokens: int, generator: torch.Generator) -> torch.Tensor:
-    """Show-o's training masks (ref §6.3 steps 2-3): per row t ~ U[0,1), k = max(1, round(N·cos(πt/2))) image
+    """Show-o's training masks (`training/utils.py` mask_or_random_replace_tokens, as `train_dpo.py` calls it): per row t ~ U[0,1), k = max(1, round(N·cos(πt/2))) image
     tokens masked, at positions drawn uniformly without replacement. [batch, N] bool, exactly k per row."""
     t = torch.rand(batch, generator=generator)
     k = torch.clamp(torch.round(n_tokens * torch.cos(t * math.pi / 2)), min=1).long()
@@ -63,7 +53,7 @@ def sample_masks(batch: int, n_tokens: int, generator: torch.Generator) -> torch
 def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes: torch.Tensor,
                        masked: torch.Tensor, drop_text: torch.Tensor,
                        condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One masked-prediction example per row (ref §6.3 steps 4-5): the masked image slots hold [MASK]; a
+    """One masked-prediction example per row (`train_dpo.py`, Show-o's `t2i_prompt`): the masked image slots hold [MASK]; a
     dropped text condition becomes the empty prompt. Returns ids [B, L] and labels [B, L]: the true code at
     every masked slot, the <|soi|>/<|eoi|> ids at their own positions (the released code scores them too),
     IGNORE elsewhere.
@@ -86,7 +76,7 @@ def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes
 def image_log_likelihood(model: cotgen.Showo, ids: torch.Tensor, labels: torch.Tensor,
                          allowed: torch.Tensor) -> torch.Tensor:
     """Sec. 3.3, log π(y|x) of an image under masked prediction (Show-o's mask-token-prediction objective,
-    ref §6.4): Σ_{i ∈ masked ∪ {soi, eoi}} log softmax(logits_i)[y_i], with the softmax over the full vocabulary
+    as `train_dpo.py` computes it): Σ_{i ∈ masked ∪ {soi, eoi}} log softmax(logits_i)[y_i], with the softmax over the full vocabulary
     and the logits of position i read at position i (no shift). A sum, not a mean. Returns [B]."""
     T = model.config.text_len
     logits = model(ids, allowed)[:, T:]                      # the text part is never scored
@@ -112,18 +102,12 @@ class PairBatch:
     rejected: torch.Tensor  # [B, N] long
 
 
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast with fp32 weights: the optimizer keeps fp32 master weights, as DeepSpeed's bf16 mode does
-    for the released run (pure bf16 weights would round most lr=1e-5 updates away)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
 def pair_log_likelihoods(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer,
                          batch: PairBatch, generator: torch.Generator, *, shared_mask: bool = False,
-                         cond_dropout: float = 0.1, bf16: bool = False):
+                         cond_dropout: float = 0.1):
     """Sec. 3.3: log π(y_w), log π(y_l) under the policy (with gradient) and the frozen reference.
 
-    As released (ref §6.3), chosen and rejected get independent mask ratios, masked positions and text-dropout
+    As released, chosen and rejected get independent mask ratios, masked positions and text-dropout
     draws; policy and reference see the same inputs. `shared_mask` gives both sides one draw, which lowers the
     variance of the difference as Diffusion-DPO does by sharing its noise.
     Returns ((πθ_w, πθ_l), (πref_w, πref_l), scored positions of y_w), each [B]."""
@@ -139,12 +123,36 @@ def pair_log_likelihoods(policy: cotgen.Showo, reference: cotgen.Showo, tok: cot
     device = policy.embed_tokens.weight.device
     ids, labels = ids.to(device), labels.to(device)
     allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
-    with autocast(device, bf16):
-        logp = image_log_likelihood(policy, ids, labels, allowed)
-        with torch.no_grad():
-            logp_ref = image_log_likelihood(reference, ids, labels, allowed)
+    logp = image_log_likelihood(policy, ids, labels, allowed)
+    with torch.no_grad():
+        logp_ref = image_log_likelihood(reference, ids, labels, allowed)
     scored = (labels[:B] != IGNORE).sum(dim=1)
     return logp.chunk(2), logp_ref.chunk(2), scored
+
+
+def preference_loss(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, batch: PairBatch,
+                    generator: torch.Generator, *, beta: float = BETA, sft_coef: float = 0.0, shared_mask: bool = False,
+                    cond_dropout: float = 0.1, online: PairBatch | None = None, reward_coef: float = 0.0):
+    """Sec. 3.3 (+ 3.4), the loss of one DPO step: L = mean L_DPO(y_w, y_l) + sft_coef·CE(y_w) per scored token
+    (the released SFT term, weight 0 by default) + reward_coef·mean L_DPO(online best, online worst) when the
+    reward model gave an `online` pair batch (`online_pairs`). The online pairs reuse the step's generator.
+    Returns (loss, stats: the DPO term, the implicit reward margin and the preference accuracy)."""
+    kw = dict(shared_mask=shared_mask, cond_dropout=cond_dropout)
+    (pw, pl), (rw, rl), scored = pair_log_likelihoods(policy, reference, tok, batch, generator, **kw)
+    losses, margin = dpo_loss(pw, pl, rw, rl, beta)
+    loss = losses.mean()
+    stats = {"dpo": loss.item(), "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
+    if sft_coef:
+        sft = -pw.sum() / scored.sum()
+        loss = loss + sft_coef * sft
+        stats["sft"] = sft.item()
+    if reward_coef and online is not None:
+        (ow, ol), (qw, ql), _ = pair_log_likelihoods(policy, reference, tok, online, generator, **kw)
+        guide = dpo_loss(ow, ol, qw, ql, beta)[0].mean()
+        loss = loss + reward_coef * guide
+        stats["online_dpo"] = guide.item()
+    stats["loss"] = loss.item()
+    return loss, stats
 
 
 # ==========================================================================================================
@@ -180,8 +188,8 @@ def magvit_resolution(magvit: cotgen.MAGVITv2, n_tokens: int) -> int:
 def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.ShowoConfig,
                   magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str, batch: int = 16,
                   progress: Callable[[str], None] | None = None) -> tuple[list[torch.Tensor | None], list[str]]:
-    """Images as codes (ref §6.1). Each item is (where, value): a token list is checked and used as it is; an
-    image path (relative to `image_root`) is loaded, preprocessed as ref §5.5 and encoded with MAGVIT-v2, as
+    """Images as codes (Sec. 3.3: the released DPO data are PNG paths). Each item is (where, value): a token list is checked and used as it is; an
+    image path (relative to `image_root`) is loaded, preprocessed as Show-o's `image_transform` and encoded with MAGVIT-v2, as
     the released code does (so a likelihood is that of encode(PNG), not of the tokens that made the image).
     Returns (codes [N] or None per item, problems "where: why"); `what` names the source in errors."""
     N, K = config.num_vq_tokens, config.codebook_size
@@ -252,9 +260,10 @@ def sample_images(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotge
     model.eval()
     dev = model.embed_tokens.weight.device
     gens = [torch.Generator(device=dev).manual_seed(derive_seed(seed, i)) for i in range(n)]
-    codes = cotgen.generate(model, tok, prompt, n, steps=steps, cfg=cfg, generators=gens)
-    with torch.inference_mode():
-        images = magvit.decode_code(codes)
+    with torch.autocast(dev.type, enabled=False):     # sampled as at inference, outside a trainer's autocast
+        codes = cotgen.generate(model, tok, prompt, n, steps=steps, cfg=cfg, generators=gens)
+        with torch.inference_mode():
+            images = magvit.decode_code(codes)
     model.train(was_training)
     return codes.clone(), images.clone()    # clones outside inference mode: embeddings may save them for backward
 
@@ -314,7 +323,8 @@ def online_pairs(policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotge
     kept, chosen, rejected, best, worst = [], [], [], [], []
     for j, prompt in enumerate(prompts):
         codes, images = sample_images(policy, tok, magvit, prompt, samples, derive_seed(seed, j), steps, cfg)
-        p_yes = torch.as_tensor(score(images, [prompt] * samples)[0], dtype=torch.float32).cpu()
+        with torch.autocast(images.device.type, enabled=False):
+            p_yes = torch.as_tensor(score(images, [prompt] * samples)[0], dtype=torch.float32).cpu()
         hi, lo = int(p_yes.argmax()), int(p_yes.argmin())
         if p_yes[hi] > p_yes[lo] and not torch.equal(codes[hi], codes[lo]):
             kept.append(prompt)
@@ -330,352 +340,7 @@ def online_pairs(policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotge
 
 
 # ==========================================================================================================
-# 4. Training
-# ==========================================================================================================
-
-
-@dataclass
-class OptimConfig:
-    """What every Show-o fine-tune here shares and what changes its weights (a resumed run must match it).
-    Defaults: Sec. 3.3 and ref §6 (the self-correction fine-tune of Sec. 5 keeps them: the paper is silent)."""
-    lr: float = 1e-5
-    batch_size: int = 10
-    epochs: int = 1
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    max_steps: int | None = None     # cap on the optimizer steps of a round (the schedule spans the cap)
-    shuffle: bool = False            # the released loader keeps file order
-    seed: int = 10086
-    cond_dropout: float = 0.1        # Show-o's text-condition dropout (ref §6.3 step 5)
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-
-    def fingerprint(self) -> dict:
-        d = asdict(self)
-        d["betas"] = list(d["betas"])
-        d.pop("gradient_checkpointing")   # recomputation does not change the numbers
-        return d
-
-
-@dataclass
-class TrainConfig(OptimConfig):
-    """DPO's settings on top of the shared ones (Sec. 3.3, 3.4)."""
-    beta: float = BETA
-    sft_coef: float = 0.0
-    shared_mask: bool = False
-    reward_coef: float = 0.0
-    online_per_step: int = 2
-    online_samples: int = 4
-    gen_steps: int = 18
-    gen_cfg: float = 1.75
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Cosine schedule with linear warm-up (ref §6.6): step/warmup, then 0.5·(1 + cos(π·progress)) down to 0."""
-    if step < warmup:
-        return step / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW (ref §6.6). Only biases skip weight decay: the released no-decay list meant norms and embeddings
-    too, but with Phi's parameter names it matches biases alone, and this keeps what actually ran."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = {p: n for n, p in model.named_parameters()}
-    decay = [p for p in params if not names[p].endswith("bias")]
-    no_decay = [p for p in params if names[p].endswith("bias")]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-
-
-def freeze(model: cotgen.Showo) -> cotgen.Showo:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
-class Trainer:
-    """One round of DPO (Sec. 3.3), optionally with reward-model guidance (Sec. 3.4).
-
-    The data position and every random draw are functions of (seed, round, step), so the trainer's whole
-    state is the policy, the AdamW state and the step: `state()` / `load_state()` carry exactly that."""
-
-    max_grad_norm: float | None = None   # gradient clipping before each step (None: none, as the DPO run)
-
-    def __init__(self, policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, pairs: PairData,
-                 cfg: TrainConfig, *, round_index: int = 1, magvit: cotgen.MAGVITv2 | None = None,
-                 score: Scorer | None = None, online_prompts: Sequence[str] | None = None):
-        if len(pairs) == 0:
-            raise DataError("no preference pairs to train on")
-        if cfg.reward_coef and (score is None or magvit is None):
-            raise ValueError("reward-model guidance (reward_coef > 0) needs a scorer and MAGVIT-v2")
-        self.reference, self.pairs, self.magvit, self.score = freeze(reference), pairs, magvit, score
-        self.online_prompts = list(online_prompts) if online_prompts else list(dict.fromkeys(pairs.prompts))
-        self._setup(policy, tok, pairs, cfg, round_index)
-
-    def _setup(self, policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, examples, cfg: OptimConfig,
-               round_index: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """What every trainer here shares: the policy in training mode, AdamW, and the step count of the
-        schedule. `examples` is anything with a length and a `source` list (where each example came from).
-        `optimizer` replaces `make_optimizer`'s (a param group's "base_lr" then overrides cfg.lr for it)."""
-        self.policy, self.tok, self.examples, self.cfg, self.round = policy, tok, examples, cfg, round_index
-        self.device = next(policy.parameters()).device
-        policy.train()
-        policy.gradient_checkpointing = cfg.gradient_checkpointing
-        self.optimizer = make_optimizer(policy, cfg) if optimizer is None else optimizer
-        self.steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-        self.total = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            self.total = min(self.total, cfg.max_steps)
-        self.warmup = int(cfg.warmup_ratio * self.total)
-        self.step = 0
-
-    def batch_indices(self, step: int) -> list[int]:
-        """The examples of optimizer step `step` (batches in file order, or a per-epoch permutation)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = list(range(len(self.examples)))
-        if self.cfg.shuffle:
-            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.round, "epoch", epoch))
-            order = torch.randperm(len(order), generator=g).tolist()
-        return order[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
-
-    def loss(self, step: int) -> tuple[torch.Tensor, dict]:
-        """Sec. 3.3 (+ 3.4): L = mean L_DPO + sft_coef·CE(y_w) + reward_coef·mean L_DPO(online best, worst)."""
-        cfg = self.cfg
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, self.round, step, "mask"))
-        batch = self.pairs.batch(self.batch_indices(step))
-        kw = dict(shared_mask=cfg.shared_mask, cond_dropout=cfg.cond_dropout, bf16=cfg.bf16)
-        (pw, pl), (rw, rl), scored = pair_log_likelihoods(self.policy, self.reference, self.tok, batch, g, **kw)
-        losses, margin = dpo_loss(pw, pl, rw, rl, cfg.beta)
-        loss = losses.mean()
-        stats = {"dpo": loss.item(), "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
-        if cfg.sft_coef:
-            sft = -pw.sum() / scored.sum()
-            loss = loss + cfg.sft_coef * sft
-            stats["sft"] = sft.item()
-        if cfg.reward_coef:
-            n = len(self.online_prompts)
-            prompts = [self.online_prompts[(step * cfg.online_per_step + j) % n] for j in range(cfg.online_per_step)]
-            online, ostats = online_pairs(self.policy, self.tok, self.magvit, self.score, prompts, cfg.online_samples,
-                                          derive_seed(cfg.seed, self.round, step, "online"), cfg.gen_steps,
-                                          cfg.gen_cfg)
-            stats.update(ostats)
-            if online is not None:
-                (ow, ol), (qw, ql), _ = pair_log_likelihoods(self.policy, self.reference, self.tok, online, g, **kw)
-                guide, _ = dpo_loss(ow, ol, qw, ql, cfg.beta)
-                loss = loss + cfg.reward_coef * guide.mean()
-                stats["online_dpo"] = guide.mean().item()
-        stats["loss"] = loss.item()
-        return loss, stats
-
-    def train_step(self) -> dict:
-        """One optimizer step on the next batch; the lr is a function of the step (no scheduler state)."""
-        loss, stats = self.loss(self.step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"round {self.round} step {self.step}: the loss is {loss.item()} "
-                                     f"(examples {', '.join(self.examples.source[i] for i in self.batch_indices(self.step))}"
-                                     "); lower --lr, or use fp32. The last checkpoint is intact.")
-        factor = lr_factor(self.step, self.total, self.warmup)
-        lr = self.cfg.lr * factor
-        for group in self.optimizer.param_groups:
-            group["lr"] = group.get("base_lr", self.cfg.lr) * factor
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        self.step += 1
-        stats["lr"] = lr
-        return stats
-
-    def done(self) -> bool:
-        return self.step >= self.total
-
-    # -- state, for checkpoints: AdamW's tensors go to safetensors, the rest is JSON (nothing pickled) --
-
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {}
-        for i, s in self.optimizer.state_dict()["state"].items():
-            for k, v in s.items():
-                tensors[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        return tensors, {"round": self.round, "step": self.step, "total": self.total,
-                         "config": self.cfg.fingerprint()}
-
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if meta["round"] != self.round or meta["config"] != self.cfg.fingerprint():
-            raise CheckpointMismatch(meta, self.round, self.cfg)
-        state: dict[int, dict] = {}
-        for key, t in tensors.items():
-            i, k = key.split(".", 1)
-            state.setdefault(int(i), {})[k] = t
-        sd = self.optimizer.state_dict()
-        sd["state"] = state
-        self.optimizer.load_state_dict(sd)
-        self.step = meta["step"]
-
-
-class CheckpointMismatch(data.CheckpointError):
-    def __init__(self, meta: dict, round_index: int, cfg: TrainConfig):
-        now = cfg.fingerprint()
-        diff = sorted(k for k in set(now) | set(meta["config"]) if now.get(k) != meta["config"].get(k))
-        what = ", ".join(f"{k}: checkpoint {meta['config'].get(k)!r} vs now {now.get(k)!r}" for k in diff)
-        if meta["round"] != round_index:
-            what = f"round: checkpoint {meta['round']} vs now {round_index}" + (f"; {what}" if what else "")
-        super().__init__(f"the checkpoint was made with other settings ({what}): resume with the same flags, "
-                         "or start again in a new --out folder")
-
-
-def write_showo_dir(model: cotgen.Showo, out: str | os.PathLike, like_dir: str | os.PathLike,
-                    phi_dir: str | os.PathLike) -> None:
-    """Show-o's own layout (config.json + pytorch_model.safetensors [+ inference_config.yaml]), loadable by
-    `cotgen.load_showo` and `sample.py --showo`. config.json's llm_model_path is set to the absolute phi folder
-    used in training, because the copied relative path ("../phi" in the tiny model) would point elsewhere."""
-    out = Path(out)
-    cotgen.save_showo(model, out)
-    raw = data.read_config(like_dir)
-    raw["llm_model_path"] = str(Path(phi_dir).resolve())
-    data.write_json(raw, out / "config.json")
-    yaml = Path(like_dir) / "inference_config.yaml"
-    if yaml.is_file():
-        with data.atomic_path(out / yaml.name) as tmp:
-            tmp.write_bytes(yaml.read_bytes())
-
-
-def publish_dir(build: Callable[[Path], None], target: Path) -> None:
-    """Build a folder under a temporary name next to `target`, then rename it into place, so a reader sees
-    either the old folder or the complete new one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-LATEST = "latest.json"
-
-
-def save_checkpoint(trainer: Trainer, out: str | os.PathLike, like_dir, phi_dir,
-                    write_model: Callable[[Path], None] | None = None) -> Path:
-    """Write the policy (Show-o layout), AdamW's state (optimizer.safetensors) and trainer.json as a new folder
-    `ckpt-rR-SSSSSS`, then point latest.json at it and remove older ones. `write_model(folder)` writes another
-    model's layout instead (the verifier fine-tunes, verifiers.save_verifier)."""
-    out = Path(out)
-    name = f"ckpt-r{trainer.round}-{trainer.step:06d}"
-    tensors, meta = trainer.state()
-
-    def build(d: Path):
-        if write_model is not None:
-            write_model(d)
-        else:
-            write_showo_dir(trainer.policy, d, like_dir, phi_dir)
-        data.save_state(tensors, d / "optimizer.safetensors")
-        data.write_json(meta, d / "trainer.json")
-
-    publish_dir(build, out / name)
-    data.write_json({"checkpoint": name, "round": trainer.round, "step": trainer.step}, out / LATEST)
-    for old in out.glob("ckpt-r*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-    return out / name
-
-
-def latest_checkpoint(out: str | os.PathLike) -> dict | None:
-    """latest.json of `out` with the checkpoint folder resolved (None when there is none)."""
-    p = Path(out) / LATEST
-    if not p.is_file():
-        return None
-    info = json.loads(p.read_text())
-    info["dir"] = Path(out) / info["checkpoint"]
-    if not (info["dir"] / "trainer.json").is_file():
-        raise data.CheckpointError(f"{p} points at {info['dir']}, which is incomplete: delete {p} to start the "
-                                   "round again")
-    return info
-
-
-def load_checkpoint_into(trainer: Trainer, ckpt_dir: str | os.PathLike) -> None:
-    """Restore the policy weights, AdamW state and step saved by `save_checkpoint`. Weights are copied into
-    the existing parameters, which the optimizer holds."""
-    from safetensors.torch import load_file
-
-    d = Path(ckpt_dir)
-    meta = json.loads((d / "trainer.json").read_text())
-    keys = cotgen.showo_key_map(trainer.policy.config)
-    weights = load_file(d / "pytorch_model.safetensors")
-    trainer.policy.load_state_dict({keys[k]: v for k, v in weights.items()}, strict=True)
-    # AdamW wants its step counters on the CPU (unless capturable); load_state_dict moves the moments itself
-    trainer.load_state(load_file(d / "optimizer.safetensors", device="cpu"), meta)
-
-
-class Progress:
-    """One line per logged step on stderr: loss, reward margin and preference accuracy (DPO), lr, speed."""
-
-    def __init__(self, label: str, total: int, every: int = 1):
-        self.label, self.total, self.every, self.t0, self.n = label, total, max(1, every), time.time(), 0
-
-    def __call__(self, step: int, stats: dict) -> None:
-        self.n += 1
-        if step % self.every and step != self.total:
-            return
-        rate = (time.time() - self.t0) / self.n
-        online = (f"  online {stats['online_dpo']:.4f} ({stats['online_pairs']} pairs)"
-                  if "online_dpo" in stats else "")
-        pref = f"  margin {stats['margin']:+.4f}  acc {stats['accuracy']:.2f}" if "margin" in stats else ""
-        print(f"[{self.label}] step {step}/{self.total}  loss {stats['loss']:.4f}{pref}  "
-              f"lr {stats['lr']:.2e}{online}  {rate:.2f}s/step  "
-              f"eta {rate * (self.total - step) / 60:.1f}min", file=sys.stderr, flush=True)
-
-
-def train(trainer: Trainer, *, save: Callable[[Trainer], None] | None = None, save_every: int = 100,
-          stop_after: int | None = None, log_every: int = 1, label: str = "dpo") -> bool:
-    """Run the round to its end (True) or until `stop_after` steps of this call (False, after a checkpoint).
-    `save(trainer)` is called every `save_every` steps and when stopping early."""
-    progress = Progress(label, trainer.total, log_every)
-    done_here = 0
-    while not trainer.done():
-        stats = trainer.train_step()
-        done_here += 1
-        progress(trainer.step, stats)
-        stopping = stop_after is not None and done_here >= stop_after and not trainer.done()
-        if save is not None and (stopping or (save_every and trainer.step % save_every == 0 and not trainer.done())):
-            save(trainer)
-        if stopping:
-            return False
-    return True
-
-
-@torch.no_grad()
-def preference_stats(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, pairs: PairData,
-                     draws: int = 4, seed: int = 0, beta: float = BETA) -> dict:
-    """Mean reward margin and preference accuracy of `policy` over `pairs`, averaged over `draws` shared masks
-    without text dropout (an evaluation, so the same masks for every model compared)."""
-    was = policy.training
-    policy.eval()
-    margins = []
-    for d in range(draws):
-        g = torch.Generator().manual_seed(derive_seed(seed, "eval", d))
-        (pw, pl), (rw, rl), _ = pair_log_likelihoods(policy, reference, tok, pairs.batch(range(len(pairs))), g,
-                                                     shared_mask=True, cond_dropout=0.0)
-        margins.append(dpo_loss(pw, pl, rw, rl, beta)[1])
-    policy.train(was)
-    m = torch.stack(margins).mean(0)
-    return {"margin": float(m.mean()), "accuracy": float((m > 0).float().mean())}
-
-
-# ==========================================================================================================
-# 5. Self-correction fine-tuning (Sec. 5, PARM++)
+# 5. Self-correction (Sec. 5, PARM++)
 # ==========================================================================================================
 
 
@@ -747,8 +412,8 @@ def correction_sequences(tok: cotgen.ShowoTokenizer, groups: CorrectionData, mas
 
 
 def correction_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData,
-                              generator: torch.Generator, *, cond_dropout: float = 0.1,
-                              bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                              generator: torch.Generator, *, cond_dropout: float = 0.1
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sec. 5: log π(high | prompt, reason, low) under masked prediction (a cosine-schedule fraction of the
     high-quality image masked, `sample_masks`), and the number of scored positions. Both [G]."""
     G, N = groups.high.shape
@@ -758,44 +423,17 @@ def correction_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, g
     device = model.embed_tokens.weight.device
     ids, labels = ids.to(device), labels.to(device)
     allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
-    with autocast(device, bf16):
-        logp = image_log_likelihood(model, ids, labels, allowed)
+    logp = image_log_likelihood(model, ids, labels, allowed)
     return logp, (labels != IGNORE).sum(dim=1)
 
 
-class SelfCorrectionTrainer(Trainer):
-    """Sec. 5, self-correction fine-tuning of Show-o: Show-o's masked-prediction loss (cross-entropy per scored
-    token, averaged over the batch) on the high-quality image given the prompt, the reason and the low-quality
-    image. No reference model. Batching, schedule, checkpoints and exact resume are DPO's (`Trainer`)."""
-
-    def __init__(self, policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData, cfg: OptimConfig):
-        if len(groups) == 0:
-            raise DataError("no self-correction groups to train on")
-        self._setup(policy, tok, groups, cfg, round_index=1)
-
-    def loss(self, step: int) -> tuple[torch.Tensor, dict]:
-        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.round, step, "mask"))
-        logp, scored = correction_log_likelihood(self.policy, self.tok, self.examples.batch(self.batch_indices(step)),
-                                                 g, cond_dropout=self.cfg.cond_dropout, bf16=self.cfg.bf16)
-        loss = -logp.sum() / scored.sum()
-        return loss, {"loss": loss.item()}
 
 
-@torch.no_grad()
-def correction_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData, draws: int = 4,
-                    seed: int = 0, batch: int = 16) -> float:
-    """The self-correction loss of `model` on `groups`: cross-entropy per scored token, over `draws` mask draws
-    fixed by `seed` and without text dropout (an evaluation: every model compared sees the same masks)."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for d in range(draws):
-        g = torch.Generator().manual_seed(derive_seed(seed, "eval", d))
-        for start in range(0, len(groups), batch):
-            logp, scored = correction_log_likelihood(model, tok, groups.batch(range(start, min(start + batch,
-                                                                                              len(groups)))),
-                                                     g, cond_dropout=0.0)
-            total -= float(logp.sum())
-            count += int(scored.sum())
-    model.train(was)
-    return total / count
+def self_correction_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData,
+                         generator: torch.Generator, cond_dropout: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """Sec. 5, the self-correction fine-tuning loss of PARM++: Show-o's masked-prediction cross-entropy per
+    scored token on the high-quality image, given the prompt, the reason and the low-quality image (no
+    reference model)."""
+    logp, scored = correction_log_likelihood(model, tok, groups, generator, cond_dropout=cond_dropout)
+    loss = -logp.sum() / scored.sum()
+    return loss, {"loss": loss.item()}

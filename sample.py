@@ -13,9 +13,9 @@ write GenEval's folder layout (`<out>/<00000>/metadata.jsonl`, `samples/0000.png
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
+import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import torch
 
 import cotgen
 import data
+import verifiers
 
 VERIFIER_HELP = """no verifier found at {path}.
 The searches need a LLaVA-OneVision reward model. Download one of:
@@ -63,16 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=18, help="masked decoding steps (default 18, as the paper)")
     p.add_argument("--cfg", type=float, default=1.75, help="classifier-free guidance scale g (default 1.75)")
     p.add_argument("--seed", type=int, default=0, help="path i uses a generator seeded with seed + i (default 0)")
-    p.add_argument("--out", default="outputs/sample", help="output folder (default outputs/sample)")
+    p.add_argument("--out", default="outputs/sample", help="output folder (default outputs/sample); it is written "
+                                                            "whole, so an existing non-empty one needs --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--dtype", default="float32", help="float32 (the original), bfloat16 or float16")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    p.add_argument("--showo", default="weights/show-o", help="Show-o checkpoint folder (showlab/show-o)")
-    p.add_argument("--phi", default=None,
-                   help="folder with phi-1.5's tokenizer.json + config.json (default: the checkpoint's "
-                        "llm_model_path if it is a folder, else weights/phi-1_5)")
-    p.add_argument("--magvit", default="weights/magvitv2", help="MAGVIT-v2 checkpoint folder (showlab/magvitv2)")
-    p.add_argument("--verifier", default="weights/parm",
-                   help="LLaVA-OneVision reward model folder for the searches (default weights/parm)")
+    add_model_args(p, verifier="weights/parm")
     p.add_argument("--judge", choices=("greedy", "sample"), default="greedy",
                    help="yes/no decisions: greedy (default, deterministic) or sampled as the released code does")
     p.add_argument("--released-scores", action="store_true",
@@ -84,38 +80,121 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start every path after the first at temperature 0, as the released scripts do (they "
                         "never reset the annealed temperature); default: each path starts at 1")
     p.add_argument("--rounds", type=int, default=3, help="PARM++: maximum reflection rounds (default 3)")
-    p.add_argument("--tiny", action="store_true", help="use built-in tiny random checkpoints (no download)")
-    p.add_argument("--cache", default=None, help="where --tiny writes its checkpoints (default ~/.cache/cotgen)")
     return p
 
 
+# ----------------------------------------------------------------------------------------------------------
+# command-line helpers shared with train.py
+
+
 def fail(msg: str) -> "NoReturn":  # noqa: F821
+    """The one way a user's mistake ends a command: one line on stderr, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
 
+class Progress:
+    """One progress line on stderr: "[label] step 3/18  text  0.12s/step  eta 0.1min". It prints every
+    `every` units and at most every `seconds` (the last one always), so long runs show where they are."""
+
+    def __init__(self, label: str, total: int, *, unit: str = "step", every: int = 1, seconds: float = 0.0):
+        self.label, self.total, self.unit, self.every, self.seconds = label, total, unit, max(1, every), seconds
+        self.t0, self.shown, self.calls = time.time(), 0.0, 0
+
+    def __call__(self, done: int, text: str = "") -> None:
+        self.calls += 1
+        now = time.time()
+        if done < self.total and (done % self.every or now - self.shown < self.seconds):
+            return
+        self.shown, rate = now, (now - self.t0) / self.calls
+        print(f"[{self.label}] {self.unit} {done}/{self.total}  {text}  {rate:.2f}s/{self.unit}  "
+              f"eta {rate * (self.total - done) / 60:.1f}min", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        """A free line, throttled like the progress lines."""
+        if time.time() - self.shown >= self.seconds:
+            self.shown = time.time()
+            print(f"[{self.label}] {text}", file=sys.stderr, flush=True)
+
+
+def add_model_args(p: argparse.ArgumentParser, *, verifier: str | None = None, generator: bool = True):
+    """The model-folder flags every command shares. With --tiny, a folder given explicitly wins over the
+    built-in tiny one (so a tiny model fine-tuned by train.py can be sampled with --tiny --showo OUT)."""
+    g = p.add_argument_group("models")
+    if generator:
+        g.add_argument("--showo", default=None, help="Show-o checkpoint folder (default weights/show-o: showlab/show-o)")
+        g.add_argument("--phi", default=None, help="folder with phi-1.5's tokenizer.json + config.json (default: the "
+                                                   "checkpoint's llm_model_path if it is a folder, else weights/phi-1_5)")
+        g.add_argument("--magvit", default=None, help="MAGVIT-v2 folder (default weights/magvitv2: showlab/magvitv2)")
+    if verifier is not None:
+        g.add_argument("--verifier", default=None,
+                       help=f"LLaVA-OneVision yes/no reward model folder (default {verifier or 'none'})")
+        p.set_defaults(verifier_default=verifier)
+    g.add_argument("--tiny", action="store_true", help="use the built-in tiny random checkpoints (no download)")
+    g.add_argument("--cache", default=None, help="where --tiny writes its checkpoints (default ~/.cache/cotgen)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    return g
+
+
+def device_of(args) -> torch.device:
+    try:
+        return data.parse_device(args.device)
+    except ValueError as e:
+        fail(str(e))
+
+
+TINY_VERSION = "tiny-v1"  # bump when a writer changes, so stale caches are rebuilt
+
+
+def tiny_checkpoints(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write (once) and return the tiny random checkpoints, in the official formats, so that `--tiny` goes
+    through exactly the loaders real weights go through. Keys: showo, phi, magvit, llava."""
+    root = Path(cache_dir or os.environ.get("COTGEN_CACHE", Path.home() / ".cache" / "cotgen")) / TINY_VERSION
+    for name, writer in {"generator": cotgen.write_tiny_showo, "llava": verifiers.write_tiny_llava}.items():
+        if not (root / name / "complete").is_file():
+            with data.atomic_path(root / name, directory=True) as tmp:
+                writer(tmp)
+                (tmp / "complete").write_text("ok\n")
+    gen = root / "generator"
+    return {"showo": gen / "showo", "phi": gen / "phi", "magvit": gen / "magvitv2", "llava": root / "llava"}
+
+
 def resolve_weights(args) -> tuple[Path, Path | None, Path]:
-    if args.tiny:
-        t = data.tiny_checkpoints(args.cache)
-        return t["showo"], t["phi"], t["magvit"]
-    showo, magvit = Path(args.showo), Path(args.magvit)
+    """The Show-o, phi and MAGVIT-v2 folders the flags name (explicit folders win over --tiny's)."""
+    tiny = tiny_checkpoints(args.cache) if args.tiny else {}
+    showo = Path(args.showo or tiny.get("showo") or "weights/show-o")
+    magvit = Path(args.magvit or tiny.get("magvit") or "weights/magvitv2")
     for what, path in (("Show-o checkpoint", showo), ("MAGVIT-v2 checkpoint", magvit)):
         if not path.is_dir():
             fail(DOWNLOAD_HELP.format(what=what, path=path))
-    phi = Path(args.phi) if args.phi else None
-    if phi is None and not (showo / data.read_config(showo).get("llm_model_path", "")).is_dir():
+    phi = Path(args.phi) if args.phi else (tiny["phi"] if args.tiny and not args.showo else None)
+    try:
+        llm = data.read_config(showo).get("llm_model_path", "")
+    except data.CheckpointError as e:
+        fail(str(e))
+    if phi is None and not (showo / llm).is_dir():
         phi = Path("weights/phi-1_5")
         if not phi.is_dir():
             fail(DOWNLOAD_HELP.format(what="phi-1.5 tokenizer", path=phi))
     return showo, phi, magvit
 
 
+def verifier_dir(args) -> Path | None:
+    """The reward model folder: --verifier, else the tiny one with --tiny, else the command's default."""
+    if args.verifier:
+        return Path(args.verifier)
+    if args.tiny:
+        return tiny_checkpoints(args.cache)["llava"]
+    return Path(args.verifier_default) if args.verifier_default else None
+
+
 def load_models(args):
     """Validate flags, then load Show-o, its tokenizer and MAGVIT-v2 (one clear error for each problem)."""
     try:
-        dtype, device = data.parse_dtype(args.dtype), data.parse_device(args.device)
+        dtype = data.parse_dtype(args.dtype)
     except ValueError as e:
         fail(str(e))
+    device = device_of(args)
     showo_dir, phi_dir, magvit_dir = resolve_weights(args)
     try:
         model, tok = cotgen.load_showo(showo_dir, phi_dir, dtype=dtype, device=device)
@@ -155,14 +234,17 @@ def check_common(args) -> None:
         fail("--check-prompts needs --metadata")
     if args.prompt is not None and not args.prompt.strip():
         fail("--prompt is empty: give the text to generate an image for")
-    if search and not args.tiny and not Path(args.verifier).is_dir():
-        fail(VERIFIER_HELP.format(path=args.verifier))
+    if search and not verifier_dir(args).is_dir():
+        fail(VERIFIER_HELP.format(path=verifier_dir(args)))
+    out = Path(args.out)
+    if not args.out.strip() or out.is_file() or (out.is_dir() and any(out.iterdir()) and not args.overwrite):
+        fail(f"--out {args.out!r} " + ("is empty: name a folder" if not args.out.strip() else
+                                       "is a file: name a folder" if out.is_file() else
+                                       "already holds files: pass --overwrite to replace it, or choose another --out"))
 
 
 def read_jobs(args) -> list[tuple[str, dict]]:
     """(prompt, GenEval metadata) pairs from --prompt, --prompts or --metadata, checked before any work."""
-    import json
-
     if args.prompt is not None:
         return [(args.prompt, {"prompt": args.prompt})]
     path = Path(args.prompts or args.metadata)
@@ -195,26 +277,12 @@ def read_jobs(args) -> list[tuple[str, dict]]:
     return jobs
 
 
-class Progress:
-    """One line per step on stderr: where the run is and how fast it goes."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.t0 = total, label, time.time()
-
-    def __call__(self, done: int, extra: str = "") -> None:
-        dt = time.time() - self.t0
-        print(f"[{self.label}] step {done}/{self.total}  {extra}  {dt:.1f}s", file=sys.stderr, flush=True)
-
-
 def load_judge(args):
     """The verifier for the searches, wrapped with the decision settings (None for plain generation)."""
     if strategy_of(args) == "none":
         return None
-    import verifiers
-
-    path = data.tiny_checkpoints(args.cache)["llava"] if args.tiny else Path(args.verifier)
     try:
-        verifier = verifiers.load_verifier(path, dtype=data.parse_dtype(args.dtype), device=data.parse_device(args.device))
+        verifier = verifiers.load_verifier(verifier_dir(args), dtype=data.parse_dtype(args.dtype), device=device_of(args))
     except data.CheckpointError as e:
         fail(str(e))
     gen = torch.Generator(device=verifier.device).manual_seed(args.seed)
@@ -222,7 +290,7 @@ def load_judge(args):
 
 
 def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, label: str) -> cotgen.SearchResult:
-    progress = Progress(args.steps, label if label != "none" else "decode")
+    progress = Progress(label if label != "none" else "decode", args.steps)
     kw = dict(steps=args.steps, cfg=args.cfg, seed=seed, progress=progress,
               released_temperature=args.released_temperature)
     strategy = strategy_of(args)
@@ -239,8 +307,6 @@ def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, label: str)
 
 def result_files(args, magvit, result: cotgen.SearchResult) -> dict:
     """The files of a one-prompt run: chosen image, every path's image and their grid, and the trace."""
-    import json
-
     finished = result.finals.min(dim=1).values >= 0          # paths that never ran have no x̂0
     finals = decode_images(magvit, result.finals.clamp(min=0))
     finals[~finished.numpy()] = 255
@@ -270,8 +336,6 @@ def main(argv=None) -> int:
         write_outputs(out, result_files(args, magvit, result))
         print(f"wrote {out}/: image.png (path {result.winner}: {result.trace['why']})", file=sys.stderr)
         return 0
-    import json
-
     files = {}
     for k, (prompt, meta) in enumerate(jobs):
         folder = f"{k:05d}/"
@@ -289,26 +353,15 @@ def main(argv=None) -> int:
 
 
 def write_outputs(out: Path, files: dict) -> None:
-    """Write every output to a temporary folder first, then move them in, so a failure leaves nothing half
-    written. Values are uint8 images (PNG) or text."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Write every output into a temporary folder, then publish it as `out` in one rename, so a failure or an
+    interrupt leaves nothing half written and no file of an earlier run. Values are uint8 images or text."""
+    with data.atomic_path(out, directory=True) as tmp:
         for name, value in files.items():
-            target = tmp / name
-            target.parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             if isinstance(value, np.ndarray):
-                data.save_png(value, target)
+                data.save_png(value, tmp / name)
             else:
-                target.write_text(value)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                dest = out / f.relative_to(tmp)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(f), dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / name).write_text(value)
 
 
 if __name__ == "__main__":

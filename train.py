@@ -1,4 +1,4 @@
-"""Post-training commands of the paper. One subcommand per method:
+"""The training commands of the paper, and the one trainer they all use.
 
     python train.py dpo --tiny --geneval 24 --out outputs/dpo             # curate pairs with the verifier, then DPO
     python train.py dpo --data pairs.jsonl --out outputs/dpo              # DPO on given pairs (Sec. 3.3)
@@ -8,7 +8,11 @@
     python train.py curate --task orm --num-prompts 13000 --out data/orm  # ranking data: orm|prm|parm|reflect
     python train.py orm --data data/orm/orm.json --out weights/orm_ft    # fine-tune a reward model (orm|parm)
 
-The trained generator is written to --out in Show-o's own layout; `python sample.py --showo OUT` samples it.
+Every objective (dpo.py's losses on Show-o, verifiers.sft_loss on LLaVA-OneVision) is trained by `Trainer` and
+`fit`: AdamW with the paper's parameter groups, linear warm-up and cosine decay, bf16 autocast with fp32 master
+weights, gradient clipping, atomic checkpoints and exact resume. A subcommand only prepares its data and picks
+its loss. Generators are written in Show-o's own layout (`python sample.py --showo OUT`), verifiers in the
+lmms-lab layout (`python sample.py --verifier OUT`).
 """
 from __future__ import annotations
 
@@ -18,11 +22,14 @@ import math
 import re
 import shutil
 import sys
-import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 import cotgen
 import data
@@ -30,64 +37,299 @@ import dpo
 import sample
 import verifiers
 from data import CheckpointError, DataError
-
-fail = sample.fail
-
-
-def throttled(seconds: float = 2.0):
-    """A progress printer that prints at most every `seconds` (and always the final line)."""
-    last = [0.0]
-
-    def show(line: str, final: bool = False) -> None:
-        if final or time.time() - last[0] >= seconds:
-            last[0] = time.time()
-            print(line, file=sys.stderr, flush=True)
-
-    return show
-
-
-show = throttled()
-
+from dpo import derive_seed
+from sample import fail
 
 # ==========================================================================================================
-# flags and checks that every Show-o fine-tune shares (dpo, selfcorrect)
+# 1. The trainer: one for every objective
 # ==========================================================================================================
 
 
-def add_generator_args(p: argparse.ArgumentParser):
-    """The "models" group: the Show-o to fine-tune, its tokenizer, MAGVIT-v2, device and precision."""
-    g = p.add_argument_group("models")
-    g.add_argument("--showo", default="weights/show-o", help="Show-o checkpoint folder to start from (showlab/show-o)")
-    g.add_argument("--phi", default=None, help="folder with phi-1.5's tokenizer.json + config.json (default: the "
-                                               "checkpoint's llm_model_path if it is a folder, else weights/phi-1_5)")
-    g.add_argument("--magvit", default="weights/magvitv2", help="MAGVIT-v2 folder, to encode and decode images")
-    g.add_argument("--tiny", action="store_true", help="use the built-in tiny random checkpoints (runs in seconds)")
-    g.add_argument("--cache", default=None, help="where --tiny writes its checkpoints (default ~/.cache/cotgen)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="bf16 = bf16 autocast with fp32 master weights; auto = bf16 on GPU, fp32 on CPU")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each layer in the backward pass (less memory, same numbers)")
-    return g
+@dataclass
+class TrainConfig:
+    """Everything that changes the trained weights (a resumed run must match it). Defaults: DPO, Sec. 3.3 and
+    the released `train_dpo.py` / `dpo.yaml`; `preset("sft")` is the released LLaVA-NeXT fine-tune of the
+    reward models (the paper: one epoch, batch 8, lr 1e-5)."""
+    lr: float = 1e-5
+    batch_size: int = 10
+    epochs: int = 1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    max_steps: int | None = None        # cap on the optimizer steps of a round (the schedule spans the cap)
+    shuffle: bool = False               # the released DPO loader keeps file order
+    seed: int = 10086
+    max_grad_norm: float | None = None  # gradient clipping (None: none, as the DPO run)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    # Show-o objectives (dpo.py)
+    cond_dropout: float = 0.1           # Show-o's text-condition dropout
+    beta: float = dpo.BETA
+    sft_coef: float = 0.0
+    shared_mask: bool = False
+    reward_coef: float = 0.0
+    online_per_step: int = 2
+    online_samples: int = 4
+    gen_steps: int = 18
+    gen_cfg: float = 1.75
+    # the reward models (verifiers.sft_loss)
+    vision_lr: float = 2e-6
+    freeze_vision: bool = False
+    label_rule: str = "released"
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TrainConfig":
+        presets = {"dpo": {}, "selfcorrect": {},   # the paper gives no recipe for Sec. 5: DPO's is kept
+                   "sft": dict(batch_size=8, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, shuffle=True,
+                               seed=0)}
+        if name not in presets:
+            raise ValueError(f"unknown training preset {name!r}: use one of {', '.join(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+    def fingerprint(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(d["betas"])
+        d.pop("gradient_checkpointing")   # recomputation does not change the numbers
+        return d
 
 
-def add_optim_args(p: argparse.ArgumentParser, title: str):
-    """AdamW, schedule, data order and seed (dpo.OptimConfig's defaults)."""
-    d = dpo.OptimConfig()
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Cosine schedule with linear warm-up (the released runs): step/warmup, then 0.5·(1 + cos(π·progress))."""
+    if step < warmup:
+        return step / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_of: Callable[[str], float] | None = None):
+    """AdamW over the trainable parameters, one group per (peak lr, weight decay). Only biases skip weight decay:
+    the released DPO no-decay list meant norms and embeddings too, but with Phi's names it matches biases alone,
+    and this keeps what actually ran. `lr_of(name)` gives a parameter its own peak lr (the SigLIP tower's
+    `vision_lr` in the reward-model fine-tune). Groups come main-lr first, decayed first."""
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            lr = lr_of(name) if lr_of else cfg.lr
+            wd = 0.0 if name.endswith("bias") else cfg.weight_decay
+            groups.setdefault((lr != cfg.lr, wd != cfg.weight_decay, lr, wd), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "base_lr": k[2], "weight_decay": k[3]} for k, ps in sorted(groups.items())],
+                             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast with fp32 weights: the optimizer keeps fp32 master weights, as DeepSpeed's bf16 mode does
+    for the released runs (pure bf16 weights would round most lr=1e-5 updates away)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+Objective = Callable[[int, Sequence[int], torch.Generator], "tuple[torch.Tensor, dict]"]
+
+
+class Trainer:
+    """One round of training `model` on `objective(step, batch indices, generator) -> (loss, stats)`.
+
+    The data position and every random draw are functions of (seed, round, step), so the whole state is the
+    weights, AdamW's state and the step: `state()` / `load_state()` carry exactly that, and a resumed run
+    takes the very steps the uninterrupted one would have taken."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective, source: Sequence[str], cfg: TrainConfig, *,
+                 round_index: int = 1, lr_of: Callable[[str], float] | None = None):
+        if not source:
+            raise DataError("no training examples")
+        self.model, self.objective, self.source, self.cfg, self.round = model, objective, list(source), cfg, round_index
+        self.device = next(model.parameters()).device
+        model.train()
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.optimizer = make_optimizer(model, cfg, lr_of)
+        self.steps_per_epoch = math.ceil(len(self.source) / cfg.batch_size)
+        self.total = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total = min(self.total, cfg.max_steps)
+        self.warmup = int(cfg.warmup_ratio * self.total)
+        self.max_grad_norm = cfg.max_grad_norm
+        self.step = self.resumed_at = 0
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The examples of optimizer step `step` (batches in file order, or a per-epoch permutation)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.source)))
+        if self.cfg.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.round, "epoch", epoch))
+            order = torch.randperm(len(order), generator=g).tolist()
+        return order[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
+
+    def train_step(self) -> dict:
+        """One optimizer step on the next batch; the lr is a function of the step (no scheduler state)."""
+        index = self.batch_indices(self.step)
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.round, self.step, "mask"))
+        with autocast(self.device, self.cfg.bf16):
+            loss, stats = self.objective(self.step, index, g)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"round {self.round} step {self.step}: the loss is {loss.item()} (examples "
+                                     f"{', '.join(self.source[i] for i in index)}); lower --lr, or use fp32. The "
+                                     "last checkpoint is intact.")
+        factor = lr_factor(self.step, self.total, self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        return {**stats, "lr": self.cfg.lr * factor}
+
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    # -- state, for checkpoints: AdamW's tensors go to safetensors, the rest is JSON (nothing pickled) --
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+                   for i, s in self.optimizer.state_dict()["state"].items() for k, v in s.items()}
+        return tensors, {"round": self.round, "step": self.step, "total": self.total, "config": self.cfg.fingerprint()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta["round"] != self.round or meta["config"] != self.cfg.fingerprint():
+            raise CheckpointMismatch(meta, self.round, self.cfg)
+        state: dict[int, dict] = {}
+        for key, t in tensors.items():
+            i, k = key.split(".", 1)
+            state.setdefault(int(i), {})[k] = t
+        sd = self.optimizer.state_dict()
+        sd["state"] = state
+        self.optimizer.load_state_dict(sd)
+        self.step = self.resumed_at = meta["step"]
+
+
+class CheckpointMismatch(CheckpointError):
+    def __init__(self, meta: dict, round_index: int, cfg: TrainConfig):
+        now = cfg.fingerprint()
+        diff = sorted(k for k in set(now) | set(meta["config"]) if now.get(k) != meta["config"].get(k))
+        what = ", ".join(f"{k}: checkpoint {meta['config'].get(k)!r} vs now {now.get(k)!r}" for k in diff)
+        if meta["round"] != round_index:
+            what = f"round: checkpoint {meta['round']} vs now {round_index}" + (f"; {what}" if what else "")
+        super().__init__(f"the checkpoint was made with other settings ({what}): resume with the same flags, "
+                         "or start again in a new --out folder")
+
+
+LATEST = "latest.json"
+
+
+def save_checkpoint(trainer: Trainer, out: Path, write_model: Callable[[Path], None]) -> Path:
+    """Write the model (`write_model(folder)`, its own layout), AdamW's state and trainer.json as a new folder
+    `ckpt-rR-SSSSSS`, point latest.json at it, then remove the older ones: a crash at any moment leaves the
+    last complete checkpoint and a latest.json that names it."""
+    name = f"ckpt-r{trainer.round}-{trainer.step:06d}"
+    tensors, meta = trainer.state()
+    with data.atomic_path(out / name, directory=True) as d:
+        write_model(d)
+        data.save_state(tensors, d / "optimizer.safetensors")
+        data.write_json(meta, d / "trainer.json")
+    data.write_json({"checkpoint": name, "round": trainer.round, "step": trainer.step}, out / LATEST)
+    for old in out.glob("ckpt-r*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return out / name
+
+
+def latest_checkpoint(out: Path) -> dict | None:
+    """latest.json of `out` with the checkpoint folder resolved (None when there is none)."""
+    p = out / LATEST
+    if not p.is_file():
+        return None
+    info = json.loads(p.read_text())
+    info["dir"] = out / info["checkpoint"]
+    if not (info["dir"] / "trainer.json").is_file():
+        raise CheckpointError(f"{p} points at {info['dir']}, which is incomplete: delete {p} to start the round again")
+    return info
+
+
+def clear_checkpoints(out: Path) -> None:
+    for old in out.glob("ckpt-r*"):
+        shutil.rmtree(old, ignore_errors=True)
+    (out / LATEST).unlink(missing_ok=True)
+
+
+def fit(trainer: Trainer, *, save: Callable[[Trainer], None] | None = None, save_every: int = 100,
+        stop_after: int | None = None, log_every: int = 1, label: str = "train") -> bool:
+    """Run the round to its end (True) or until `stop_after` steps of this call (False, after a checkpoint).
+    `save(trainer)` is called every `save_every` steps and when stopping early."""
+    progress = sample.Progress(label, trainer.total, every=log_every)
+    done_here = 0
+    while not trainer.done():
+        stats = trainer.train_step()
+        done_here += 1
+        progress(trainer.step, "  ".join(f"{k} {stats[k]:.4f}" for k in ("loss", "margin", "accuracy", "online_dpo")
+                                         if k in stats) + f"  lr {stats['lr']:.2e}")
+        stopping = stop_after is not None and done_here >= stop_after and not trainer.done()
+        if save is not None and (stopping or (save_every and trainer.step % save_every == 0 and not trainer.done())):
+            save(trainer)
+        if stopping:
+            return False
+    return True
+
+
+def resume_and_fit(a, out: Path, label: str, start: Path, load: Callable[[Path], object],
+                   make_trainer: Callable[[object], Trainer], write_model: Callable[[object, Path], None], *,
+                   round_index: int = 1, budget: int | None = None) -> tuple[bool, Trainer]:
+    """The one run driver: the model from this round's latest checkpoint in `out` (or from `start`), its
+    trainer (AdamW state and step restored when resuming), then `fit` with checkpoints. Returns (finished,
+    trainer); a run that stopped early has left a checkpoint to --resume from."""
+    latest = latest_checkpoint(out)
+    resumed = latest is not None and latest["round"] == round_index
+    model = load(latest["dir"] if resumed else start)
+    trainer = make_trainer(model)
+    if resumed:
+        # AdamW wants its step counters on the CPU (unless capturable); load_state_dict moves the moments itself
+        trainer.load_state(load_file(latest["dir"] / "optimizer.safetensors", device="cpu"),
+                           data.read_config(latest["dir"], "trainer.json"))
+        print(f"[{label}] resumed from {latest['dir']} at step {trainer.step}/{trainer.total}", file=sys.stderr)
+    else:
+        print(f"[{label}] {len(trainer.source)} examples, {trainer.total} steps of {trainer.cfg.batch_size}, from "
+              f"{start}", file=sys.stderr)
+    if budget is not None and budget <= 0 and not trainer.done():
+        return False, trainer
+    save = lambda t: save_checkpoint(t, out, lambda d: write_model(t.model, d))  # noqa: E731
+    return fit(trainer, save=save, save_every=a.save_every, stop_after=budget, log_every=a.log_every,
+               label=label), trainer
+
+
+# ==========================================================================================================
+# 2. Flags and checks every training command shares
+# ==========================================================================================================
+
+
+def add_optim_args(p: argparse.ArgumentParser, title: str, d: TrainConfig):
+    """AdamW, schedule, data order and seed, with `d`'s values as defaults."""
     g = p.add_argument_group(title)
-    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default {d.lr})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per step (default {d.batch_size})")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (per round for dpo --rounds; "
-                                                                   f"default {d.epochs})")
+    g.add_argument("--epochs", type=int, default=d.epochs,
+                   help=f"passes over the data (per round for dpo --rounds; default {d.epochs})")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
                    help=f"linear warm-up over this fraction of the steps, then cosine to 0 (default {d.warmup_ratio})")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help=f"AdamW weight decay, biases excluded (default {d.weight_decay})")
-    g.add_argument("--max-steps", type=int, default=None, help="cap the optimizer steps (per round for dpo; the "
-                                                                "schedule spans the cap)")
-    g.add_argument("--shuffle", action="store_true", help="shuffle the data every epoch (the released run keeps "
-                                                          "file order)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="cap the optimizer steps (per round for dpo; the schedule spans the cap)")
     g.add_argument("--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="bf16 = bf16 autocast with fp32 master weights; auto = bf16 on GPU, fp32 on CPU")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer in the backward pass (less memory, same numbers)")
+    if d.shuffle:
+        g.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                       help="keep file order (default: a new order every epoch)")
+    else:
+        g.add_argument("--shuffle", action="store_true",
+                       help="shuffle the data every epoch (the released run keeps file order)")
     return g
 
 
@@ -99,6 +341,8 @@ def add_output_args(p: argparse.ArgumentParser, out_help: str):
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop with a checkpoint after N steps of this invocation (split a long run into jobs)")
     g.add_argument("--log-every", type=int, default=1, help="progress line every N steps (default 1)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="drop unusable records (and say how many) instead of stopping with the list of them")
     return g
 
 
@@ -111,18 +355,18 @@ def check_optim_args(a) -> None:
     for flag, v in {"--max-steps": a.max_steps, "--stop-after": a.stop_after}.items():
         if v is not None and v < 1:
             fail(f"{flag} must be at least 1 (got {v})")
-    if a.lr <= 0:
+    if not a.lr > 0:
         fail(f"--lr must be positive (got {a.lr})")
-    if not 0 <= a.warmup_ratio < 1 or not 0 <= a.cond_dropout <= 1:
+    if not 0 <= a.warmup_ratio < 1 or not 0 <= getattr(a, "cond_dropout", 0.0) <= 1:
         fail("--warmup-ratio must be in [0, 1) and --cond-dropout in [0, 1]")
 
 
-def optim_config(a, device: torch.device) -> dict:
-    """The dpo.OptimConfig fields from the shared flags (bf16 autocast on GPU unless --precision says)."""
+def train_config(a, device: torch.device, preset: str, **fields) -> TrainConfig:
+    """The TrainConfig the flags give (bf16 autocast on GPU unless --precision says otherwise)."""
     bf16 = a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda")
-    return dict(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, warmup_ratio=a.warmup_ratio,
-                weight_decay=a.weight_decay, max_steps=a.max_steps, shuffle=a.shuffle, seed=a.seed,
-                cond_dropout=a.cond_dropout, bf16=bf16, gradient_checkpointing=a.gradient_checkpointing)
+    return TrainConfig.preset(preset, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, warmup_ratio=a.warmup_ratio,
+                              weight_decay=a.weight_decay, max_steps=a.max_steps, shuffle=a.shuffle, seed=a.seed,
+                              bf16=bf16, gradient_checkpointing=a.gradient_checkpointing, **fields)
 
 
 def stop_or_skip(problems: list[str], source, skip_bad: bool) -> None:
@@ -132,18 +376,11 @@ def stop_or_skip(problems: list[str], source, skip_bad: bool) -> None:
         raise DataError(f"{len(problems)} unusable record(s) in {source}:\n  {listed}\n"
                         "Fix them, or pass --skip-bad to train on the others.")
     if problems:
-        print(f"skipped {len(problems)} bad record(s) of {source} (--skip-bad); first: {problems[0]}",
-              file=sys.stderr)
+        print(f"skipped {len(problems)} bad record(s) of {source} (--skip-bad); first: {problems[0]}", file=sys.stderr)
 
 
-def resolve_run(a) -> tuple[torch.device, Path, Path, Path]:
-    """The device and the Show-o, phi and MAGVIT-v2 folders the flags name (one clear error for each problem)."""
-    try:
-        device = data.parse_device(a.device)
-    except ValueError as e:
-        fail(str(e))
-    showo, phi, magvit_dir = sample.resolve_weights(a)
-    return device, showo, cotgen.resolve_phi_dir(showo, phi), magvit_dir
+def resolved(path) -> str | None:
+    return str(Path(path).resolve()) if path else None
 
 
 def guard_out(out: Path, settings: dict, resume: bool, what: str) -> None:
@@ -158,20 +395,33 @@ def guard_out(out: Path, settings: dict, resume: bool, what: str) -> None:
                  "use the same flags, or another --out")
 
 
+def claim_out(out: Path, settings: dict) -> None:
+    """Record the run's settings in --out before the first file of the run is written there."""
+    if not (out / "run.json").is_file():
+        data.write_json(settings, out / "run.json")
+
+
+def showo_run(a) -> tuple[torch.device, Path, Path, Path]:
+    """The device and the Show-o, phi and MAGVIT-v2 folders of a command that trains or samples Show-o."""
+    device = sample.device_of(a)
+    showo, phi, magvit_dir = sample.resolve_weights(a)
+    return device, showo, cotgen.resolve_phi_dir(showo, phi), magvit_dir
+
+
+def load_generator(folder: Path, phi: Path, device: torch.device) -> cotgen.Showo:
+    return cotgen.load_showo(folder, phi, dtype=torch.float32, device=device)[0]    # fp32 master weights
+
+
 # ==========================================================================================================
-# dpo
+# 3. dpo: DPO, iterative DPO and reward-model guidance (Sec. 3.3, 3.4)
 # ==========================================================================================================
 
 
 def add_dpo_parser(sub) -> argparse.ArgumentParser:
-    d = dpo.TrainConfig()
+    d = TrainConfig.preset("dpo")
     p = sub.add_parser("dpo", help="DPO, iterative DPO and DPO with reward-model guidance (Sec. 3.3, 3.4)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = add_generator_args(p)
-    g.add_argument("--verifier", default=None,
-                   help="LLaVA-OneVision yes/no reward model folder (the paper's fine-tuned ORM); needed to curate "
-                        "pairs, for --rounds > 1 and for --reward-coef")
-
+    sample.add_model_args(p, verifier="")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help='JSONL preference pairs, one {"prompt", "chosen", "rejected"} per line; chosen/rejected are '
@@ -181,17 +431,13 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--prompts", default=None, help="prompt file (one per line) to curate pairs from; default: the "
                                                    "prompts of --data")
     g.add_argument("--geneval", type=int, default=None, metavar="N",
-                   help="curate from N GenEval-template prompts (data.geneval_prompts) instead of a prompt file")
-    g.add_argument("--curate-samples", type=int, default=4,
-                   help="images generated per prompt when curating pairs (default 4)")
+                   help="curate from N prompts in GenEval's six templates (data.training_prompts)")
+    g.add_argument("--curate-samples", type=int, default=4, help="images generated per prompt when curating pairs "
+                                                                 "(default 4)")
     g.add_argument("--judge", default="sample", choices=("sample", "greedy"),
                    help="how the verifier's yes/no label is decided when curating: sampled as the released code "
                         "does (default), or the most likely answer")
-    g.add_argument("--skip-bad", action="store_true",
-                   help="drop unusable records (and say how many) instead of stopping with the list of them")
-
-    add_optim_args(p, "optimisation (defaults: Sec. 3.3 and the released dpo.yaml)")
-
+    add_optim_args(p, "optimisation (defaults: Sec. 3.3 and the released dpo.yaml)", d)
     g = p.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=d.beta, help=f"DPO temperature β (default {d.beta})")
     g.add_argument("--sft-coef", type=float, default=d.sft_coef,
@@ -204,7 +450,6 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=1,
                    help="DPO rounds; round r > 1 curates new pairs with round r-1's model and trains from it, with it "
                         "as the reference (iterative DPO; the paper uses 2)")
-
     g = p.add_argument_group("reward-model guidance (Sec. 3.4)")
     g.add_argument("--reward-coef", type=float, default=d.reward_coef,
                    help="weight of the online DPO term on the verifier's best vs worst sample of the current policy "
@@ -219,7 +464,6 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
                    help=f"decoding steps when the model generates (curation, online term; default {d.gen_steps})")
     g.add_argument("--gen-cfg", type=float, default=d.gen_cfg,
                    help=f"classifier-free guidance when the model generates (default {d.gen_cfg})")
-
     add_output_args(p, "output folder: the final model (Show-o layout), round_R/ with each round's pairs and "
                        "model, and the last checkpoint")
     return p
@@ -227,14 +471,13 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
 
 def check_dpo_args(a) -> None:
     check_optim_args(a)
-    positive = {"--rounds": a.rounds, "--curate-samples": a.curate_samples, "--gen-steps": a.gen_steps,
-                "--online-per-step": a.online_per_step}
-    for flag, v in positive.items():
+    for flag, v in {"--rounds": a.rounds, "--curate-samples": a.curate_samples, "--gen-steps": a.gen_steps,
+                    "--online-per-step": a.online_per_step}.items():
         if v < 1:
             fail(f"{flag} must be at least 1 (got {v})")
     if a.geneval is not None and a.geneval < 1:
         fail(f"--geneval must be at least 1 (got {a.geneval})")
-    if a.beta <= 0:
+    if not a.beta > 0:
         fail(f"--beta must be positive (got {a.beta})")
     if a.reward_coef < 0 or a.sft_coef < 0:
         fail("--reward-coef and --sft-coef must not be negative")
@@ -249,77 +492,88 @@ def check_dpo_args(a) -> None:
         fail("--prompts and --geneval both name the curation prompts: give one")
 
 
-def train_config(a, device: torch.device) -> dpo.TrainConfig:
-    return dpo.TrainConfig(**optim_config(a, device), beta=a.beta, sft_coef=a.sft_coef, shared_mask=a.shared_mask,
-                           reward_coef=a.reward_coef, online_per_step=a.online_per_step,
-                           online_samples=a.online_samples, gen_steps=a.gen_steps, gen_cfg=a.gen_cfg)
+def dpo_objective(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, pairs: dpo.PairData,
+                  cfg: TrainConfig, round_index: int = 1, magvit: cotgen.MAGVITv2 | None = None,
+                  score: dpo.Scorer | None = None, online_prompts: Sequence[str] | None = None) -> Objective:
+    """Sec. 3.3 (+ 3.4) as the trainer's objective: `dpo.preference_loss` on the step's pairs against the frozen
+    `reference`; with reward_coef > 0, each step the policy samples `online_samples` images for
+    `online_per_step` prompts (taken in turn) and the reward model's best and worst make the online pairs."""
+    if cfg.reward_coef and (score is None or magvit is None):
+        raise ValueError("reward-model guidance (reward_coef > 0) needs a scorer and MAGVIT-v2")
+    freeze(reference)
+    prompts = list(online_prompts) if online_prompts else list(dict.fromkeys(pairs.prompts))
+
+    def objective(step: int, index: Sequence[int], g: torch.Generator):
+        online, stats = None, {}
+        if cfg.reward_coef:
+            chosen = [prompts[(step * cfg.online_per_step + j) % len(prompts)] for j in range(cfg.online_per_step)]
+            online, stats = dpo.online_pairs(policy, tok, magvit, score, chosen, cfg.online_samples,
+                                             derive_seed(cfg.seed, round_index, step, "online"), cfg.gen_steps,
+                                             cfg.gen_cfg)
+        loss, more = dpo.preference_loss(policy, reference, tok, pairs.batch(index), g, beta=cfg.beta,
+                                         sft_coef=cfg.sft_coef, shared_mask=cfg.shared_mask,
+                                         cond_dropout=cfg.cond_dropout, online=online, reward_coef=cfg.reward_coef)
+        return loss, {**stats, **more}
+
+    return objective
 
 
-def run_settings(a, cfg: dpo.TrainConfig) -> dict:
-    """What a resumed run must share with the interrupted one (compared before anything is trained)."""
-    path = lambda p: str(Path(p).resolve()) if p else None
-    return {"train": cfg.fingerprint(), "showo": path(a.showo) if not a.tiny else "tiny", "data": path(a.data),
-            "prompts": path(a.prompts), "geneval": a.geneval, "rounds": a.rounds, "curate_samples": a.curate_samples,
-            "judge": a.judge, "skip_bad": a.skip_bad, "online_prompts": path(a.online_prompts)}
-
-
-class Run:
-    """The models and folders of one `train.py dpo` invocation; the verifier is loaded only when needed."""
+class DPORun:
+    """One `train.py dpo` invocation: for each round, its pairs (given, or curated with the verifier from the
+    previous round's model) saved as round_R/pairs.jsonl, then training, then round_R/model."""
 
     def __init__(self, a):
         self.a = a
-        self.device, self.showo, self.phi, self.magvit_dir = resolve_run(a)
-        self.cfg = train_config(a, self.device)
-        self.verifier_dir = data.tiny_checkpoints(a.cache).get("llava") if a.tiny else a.verifier
+        self.device, self.showo, self.phi, self.magvit_dir = showo_run(a)
+        self.cfg = train_config(a, self.device, "dpo", beta=a.beta, sft_coef=a.sft_coef, shared_mask=a.shared_mask,
+                                cond_dropout=a.cond_dropout, reward_coef=a.reward_coef,
+                                online_per_step=a.online_per_step, online_samples=a.online_samples,
+                                gen_steps=a.gen_steps, gen_cfg=a.gen_cfg)
+        self.verifier_dir = sample.verifier_dir(a)
         self.out = Path(a.out)
         self.magvit = cotgen.load_magvit(self.magvit_dir, device=self.device)
         self._verifier = None
+
+    def settings(self) -> dict:
+        """What a resumed run must share with the interrupted one (compared before anything is trained)."""
+        a = self.a
+        return {"train": self.cfg.fingerprint(), "showo": "tiny" if a.tiny and not a.showo else resolved(self.showo),
+                "data": resolved(a.data), "prompts": resolved(a.prompts), "geneval": a.geneval, "rounds": a.rounds,
+                "curate_samples": a.curate_samples, "judge": a.judge, "skip_bad": a.skip_bad,
+                "online_prompts": resolved(a.online_prompts)}
 
     def verifier(self):
         if self._verifier is None:
             if self.verifier_dir is None:
                 raise CheckpointError("curating pairs, --rounds > 1 and --reward-coef need the yes/no reward model: "
                                       "pass --verifier DIR (a LLaVA-OneVision folder, e.g. the fine-tuned ORM)")
-            import verifiers
-
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self._verifier = verifiers.load_verifier(self.verifier_dir, dtype=dtype, device=self.device)
         return self._verifier
-
-    def load_model(self, folder: Path) -> tuple[cotgen.Showo, cotgen.ShowoTokenizer]:
-        return cotgen.load_showo(folder, self.phi, dtype=torch.float32, device=self.device)
-
-    def round_dir(self, r: int) -> Path:
-        return self.out / f"round_{r}"
-
-    def curation_prompts(self) -> list[str]:
-        a = self.a
-        if a.prompts:
-            return data.read_prompts(a.prompts)
-        if a.geneval:
-            return data.geneval_prompts(a.geneval)
-        return list(dict.fromkeys(r.prompt for r in data.read_pair_records(a.data)[0]))
 
     def given_pairs(self, config: cotgen.ShowoConfig) -> list[dict]:
         """Round 1 from --data: every record checked and encoded before the first step, so a bad record stops
         the run here (or is skipped with --skip-bad), never mid-epoch."""
         a = self.a
         records, problems = data.read_pair_records(a.data)
-        root = a.image_root or Path(a.data).parent
-        pairs, more = dpo.encode_pairs(records, config, self.magvit, root, where=str(a.data),
-                                       progress=lambda s: show(f"[data] {s}"))
+        progress = sample.Progress("data", 1, seconds=2.0)
+        pairs, more = dpo.encode_pairs(records, config, self.magvit, a.image_root or Path(a.data).parent,
+                                       where=str(a.data), progress=progress.note)
         stop_or_skip(problems + more, a.data, a.skip_bad)
         if len(pairs) == 0:
             raise DataError(f"{a.data} has no usable preference pair")
         return pairs.records()
 
-    def curated_pairs(self, r: int, model, tok) -> list[dict]:
+    def curated_pairs(self, r: int, model: cotgen.Showo, tok) -> list[dict]:
         a = self.a
-        prompts = self.curation_prompts()
-        score = dpo.verifier_scorer(self.verifier(), a.judge, seed=dpo.derive_seed(a.seed, r, "judge"))
+        if a.prompts or a.geneval:
+            prompts = data.read_prompts(a.prompts) if a.prompts else data.training_prompts(a.geneval)
+        else:
+            prompts = list(dict.fromkeys(rec.prompt for rec in data.read_pair_records(a.data)[0]))
+        score = dpo.verifier_scorer(self.verifier(), a.judge, seed=derive_seed(a.seed, r, "judge"))
         records, stats = dpo.curate_pairs(model, tok, self.magvit, score, prompts, a.curate_samples,
-                                          seed=dpo.derive_seed(a.seed, r), steps=a.gen_steps, cfg=a.gen_cfg,
-                                          progress=lambda s: show(f"[round {r}] {s}"))
+                                          seed=derive_seed(a.seed, r), steps=a.gen_steps, cfg=a.gen_cfg,
+                                          progress=sample.Progress(f"round {r}", 1, seconds=2.0).note)
         print(f"[round {r}] curated {stats['pairs']} pairs from {stats['prompts']} prompts ({stats['dropped']} dropped: "
               "all images got the same label)", file=sys.stderr)
         if not records:
@@ -327,12 +581,12 @@ class Run:
                             "label; use more --curate-samples or other prompts")
         return records
 
-    def round_pairs(self, r: int, model, tok) -> dpo.PairData:
+    def round_pairs(self, r: int, model: cotgen.Showo, tok) -> dpo.PairData:
         """The round's pairs as token lists in round_R/pairs.jsonl: made once, read back on every (re)start."""
-        path = self.round_dir(r) / "pairs.jsonl"
+        path = self.out / f"round_{r}" / "pairs.jsonl"
         if not path.is_file():
             records = self.given_pairs(model.config) if r == 1 and self.a.data else self.curated_pairs(r, model, tok)
-            self.claim_out()
+            claim_out(self.out, self.settings())
             data.write_jsonl(records, path)
         records, problems = data.read_pair_records(path)
         pairs, more = dpo.encode_pairs(records, model.config, None, path.parent, where=str(path))
@@ -342,56 +596,36 @@ class Run:
         return pairs
 
     def train_round(self, r: int, start: Path) -> bool:
-        """Round r: pairs, policy and reference from `start`, training, the round's model. False = stopped."""
+        """Round r from the model in `start` (policy and reference). False: stopped with a checkpoint."""
         a = self.a
-        policy, tok = self.load_model(start)
-        pairs = self.round_pairs(r, policy, tok)
-        reference, _ = self.load_model(start)
-        needs_scorer = self.cfg.reward_coef > 0
+        reference, tok = cotgen.load_showo(start, self.phi, dtype=torch.float32, device=self.device)
+        pairs = self.round_pairs(r, reference, tok)
+        score = dpo.verifier_scorer(self.verifier()) if self.cfg.reward_coef > 0 else None
         online = data.read_prompts(a.online_prompts) if a.online_prompts else None
-        trainer = dpo.Trainer(policy, reference, tok, pairs, self.cfg, round_index=r, magvit=self.magvit,
-                              score=dpo.verifier_scorer(self.verifier()) if needs_scorer else None,
-                              online_prompts=online)
-        latest = dpo.latest_checkpoint(self.out)
-        if latest is not None and latest["round"] == r:
-            dpo.load_checkpoint_into(trainer, latest["dir"])
-            print(f"[round {r}] resumed from {latest['dir']} at step {trainer.step}/{trainer.total}", file=sys.stderr)
-        else:
-            print(f"[round {r}] {len(pairs)} pairs, {trainer.total} steps of {self.cfg.batch_size}, from {start}",
-                  file=sys.stderr)
-        first = trainer.step
+        make = lambda policy: Trainer(policy, dpo_objective(policy, reference, tok, pairs, self.cfg, r, self.magvit,  # noqa: E731
+                                                            score, online), pairs.source, self.cfg, round_index=r)
+        write = lambda model, d: cotgen.save_showo(model, d, self.showo, self.phi)  # noqa: E731
         budget = None if a.stop_after is None else a.stop_after - self.steps_run
-        finished = budget is None or budget > 0
-        if finished and not trainer.done():
-            finished = dpo.train(trainer, save=lambda t: dpo.save_checkpoint(t, self.out, self.showo, self.phi),
-                                 save_every=a.save_every, stop_after=budget, log_every=a.log_every,
-                                 label=f"dpo round {r}/{a.rounds}")
-        self.steps_run += trainer.step - first
-        if not finished:   # dpo.train left a checkpoint when it stopped
-            return False
-        dpo.publish_dir(lambda d: dpo.write_showo_dir(policy, d, self.showo, self.phi), self.round_dir(r) / "model")
-        for old in self.out.glob("ckpt-r*"):
-            shutil.rmtree(old, ignore_errors=True)
-        (self.out / dpo.LATEST).unlink(missing_ok=True)
-        return True
-
-    def claim_out(self) -> None:
-        """Record the run's settings in --out before the first file of the run is written there."""
-        if not (self.out / "run.json").is_file():
-            data.write_json(run_settings(self.a, self.cfg), self.out / "run.json")
+        finished, trainer = resume_and_fit(a, self.out, f"dpo round {r}/{a.rounds}", start,
+                                           lambda d: load_generator(d, self.phi, self.device), make, write,
+                                           round_index=r, budget=budget)
+        self.steps_run += trainer.step - trainer.resumed_at
+        if finished:
+            with data.atomic_path(self.out / f"round_{r}" / "model", directory=True) as d:
+                write(trainer.model, d)
+            clear_checkpoints(self.out)
+        return finished
 
     def __call__(self) -> int:
         a = self.a
-        guard_out(self.out, run_settings(a, self.cfg), a.resume, "DPO")
-        self.steps_run = 0
-        start = self.showo
+        guard_out(self.out, self.settings(), a.resume, "DPO")
+        self.steps_run, start = 0, self.showo
         for r in range(1, a.rounds + 1):
-            model_dir = self.round_dir(r) / "model"
-            if not (model_dir / "pytorch_model.safetensors").is_file():
-                if not self.train_round(r, start):
-                    print(f"stopped after {self.steps_run} step(s) with a checkpoint in {self.out}: continue with "
-                          "the same command and --resume", file=sys.stderr)
-                    return 0
+            model_dir = self.out / f"round_{r}" / "model"
+            if not (model_dir / "pytorch_model.safetensors").is_file() and not self.train_round(r, start):
+                print(f"stopped after {self.steps_run} step(s) with a checkpoint in {self.out}: continue with the "
+                      "same command and --resume", file=sys.stderr)
+                return 0
             start = model_dir
         for name in ("pytorch_model.safetensors", "config.json", "inference_config.yaml"):
             if (start / name).is_file():
@@ -404,11 +638,11 @@ class Run:
 
 def run_dpo(a) -> int:
     check_dpo_args(a)
-    return Run(a)()
+    return DPORun(a)()
 
 
 # ==========================================================================================================
-# selfcorrect
+# 4. selfcorrect: PARM++'s self-correcting generator (Sec. 5)
 # ==========================================================================================================
 
 SELFCORRECT_DOC = """PARM++ self-correction fine-tuning of Show-o (Sec. 5).
@@ -423,9 +657,10 @@ segment, then the image being generated. The loss is Show-o's masked-prediction 
 
 
 def add_selfcorrect_parser(sub) -> argparse.ArgumentParser:
+    d = TrainConfig.preset("selfcorrect")
     p = sub.add_parser("selfcorrect", help="PARM++ self-correction fine-tuning of Show-o (Sec. 5)",
                        description=SELFCORRECT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_generator_args(p)
+    sample.add_model_args(p)
     g = p.add_argument_group("data (give --reflect or --data)")
     g.add_argument("--reflect", default=None,
                    help="reflect.json written by `train.py curate --task reflect` (images relative to its folder): "
@@ -435,12 +670,10 @@ def add_selfcorrect_parser(sub) -> argparse.ArgumentParser:
                         "are image paths (encoded with MAGVIT-v2) or lists of image tokens")
     g.add_argument("--image-root", default=None, help="folder that relative image paths in --data start from "
                                                       "(default: the folder of the --data file)")
-    g.add_argument("--skip-bad", action="store_true",
-                   help="drop unusable records (and say how many) instead of stopping with the list of them")
-    g = add_optim_args(p, "optimisation (the paper gives none for Sec. 5: DPO's recipe, Sec. 3.3)")
-    g.add_argument("--cond-dropout", type=float, default=dpo.OptimConfig.cond_dropout,
+    g = add_optim_args(p, "optimisation (the paper gives none for Sec. 5: DPO's recipe, Sec. 3.3)", d)
+    g.add_argument("--cond-dropout", type=float, default=d.cond_dropout,
                    help="probability of dropping prompt and reason (the low-quality image stays), as Show-o's "
-                        f"training drops the text (default {dpo.OptimConfig.cond_dropout})")
+                        f"training drops the text (default {d.cond_dropout})")
     add_output_args(p, "output folder: the fine-tuned Show-o (Show-o layout, for sample.py --showo OUT --parm++), "
                        "groups.jsonl (the training groups as image tokens) and the last checkpoint")
     return p
@@ -457,97 +690,70 @@ def check_selfcorrect_args(a) -> None:
         fail("--image-root applies to --data; the images of reflect.json are relative to its own folder")
 
 
-class SelfCorrectRun:
-    """One `train.py selfcorrect` invocation: groups (encoded once into OUT/groups.jsonl), training, model."""
-
-    def __init__(self, a):
-        self.a = a
-        self.device, self.showo, self.phi, self.magvit_dir = resolve_run(a)
-        self.cfg = dpo.OptimConfig(**optim_config(a, self.device))
-        self.out = Path(a.out)
-
-    def settings(self) -> dict:
-        """What a resumed run must share with the interrupted one."""
-        a, path = self.a, lambda p: str(Path(p).resolve()) if p else None
-        return {"train": self.cfg.fingerprint(), "showo": path(a.showo) if not a.tiny else "tiny",
-                "reflect": path(a.reflect), "data": path(a.data), "image_root": path(a.image_root),
-                "skip_bad": a.skip_bad}
-
-    def given_groups(self, config: cotgen.ShowoConfig) -> dpo.CorrectionData:
-        """Read, check and encode every group before the first step (a bad record stops the run here)."""
-        a = self.a
-        source = a.reflect or a.data
-        if a.reflect:
-            reflected, problems = data.read_reflect_records(a.reflect)
-            records, skipped = data.correction_groups(reflected)
-            print(f"[data] {len(records)} groups from {len(reflected)} records of {a.reflect}; {len(skipped)} "
-                  "prompt(s) skipped (no 'yes' or no 'no' image)", file=sys.stderr)
-            root = Path(a.reflect).parent
-        else:
-            records, problems = data.read_correction_records(a.data)
-            root = a.image_root or Path(a.data).parent
-        magvit = cotgen.load_magvit(self.magvit_dir, device=self.device)
-        groups, more = dpo.encode_groups(records, config, magvit, root, str(source),
-                                         progress=lambda s: show(f"[data] {s}"))
-        stop_or_skip(problems + more, source, a.skip_bad)
-        if len(groups) == 0:
-            raise DataError(f"{source} gives no self-correction group: it needs, for some prompt, a 'no' image with "
-                            "its reason and a 'yes' image" if a.reflect else f"{source} has no usable group")
-        return groups
-
-    def groups(self, config: cotgen.ShowoConfig) -> dpo.CorrectionData:
-        """The groups as token lists in OUT/groups.jsonl: made once, read back on every (re)start."""
-        path = self.out / "groups.jsonl"
-        if not path.is_file():
-            groups = self.given_groups(config)
-            if not (self.out / "run.json").is_file():
-                data.write_json(self.settings(), self.out / "run.json")
-            data.write_jsonl(groups.records(), path)
-        records, problems = data.read_correction_records(path)
-        groups, more = dpo.encode_groups(records, config, None, path.parent, str(path))
-        if problems or more:
-            raise DataError(f"{path} was written by this run but no longer reads back ({(problems + more)[0]}): "
-                            "delete it to make it again")
-        return groups
-
-    def __call__(self) -> int:
-        a, out = self.a, self.out
-        guard_out(out, self.settings(), a.resume, "self-correction")
-        if (out / "run.json").is_file() and (out / "config.json").is_file():   # config.json is written last
-            print(f"{out} already holds the finished model", file=sys.stderr)
-            return 0
-        policy, tok = cotgen.load_showo(self.showo, self.phi, dtype=torch.float32, device=self.device)
-        groups = self.groups(policy.config)
-        trainer = dpo.SelfCorrectionTrainer(policy, tok, groups, self.cfg)
-        latest = dpo.latest_checkpoint(out)
-        if latest is not None:
-            dpo.load_checkpoint_into(trainer, latest["dir"])
-            print(f"[selfcorrect] resumed from {latest['dir']} at step {trainer.step}/{trainer.total}", file=sys.stderr)
-        else:
-            print(f"[selfcorrect] {len(groups)} groups, {trainer.total} steps of {self.cfg.batch_size}, from "
-                  f"{self.showo}", file=sys.stderr)
-        if not dpo.train(trainer, save=lambda t: dpo.save_checkpoint(t, out, self.showo, self.phi),
-                         save_every=a.save_every, stop_after=a.stop_after, log_every=a.log_every,
-                         label="selfcorrect"):
-            print(f"stopped at step {trainer.step} with a checkpoint in {out}: continue with the same command and "
-                  "--resume", file=sys.stderr)
-            return 0
-        dpo.write_showo_dir(policy, out, self.showo, self.phi)
-        for old in out.glob("ckpt-r*"):
-            shutil.rmtree(old, ignore_errors=True)
-        (out / dpo.LATEST).unlink(missing_ok=True)
-        print(f"wrote {out} (Show-o layout): python sample.py --showo {out} --magvit {self.magvit_dir} --parm++ "
-              "--prompt ...", file=sys.stderr)
-        return 0
+def correction_groups(a, config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2) -> dpo.CorrectionData:
+    """Read, check and encode every group before the first step (a bad record stops the run here)."""
+    source = a.reflect or a.data
+    if a.reflect:
+        reflected, problems = data.read_reflect_records(a.reflect)
+        records, skipped = data.correction_groups(reflected)
+        print(f"[data] {len(records)} groups from {len(reflected)} records of {a.reflect}; {len(skipped)} "
+              "prompt(s) skipped (no 'yes' or no 'no' image)", file=sys.stderr)
+        root = Path(a.reflect).parent
+    else:
+        records, problems = data.read_correction_records(a.data)
+        root = a.image_root or Path(a.data).parent
+    groups, more = dpo.encode_groups(records, config, magvit, root, str(source),
+                                     progress=sample.Progress("data", 1, seconds=2.0).note)
+    stop_or_skip(problems + more, source, a.skip_bad)
+    if len(groups) == 0:
+        raise DataError(f"{source} gives no self-correction group: it needs, for some prompt, a 'no' image with "
+                        "its reason and a 'yes' image" if a.reflect else f"{source} has no usable group")
+    return groups
 
 
 def run_selfcorrect(a) -> int:
     check_selfcorrect_args(a)
-    return SelfCorrectRun(a)()
+    device, showo, phi, magvit_dir = showo_run(a)
+    cfg = train_config(a, device, "selfcorrect", cond_dropout=a.cond_dropout)
+    out = Path(a.out)
+    settings = {"train": cfg.fingerprint(), "showo": "tiny" if a.tiny and not a.showo else resolved(showo),
+                "reflect": resolved(a.reflect), "data": resolved(a.data), "image_root": resolved(a.image_root),
+                "skip_bad": a.skip_bad}
+    guard_out(out, settings, a.resume, "self-correction")
+    if (out / "run.json").is_file() and (out / "config.json").is_file():   # config.json is written last
+        print(f"{out} already holds the finished model", file=sys.stderr)
+        return 0
+    base, tok = cotgen.load_showo(showo, phi, dtype=torch.float32, device=device)
+    path = out / "groups.jsonl"        # the groups as token lists: made once, read back on every (re)start
+    if not path.is_file():
+        groups = correction_groups(a, base.config, cotgen.load_magvit(magvit_dir, device=device))
+        claim_out(out, settings)
+        data.write_jsonl(groups.records(), path)
+    records, problems = data.read_correction_records(path)
+    groups, more = dpo.encode_groups(records, base.config, None, path.parent, str(path))
+    if problems or more:
+        raise DataError(f"{path} was written by this run but no longer reads back ({(problems + more)[0]}): "
+                        "delete it to make it again")
+    loss = lambda model: lambda step, index, g: dpo.self_correction_loss(model, tok, groups.batch(index), g,  # noqa: E731
+                                                                         cfg.cond_dropout)
+    write = lambda model, d: cotgen.save_showo(model, d, showo, phi)  # noqa: E731
+    load = lambda d: base if d == showo else load_generator(d, phi, device)  # noqa: E731
+    finished, trainer = resume_and_fit(a, out, "selfcorrect", showo, load,
+                                       lambda m: Trainer(m, loss(m), groups.source, cfg), write,
+                                       budget=a.stop_after)
+    if not finished:
+        print(f"stopped at step {trainer.step} with a checkpoint in {out}: continue with the same command and "
+              "--resume", file=sys.stderr)
+        return 0
+    write(trainer.model, out)
+    clear_checkpoints(out)
+    print(f"wrote {out} (Show-o layout): python sample.py --showo {out} --magvit {magvit_dir} --parm++ --prompt ...",
+          file=sys.stderr)
+    return 0
 
 
 # ==========================================================================================================
-# curate: ranking data for the reward models (Sec. 3.2 ORM and PRM, Sec. 4 PARM, Sec. 5 PARM++)
+# 5. curate: ranking data for the reward models (Sec. 3.2 ORM and PRM, Sec. 4 PARM, Sec. 5 PARM++)
 # ==========================================================================================================
 
 CURATE_DOC = """Ranking data for fine-tuning the reward models, in LLaVA's conversation format (Sec. 3.2, 4, 5).
@@ -582,16 +788,7 @@ def add_curate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("curate", help="ranking data for ORM / PRM / PARM / PARM++ (Sec. 3.2, 4, 5)",
                        description=CURATE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=CURATE_TASKS, help="which reward model's data to make")
-    g = p.add_argument_group("models")
-    g.add_argument("--showo", default="weights/show-o", help="Show-o checkpoint folder that generates the images")
-    g.add_argument("--phi", default=None, help="folder with phi-1.5's tokenizer.json + config.json (default: the "
-                                               "checkpoint's llm_model_path if it is a folder, else weights/phi-1_5)")
-    g.add_argument("--magvit", default="weights/magvitv2", help="MAGVIT-v2 folder, to decode the images")
-    g.add_argument("--verifier", default="weights/llava-onevision-qwen2-7b-ov",
-                   help="LLaVA-OneVision folder that labels the images (default: the zero-shot 7B)")
-    g.add_argument("--tiny", action="store_true", help="use the built-in tiny random checkpoints (runs in seconds)")
-    g.add_argument("--cache", default=None, help="where --tiny writes its checkpoints (default ~/.cache/cotgen)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    sample.add_model_args(p, verifier="weights/llava-onevision-qwen2-7b-ov")
     g = p.add_argument_group("prompts (give --prompts or --num-prompts)")
     g.add_argument("--prompts", default=None, help="prompt file, one prompt per line")
     g.add_argument("--num-prompts", type=int, default=None, metavar="N",
@@ -671,14 +868,6 @@ def curation_prompts(a) -> list[str]:
     return data.training_prompts(a.num_prompts, exclude=exclude, seed=a.seed, **kw)
 
 
-def decode_history(model, tok, prompt: str, generators, *, steps: int, cfg: float,
-                   temperature: float) -> torch.Tensor:
-    """Sec. 3.1 decoding of one path per generator; returns every step's x̂0 [n, steps, N]."""
-    paths = cotgen.Paths(model, tok, prompt, len(generators), steps=steps, cfg=cfg, temperature=temperature,
-                         generators=generators)
-    return torch.stack([step.x0 for step in paths], 1)
-
-
 def prm_rollouts(model, tok, prompt: str, main_generator, rollout_generators, *, steps: int, cfg: float,
                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Sec. 3.2, PRM ranking data (Math-Shepherd style): decode one path, and after each step i < S branch R
@@ -749,7 +938,7 @@ class Curate:
         self.device = model.embed_tokens.weight.device
 
     def gen(self, j: int, *parts) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(dpo.derive_seed(self.a.seed, j, *parts))
+        return torch.Generator(device=self.device).manual_seed(derive_seed(self.a.seed, j, *parts))
 
     def prompt_records(self, j: int, prompt: str) -> tuple[list[dict], dict[str, np.ndarray]]:
         """Prompt j's records (LLaVA format plus prompt/label/task fields) and images {relative path: uint8}."""
@@ -774,7 +963,8 @@ class Curate:
                                                      [verifiers.prm_question(prompt), label], prompt=prompt,
                                                      label=label, task="prm", step=i + 1))
             return records, images
-        history = decode_history(self.model, self.tok, prompt, [self.gen(j, k) for k in range(K)], **kw)
+        _, history = cotgen.generate(self.model, self.tok, prompt, K, generators=[self.gen(j, k) for k in range(K)],
+                                     history=True, **kw)
         pics, p_yes, yes = judge_codes(self.magvit, score, history[:, -1], prompt, a.judge_batch)
         reasons = [None] * K
         if a.task == "reflect" and a.reasons is None and not bool(yes.all()):
@@ -815,7 +1005,7 @@ class Curate:
         a = self.a
         if a.task == "parm":
             orm = [r for r in records if r["task"] == "orm"]
-            g = torch.Generator().manual_seed(dpo.derive_seed(a.seed, "mix"))
+            g = torch.Generator().manual_seed(derive_seed(a.seed, "mix"))
             keep = set(torch.randperm(len(orm), generator=g)[:math.ceil(a.orm_fraction * len(orm))].tolist())
             kept = {id(r) for n, r in enumerate(orm) if n in keep}
             return [r for r in records if r["task"] != "orm" or id(r) in kept]
@@ -844,7 +1034,7 @@ class Curate:
 
     def __call__(self, prompts: list[str]) -> Path:
         a, parts = self.a, self.out / ".parts"
-        t0, made = time.time(), 0
+        progress = sample.Progress(f"curate {a.task}", len(prompts), unit="prompt", seconds=2.0)
         for j, prompt in enumerate(prompts):
             part = parts / f"p{j:06d}.json"
             if part.is_file():
@@ -853,10 +1043,7 @@ class Curate:
             for rel, pic in images.items():
                 data.save_png(pic, self.out / rel)
             data.write_json(records, part, indent=None)     # last: a prompt counts as done once this exists
-            made += 1
-            rate = (time.time() - t0) / made
-            show(f"[curate {a.task}] prompt {j + 1}/{len(prompts)}  {len(records)} records  {rate:.1f}s/prompt  "
-                 f"eta {rate * (len(prompts) - j - 1) / 60:.1f}min", final=j + 1 == len(prompts))
+            progress(j + 1, f"{len(records)} records")
         records = [r for j in range(len(prompts)) for r in json.loads((parts / f"p{j:06d}.json").read_text())]
         records = self.finish(records)
         target = self.out / f"{a.task}.json"
@@ -873,12 +1060,12 @@ class Curate:
 
 def curate_settings(a) -> dict:
     """What a resumed curate run must share with the interrupted one."""
-    path = lambda p: str(Path(p).resolve()) if p else None
     keys = ("task", "num_prompts", "samples", "temperature", "steps", "cfg", "rollouts", "judge", "orm_fraction",
             "seed", "max_reason_tokens")
-    return {**{k: getattr(a, k) for k in keys}, "prompts": path(a.prompts), "objects": path(a.objects),
-            "colors": path(a.colors), "exclude": [path(e) for e in a.exclude], "reasons_file": a.reasons is not None,
-            "models": "tiny" if a.tiny else [path(a.showo), path(a.verifier)]}
+    return {**{k: getattr(a, k) for k in keys}, "prompts": resolved(a.prompts), "objects": resolved(a.objects),
+            "colors": resolved(a.colors), "exclude": [resolved(e) for e in a.exclude],
+            "reasons_file": a.reasons is not None, "models": [resolved(a.showo) or "tiny" * a.tiny,
+                                                              resolved(a.verifier) or "tiny" * a.tiny]}
 
 
 def run_curate(a) -> int:
@@ -889,8 +1076,8 @@ def run_curate(a) -> int:
         print(f"{out / (a.task + '.json')} is already complete", file=sys.stderr)
         return 0
     prompts = curation_prompts(a)
-    device, showo, phi, magvit_dir = resolve_run(a)
-    verifier_dir = data.tiny_checkpoints(a.cache)["llava"] if a.tiny else Path(a.verifier)
+    device, showo, phi, magvit_dir = showo_run(a)
+    verifier_dir = sample.verifier_dir(a)
     if not verifier_dir.is_dir():
         fail(f"verifier folder {verifier_dir} not found: pass --verifier DIR (a LLaVA-OneVision checkpoint) or --tiny")
     model, tok = cotgen.load_showo(showo, phi, dtype=torch.float32, device=device)
@@ -900,13 +1087,15 @@ def run_curate(a) -> int:
     data.write_json(curate_settings(a), out / "run.json")
     print(f"[curate {a.task}] {len(prompts)} prompts, {a.samples or CURATE_SAMPLES[a.task]} paths each, labelled "
           f"by {verifier_dir}", file=sys.stderr)
-    score_for = lambda j: dpo.verifier_scorer(verifier, a.judge, seed=dpo.derive_seed(a.seed, j, "judge"))
+    score_for = lambda j: dpo.verifier_scorer(verifier, a.judge, seed=derive_seed(a.seed, j, "judge"))  # noqa: E731
     Curate(a, model, tok, magvit, verifier, score_for)(prompts)
     return 0
 
 
+
+
 # ==========================================================================================================
-# orm, parm: supervised fine-tuning of the LLaVA-OneVision reward model (Sec. 3.2, 4, 5)
+# 6. orm, parm: supervised fine-tuning of the LLaVA-OneVision reward model (Sec. 3.2, 4, 5)
 # ==========================================================================================================
 
 SFT_DOC = """Fine-tune LLaVA-OneVision as a reward model on curated conversations (the released LLaVA-NeXT recipe).
@@ -924,18 +1113,12 @@ no weight decay, cosine schedule with 3% warm-up, gradient clipping at 1.0, one 
 
 
 def add_sft_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
-    d = verifiers.SFTConfig()
+    d = TrainConfig.preset("sft")
     p = sub.add_parser(name, help=help_text, description=SFT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
+    g = sample.add_model_args(p, generator=False)
     g.add_argument("--base", default="weights/llava-onevision-qwen2-7b-ov",
-                   help="lmms-lab LLaVA-OneVision folder to fine-tune (default: the paper's 7B base)")
-    g.add_argument("--tiny", action="store_true", help="fine-tune the built-in tiny random LLaVA-OneVision")
-    g.add_argument("--cache", default=None, help="where --tiny writes its checkpoints (default ~/.cache/cotgen)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="bf16 = bf16 autocast with fp32 master weights; auto = bf16 on GPU, fp32 on CPU")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each SigLIP and Qwen2 layer in the backward pass (less memory, same numbers)")
+                   help="lmms-lab LLaVA-OneVision folder to fine-tune (default: the paper's 7B base; --tiny: the "
+                        "built-in tiny one)")
     g.add_argument("--save-dtype", default="bf16", choices=("bf16", "fp32"),
                    help="dtype of the saved model (default bf16, as the released checkpoints)")
     g = p.add_argument_group("data")
@@ -946,44 +1129,24 @@ def add_sft_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     g.add_argument("--fraction", type=float, default=1.0,
                    help="use this share of the records, a seeded random subset (the released ORM run used 0.5 of "
                         "its orm.json; default 1)")
-    g.add_argument("--labels", default=d.label_rule, choices=("released", "answer"),
+    g.add_argument("--labels", default=d.label_rule, choices=verifiers.LABEL_RULES,
                    help="which tokens carry the loss: 'released' = every assistant-turn token plus each newline, "
                         "<|im_start|> and <|im_end|> (LLaVA-NeXT's rule, default); 'answer' = the answers and "
                         "their closing <|im_end|> only")
-    g.add_argument("--skip-bad", action="store_true",
-                   help="drop unusable records (and say how many) instead of stopping with the list of them")
-    g = p.add_argument_group("optimisation (defaults: the released orm_ft / parm runs)")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW lr of the LM and projector (default {d.lr})")
+    g = add_optim_args(p, "optimisation (defaults: the released orm_ft / parm runs)", d)
     g.add_argument("--vision-lr", type=float, default=d.vision_lr,
                    help=f"AdamW lr of the SigLIP tower (default {d.vision_lr})")
     g.add_argument("--freeze-vision", action="store_true", help="keep the SigLIP tower fixed")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"records per step (default {d.batch_size})")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
-    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
-                   help=f"linear warm-up over this fraction of the steps, then cosine to 0 (default {d.warmup_ratio})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help=f"AdamW weight decay (default {d.weight_decay})")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                    help=f"clip the gradient norm to this (default {d.max_grad_norm}; 0 = no clipping)")
-    g.add_argument("--max-steps", type=int, default=None, help="cap the optimizer steps (the schedule spans the cap)")
-    g.add_argument("--no-shuffle", action="store_true", help="keep file order (default: a new order every epoch)")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of the data order and subset (default {d.seed})")
     add_output_args(p, "output folder: the fine-tuned verifier (lmms-lab layout, for --verifier OUT) and the last "
                        "checkpoint while training")
     return p
 
 
-def add_orm_parser(sub) -> argparse.ArgumentParser:
-    return add_sft_parser(sub, "orm", "fine-tune the ORM (or PRM) on curated yes/no data (Sec. 3.2)")
-
-
-def add_parm_parser(sub) -> argparse.ArgumentParser:
-    return add_sft_parser(sub, "parm", "fine-tune PARM, or PARM++ with reflect.json added (Sec. 4, 5)")
-
-
 def check_sft_args(a) -> None:
-    check_optim_args(argparse.Namespace(**vars(a), cond_dropout=0.0))    # Show-o's --cond-dropout is not a flag here
-    if a.vision_lr <= 0:
+    check_optim_args(a)
+    if not a.vision_lr > 0:
         fail(f"--vision-lr must be positive (got {a.vision_lr})")
     if a.max_grad_norm < 0 or a.weight_decay < 0:
         fail("--max-grad-norm and --weight-decay must not be negative")
@@ -991,10 +1154,9 @@ def check_sft_args(a) -> None:
         fail(f"--fraction must be in (0, 1] (got {a.fraction})")
 
 
-def sft_examples(a, tokenizer, cfg) -> verifiers.SFTData:
+def sft_examples(a, tokenizer, cfg: TrainConfig) -> verifiers.SFTData:
     """Every --data file read, checked and tokenised before the first step (bad records stop the run here),
     then the seeded --fraction subset."""
-    V = verifiers
     records, problems = [], []
     for f in a.data:
         good, bad = data.read_conversations(f, a.image_root)
@@ -1005,66 +1167,64 @@ def sft_examples(a, tokenizer, cfg) -> verifiers.SFTData:
     if len(examples) == 0:
         raise DataError(f"{', '.join(a.data)} hold no usable training conversation")
     if a.fraction < 1:
-        g = torch.Generator().manual_seed(dpo.derive_seed(a.seed, "fraction"))
+        g = torch.Generator().manual_seed(derive_seed(a.seed, "fraction"))
         keep = sorted(torch.randperm(len(examples), generator=g)[:math.ceil(a.fraction * len(examples))].tolist())
         examples = verifiers.SFTData(*([getattr(examples, f)[i] for i in keep] for f in ("ids", "labels", "images", "source")))
     return examples
 
 
+def sft_trainer(verifier: verifiers.Verifier, examples: verifiers.SFTData, cfg: TrainConfig) -> Trainer:
+    """Sec. 3.2 / 4 / 5: fine-tune the reward model on `verifiers.sft_loss`, the released parameter groups (the
+    SigLIP tower at `vision_lr`, or frozen) and gradient clipping."""
+    model = verifier.model
+    for p in model.vision.parameters():
+        p.requires_grad_(not cfg.freeze_vision)
+
+    def objective(step: int, index: Sequence[int], g: torch.Generator):
+        pixels = verifier.pixels([data.load_image(examples.images[i]) for i in index]).to(verifier.device)
+        return verifiers.sft_loss(model, pixels, [examples.ids[i] for i in index], [examples.labels[i] for i in index])
+
+    vision_lr = lambda name: cfg.vision_lr if name.startswith("vision.") else cfg.lr  # noqa: E731
+    return Trainer(model, objective, examples.source, cfg, lr_of=vision_lr)
+
+
 def run_sft(a, task: str) -> int:
     """`train.py orm` / `train.py parm`: the fine-tune, checkpoints, resume, and the saved verifier."""
-    from safetensors.torch import load_file
-
     check_sft_args(a)
-    try:
-        device = data.parse_device(a.device)
-    except ValueError as e:
-        fail(str(e))
-    base = data.tiny_checkpoints(a.cache)["llava"] if a.tiny else Path(a.base)
+    device = sample.device_of(a)
+    base = sample.tiny_checkpoints(a.cache)["llava"] if a.tiny and a.base == "weights/llava-onevision-qwen2-7b-ov" \
+        else Path(a.base)
     if not base.is_dir():
         fail(f"base model folder {base} not found: download lmms-lab/llava-onevision-qwen2-7b-ov (or -0.5b-ov) there, "
              "pass --base DIR, or use --tiny")
-    cfg = verifiers.SFTConfig(lr=a.lr, vision_lr=a.vision_lr, freeze_vision=a.freeze_vision, batch_size=a.batch_size,
-                      epochs=a.epochs, warmup_ratio=a.warmup_ratio, weight_decay=a.weight_decay,
-                      max_grad_norm=a.max_grad_norm or None, max_steps=a.max_steps, shuffle=not a.no_shuffle,
-                      seed=a.seed, label_rule=a.labels, gradient_checkpointing=a.gradient_checkpointing,
-                      bf16=a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda"))
+    cfg = train_config(a, device, "sft", vision_lr=a.vision_lr, freeze_vision=a.freeze_vision,
+                       max_grad_norm=a.max_grad_norm or None, label_rule=a.labels)
     out = Path(a.out)
-    path = lambda p: str(Path(p).resolve()) if p else None
-    settings = {"task": task, "train": cfg.fingerprint(), "base": "tiny" if a.tiny else path(base),
-                "data": [path(f) for f in a.data], "image_root": path(a.image_root), "fraction": a.fraction,
+    settings = {"task": task, "train": cfg.fingerprint(), "base": "tiny" if a.tiny else resolved(base),
+                "data": [resolved(f) for f in a.data], "image_root": resolved(a.image_root), "fraction": a.fraction,
                 "skip_bad": a.skip_bad}
     guard_out(out, settings, a.resume, task)
     if (out / "run.json").is_file() and (out / "config.json").is_file():    # config.json is written last
         print(f"{out} already holds the finished verifier", file=sys.stderr)
         return 0
-    latest = dpo.latest_checkpoint(out)
-    start = latest["dir"] if latest is not None else base
-    verifier = verifiers.load_verifier(start, dtype=torch.float32, device=device)    # fp32 master weights
+    verifier = verifiers.load_verifier(base, dtype=torch.float32, device=device)    # fp32 master weights
     examples = sft_examples(a, verifier.tokenizer, cfg)
-    if not (out / "run.json").is_file():
-        data.write_json(settings, out / "run.json")
-    trainer = verifiers.VerifierTrainer(verifier, examples, cfg)
-    if latest is not None:
-        trainer.load_state(load_file(latest["dir"] / "optimizer.safetensors", device="cpu"),
-                           data.read_config(latest["dir"], "trainer.json"))
-        print(f"[{task}] resumed from {latest['dir']} at step {trainer.step}/{trainer.total}", file=sys.stderr)
-    else:
-        print(f"[{task}] {len(examples)} conversations, {trainer.total} steps of {cfg.batch_size}, from {base}",
-              file=sys.stderr)
-    save = lambda t: dpo.save_checkpoint(t, out, None, None, write_model=lambda d: verifiers.save_verifier(
-        t.policy, verifier.tokenizer, d, base, dtype=torch.float32))
-    if not dpo.train(trainer, save=save, save_every=a.save_every, stop_after=a.stop_after, log_every=a.log_every,
-                     label=task):
+    claim_out(out, settings)
+
+    def load(folder: Path) -> verifiers.Verifier:
+        return verifier if folder == base else verifiers.load_verifier(folder, dtype=torch.float32, device=device)
+
+    write = lambda model, d: verifiers.save_verifier(model, verifier.tokenizer, d, base, dtype=torch.float32)  # noqa: E731
+    finished, trainer = resume_and_fit(a, out, task, base, load, lambda v: sft_trainer(v, examples, cfg), write,
+                                       budget=a.stop_after)
+    if not finished:
         print(f"stopped at step {trainer.step} with a checkpoint in {out}: continue with the same command and "
               "--resume", file=sys.stderr)
         return 0
-    verifiers.set_gradient_checkpointing(trainer.policy, False)
-    verifiers.save_verifier(trainer.policy, verifier.tokenizer, out, base,
-                    dtype=torch.bfloat16 if a.save_dtype == "bf16" else torch.float32)
-    for old in out.glob("ckpt-r*"):
-        shutil.rmtree(old, ignore_errors=True)
-    (out / dpo.LATEST).unlink(missing_ok=True)
+    trainer.model.gradient_checkpointing = False
+    verifiers.save_verifier(trainer.model, verifier.tokenizer, out, base,
+                            dtype=torch.bfloat16 if a.save_dtype == "bf16" else torch.float32)
+    clear_checkpoints(out)
     print(f"wrote {out} (lmms-lab layout): python sample.py --parm --verifier {out} --prompt ...", file=sys.stderr)
     return 0
 
@@ -1082,9 +1242,12 @@ def run_parm(a) -> int:
 # ==========================================================================================================
 
 # one entry per subcommand: (adds its parser, runs it)
-COMMANDS = {"dpo": (add_dpo_parser, run_dpo), "selfcorrect": (add_selfcorrect_parser, run_selfcorrect)}
-COMMANDS.update({"curate": (add_curate_parser, run_curate), "orm": (add_orm_parser, run_orm),
-                 "parm": (add_parm_parser, run_parm)})
+COMMANDS = {"dpo": (add_dpo_parser, run_dpo), "selfcorrect": (add_selfcorrect_parser, run_selfcorrect),
+            "curate": (add_curate_parser, run_curate),
+            "orm": (lambda sub: add_sft_parser(sub, "orm", "fine-tune the ORM (or PRM) on curated yes/no data "
+                                                          "(Sec. 3.2)"), run_orm),
+            "parm": (lambda sub: add_sft_parser(sub, "parm", "fine-tune PARM, or PARM++ with reflect.json added "
+                                                            "(Sec. 4, 5)"), run_parm)}
 
 
 def build_parser() -> argparse.ArgumentParser:

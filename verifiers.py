@@ -1,21 +1,30 @@
-"""LLaVA-OneVision as the yes/no reward model behind ORM, PRM, PARM and PARM++.
+"""LLaVA-OneVision as the yes/no reward model behind ORM, PRM (Sec. 3.2), PARM (Sec. 4) and PARM++ (Sec. 5).
 
-The paper (Sec. 3.2, 4, 5) asks LLaVA-OneVision one question about one image and reads the probability of the
-first answer token being "yes" or "no". This file holds the whole model, written from scratch:
+The paper asks LLaVA-OneVision one question about one image and reads the probability of the first answer
+token being "yes" or "no". The whole model, written from scratch:
 
     pixels [B,3,384,384] -> SigLIP (kept layers, no post-LN, no head) -> [B,729,Dv]
                          -> mlp2x_gelu projector -> [B,729,H] ++ image_newline -> [B,730,H]
     chat text split at <image>, each chunk tokenised on its own, the 730 rows spliced in
                          -> Qwen2 (GQA, q/k/v bias, RoPE, RMSNorm) -> logits at the answer position only
 
-`Verifier` wraps it into judgments (batched, one forward per judgment), the PARM two-turn conversation with a
-reusable KV cache, and greedy reflection text for PARM++. `load_verifier` reads the lmms-lab / LLaVA-NeXT
-layout (what the paper's `orm_ft` and `parm` checkpoints use) and the llava-hf layouts. Facts and their sources:
-`shared/reference/llava_onevision.md`.
+  1. The model: SigLIP tower, Qwen2 LM with a ragged KV cache, projector and splicing.
+  2. The questions, the chat template and the "pad" image preprocessing.
+  3. `Verifier`: batched judgments, the PARM two-turn conversation on a reusable KV cache, PARM++ reflection.
+  4. `load_verifier` (lmms-lab and llava-hf layouts) and `save_verifier` (lmms-lab, as the paper's checkpoints).
+  5. The fine-tuning labels and loss of the reward models (`sft_tokens`, `sft_loss`; the trainer is train.py's).
+  6. The tiny random checkpoint of `--tiny`.
+
+Originals followed: the paper code's `selector.py` and its vendored LLaVA-NeXT: `llava/model/llava_arch.py`,
+`llava/model/multimodal_encoder/siglip_encoder.py`, `llava/model/multimodal_projector/builder.py`,
+`llava/model/language_model/llava_qwen.py`, `llava/model/builder.py`, `llava/mm_utils.py`, `llava/conversation.py`,
+`llava/constants.py`, `llava/train/train.py`; transformers' `modeling_qwen2.py` (4.40, which LLaVA-NeXT pins),
+`convert_llava_onevision_weights_to_hf.py` and `modeling_llava_onevision.py` for the llava-hf layouts.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -23,23 +32,26 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from PIL import Image
+from safetensors import safe_open
 from torch import nn
 
 import data
 from data import CheckpointError
 
 IMAGE_TOKEN = "<image>"
-IMAGE_PLACEHOLDER = -200  # LLaVA's IMAGE_TOKEN_INDEX: marks where the image rows go in a token list
+IMAGE_PLACEHOLDER = -200  # IMAGE_TOKEN_INDEX of `llava/constants.py`: where the image rows go in a token list
+IGNORE = -100             # IGNORE_INDEX of `llava/constants.py`: a label that takes no loss
 SYSTEM_PROMPT = "You are a helpful assistant."
 CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
-PAD_FILL = (127, 127, 127)  # int(0.5 * 255): the grey expand2square pads with
+PAD_FILL = (127, 127, 127)  # int(0.5 * 255): the grey `expand2square` (`llava/mm_utils.py`) pads with
 # HF `GenerationConfig` defaults, which apply when a checkpoint ships no generation_config.json
 HF_DEFAULT_TOP_K, HF_DEFAULT_TOP_P = 50, 1.0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# configuration
+# ---- 1. The model: SigLIP tower, projector and Qwen2 LM (`llava/model/llava_arch.py`) ------------------------
 
 
 @dataclass
@@ -67,7 +79,7 @@ class LlavaConfig:
     n_head: int = 14
     n_kv_head: int = 2
     vocab_size: int = 151936       # rows stored in the checkpoint
-    n_vocab: int | None = None     # rows used: len(tokenizer), as the original loader truncates (None = all)
+    n_vocab: int | None = None     # rows used: len(tokenizer), as `llava/model/builder.py` truncates (None = all)
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
@@ -108,47 +120,16 @@ class LlavaConfig:
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | os.PathLike) -> "LlavaConfig":
-        """Build the config from a checkpoint folder's config.json (either layout).
-
-        lmms-lab: the LM fields are top level and the vision tower is SigLIP so400m, hard-coded by LLaVA; a
-        `vision_tower/config.json` (the hub copy, which still counts the deleted last layer) overrides it.
-        llava-hf: `text_config` / `vision_config`, with Qwen2Config / SiglipVisionConfig defaults for absent
-        fields, and the vision layer count is already the kept one (vision_feature_layer -1)."""
+        """The config of a checkpoint folder: lmms-lab config.json (model_type llava / llava_qwen, the LM fields
+        at top level) or llava-hf (model_type llava_onevision, `text_config` and `vision_config`)."""
         ckpt_dir = Path(ckpt_dir)
         cfg = data.read_config(ckpt_dir)
         kind = cfg.get("model_type")
         if kind in ("llava", "llava_qwen"):
-            text = cfg
-            tower = str(cfg.get("mm_vision_tower") or "siglip")
-            if "siglip" not in tower.lower():
-                raise CheckpointError(f"{ckpt_dir}/config.json names vision tower {tower!r}: only the SigLIP "
-                                      "tower of LLaVA-OneVision is supported")
-            if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-                raise CheckpointError(f"{ckpt_dir}/config.json has mm_projector_type "
-                                      f"{cfg['mm_projector_type']!r}: only mlp2x_gelu (LLaVA-OneVision) is supported")
-            if (ckpt_dir / "vision_tower" / "config.json").is_file():
-                vis = data.read_config(ckpt_dir / "vision_tower")
-                vision = _vision_from_hf(vis, kept=_get(vis, "num_hidden_layers", 27) - 1)
-            else:
-                vision = VisionConfig()
-            if "mm_hidden_size" in cfg and cfg["mm_hidden_size"] != vision.hidden_size:
-                raise CheckpointError(f"{ckpt_dir}/config.json has mm_hidden_size {cfg['mm_hidden_size']} but the "
-                                      f"vision tower has hidden size {vision.hidden_size}: fix vision_tower/config.json")
+            text, vision = cfg, _lmms_lab_vision(cfg, ckpt_dir)
             tie = text.get("tie_word_embeddings", False)
         elif kind == "llava_onevision":
-            text = dict(cfg.get("text_config") or {})
-            vis = dict(cfg.get("vision_config") or {})
-            layer, strategy = cfg.get("vision_feature_layer", -1), cfg.get("vision_feature_select_strategy", "full")
-            if layer != -1 or strategy != "full":
-                raise CheckpointError(f"{ckpt_dir}/config.json has vision_feature_layer={layer}, "
-                                      f"vision_feature_select_strategy={strategy!r}: only -1 / 'full' (what the "
-                                      "llava-hf LLaVA-OneVision conversion writes) is supported")
-            defaults = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                        "num_attention_heads": 12, "image_size": 224, "patch_size": 16}
-            vis = {**defaults, **vis}
-            vision = _vision_from_hf(vis, kept=vis["num_hidden_layers"])
-            text = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-                    "num_attention_heads": 32, "rope_theta": 10000.0, **text}
+            text, vision = _llava_hf_parts(cfg, ckpt_dir)
             tie = text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
         else:
             raise CheckpointError(f"{ckpt_dir}/config.json has model_type {kind!r}: this is not a LLaVA-OneVision "
@@ -157,8 +138,7 @@ class LlavaConfig:
         if text.get("use_sliding_window", False):
             raise CheckpointError(f"{ckpt_dir}/config.json enables sliding-window attention, which LLaVA-OneVision "
                                   "does not use: set use_sliding_window to false")
-        # rope_scaling is ignored on purpose: LLaVA-NeXT's Qwen2 loader forces it to None
-        rope = text.get("rope_parameters") or {}
+        rope = text.get("rope_parameters") or {}  # rope_scaling is ignored: LLaVA-NeXT's loader forces it to None
         n_head = text["num_attention_heads"]
         return cls(hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
                    n_layer=text["num_hidden_layers"], n_head=n_head,
@@ -167,31 +147,57 @@ class LlavaConfig:
                    rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)), tie_word_embeddings=bool(tie), vision=vision)
 
 
-def _get(d: dict, key: str, default):
-    v = d.get(key)
-    return default if v is None else v
+def _lmms_lab_vision(cfg: dict, ckpt_dir: Path) -> VisionConfig:
+    """SigLIP so400m, hard-coded in `siglip_encoder.py`; a `vision_tower/config.json` (the hub copy, which
+    still counts the deleted last layer) overrides it."""
+    tower = str(cfg.get("mm_vision_tower") or "siglip")
+    if "siglip" not in tower.lower():
+        raise CheckpointError(f"{ckpt_dir}/config.json names vision tower {tower!r}: only the SigLIP tower of "
+                              "LLaVA-OneVision is supported")
+    if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise CheckpointError(f"{ckpt_dir}/config.json has mm_projector_type {cfg['mm_projector_type']!r}: only "
+                              "mlp2x_gelu (LLaVA-OneVision) is supported")
+    vision = VisionConfig()
+    if (ckpt_dir / "vision_tower" / "config.json").is_file():
+        vision = _vision_from_hf(data.read_config(ckpt_dir / "vision_tower"), deleted=1)
+    if "mm_hidden_size" in cfg and cfg["mm_hidden_size"] != vision.hidden_size:
+        raise CheckpointError(f"{ckpt_dir}/config.json has mm_hidden_size {cfg['mm_hidden_size']} but the vision "
+                              f"tower has hidden size {vision.hidden_size}: fix vision_tower/config.json")
+    return vision
 
 
-def _vision_from_hf(vis: dict, kept: int) -> VisionConfig:
-    act = vis.get("hidden_act", "gelu_pytorch_tanh")
-    if act != "gelu_pytorch_tanh":
-        raise CheckpointError(f"SigLIP vision config has hidden_act {act!r}: LLaVA-OneVision's tower uses "
-                              "gelu_pytorch_tanh")
-    return VisionConfig(hidden_size=_get(vis, "hidden_size", 1152),
-                        intermediate_size=_get(vis, "intermediate_size", 4304), n_layer=kept,
-                        n_head=_get(vis, "num_attention_heads", 16), image_size=_get(vis, "image_size", 384),
-                        patch_size=_get(vis, "patch_size", 14),
-                        layer_norm_eps=float(_get(vis, "layer_norm_eps", 1e-6)))
+def _llava_hf_parts(cfg: dict, ckpt_dir: Path) -> tuple[dict, VisionConfig]:
+    """The text fields over transformers' Qwen2Config defaults, and the tower over SiglipVisionConfig's; its
+    layer count is already the kept one (vision_feature_layer -1)."""
+    layer, strategy = cfg.get("vision_feature_layer", -1), cfg.get("vision_feature_select_strategy", "full")
+    if layer != -1 or strategy != "full":
+        raise CheckpointError(f"{ckpt_dir}/config.json has vision_feature_layer={layer}, "
+                              f"vision_feature_select_strategy={strategy!r}: only -1 / 'full' (what the "
+                              "llava-hf LLaVA-OneVision conversion writes) is supported")
+    vis = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+           "image_size": 224, "patch_size": 16, **dict(cfg.get("vision_config") or {})}
+    text = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "rope_theta": 10000.0, **dict(cfg.get("text_config") or {})}
+    return text, _vision_from_hf(vis, deleted=0)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# SigLIP vision tower (Sec. 2 of the fact sheet)
+def _vision_from_hf(vis: dict, deleted: int) -> VisionConfig:
+    """A SiglipVisionConfig dict (null fields take so400m's values) whose last `deleted` layers LLaVA drops."""
+    vis = {k: v for k, v in vis.items() if v is not None}
+    if vis.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise CheckpointError(f"SigLIP vision config has hidden_act {vis['hidden_act']!r}: LLaVA-OneVision's tower "
+                              "uses gelu_pytorch_tanh")
+    return VisionConfig(hidden_size=vis.get("hidden_size", 1152), intermediate_size=vis.get("intermediate_size", 4304),
+                        n_layer=vis.get("num_hidden_layers", 27) - deleted, n_head=vis.get("num_attention_heads", 16),
+                        image_size=vis.get("image_size", 384), patch_size=vis.get("patch_size", 14),
+                        layer_norm_eps=float(vis.get("layer_norm_eps", 1e-6)))
 
 
 class Module(nn.Module):
     """A plain container, so parameter names follow the checkpoints' nesting (embeddings.patch_embedding...)."""
 
 
+# SigLIP as LLaVA runs it (`llava/model/multimodal_encoder/siglip_encoder.py`)
 class SiglipAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -235,17 +241,15 @@ class SiglipTower(nn.Module):
         x = self.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
         return x + self.embeddings.position_embedding.weight
 
-    def forward(self, pixels):
-        x = self.embed(pixels)
+    def forward(self, pixels, checkpoint: bool = False):
+        """[B, 3, S, S] -> [B, P, D]. `checkpoint`: recompute each layer in the backward pass (when training)."""
+        x, recompute = self.embed(pixels), checkpoint and self.training
         for layer in self.encoder.layers:
-            x = layer(x)
+            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
         return x
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Qwen2 language model (Sec. 4 of the fact sheet), with a KV cache that tolerates ragged batches
-
-
+# Qwen2 (`llava/model/language_model/llava_qwen.py` on transformers 4.40's `modeling_qwen2.py`)
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -275,9 +279,9 @@ def rotate(x, cos, sin):
 class KVCache:
     """Keys/values of every layer, [n_layer, B, n_kv, capacity, head_dim], plus which columns hold real tokens.
 
-    Rows of a batch have different lengths. A forward writes T new columns for all rows; row b's real ones are
-    its first n_new[b] (right padding), so padding can sit in the middle of a row after an extension. `valid`
-    masks it out of attention, and `next_pos` keeps each row's RoPE positions contiguous over its real tokens."""
+    A forward writes T new columns for all rows; row b's real ones are its first n_new[b] (right padding), so
+    after an extension padding can sit mid-row. `valid` masks it out of attention, and `next_pos` keeps each
+    row's RoPE positions contiguous over its real tokens."""
 
     def __init__(self, n_layer, batch, n_kv, head_dim, capacity, dtype, device):
         shape = (n_layer, batch, n_kv, capacity, head_dim)
@@ -356,12 +360,12 @@ class Qwen2LM(nn.Module):
         # a tied checkpoint (0.5B) stores no lm_head: the output projection reads embed_tokens.weight
         self.lm_head = None if tied else nn.Linear(cfg.hidden_size, cfg.n_vocab, bias=False)
 
-    def forward(self, x, n_new: torch.Tensor, cache: KVCache | None = None, trace: list | None = None):
-        """Run the new positions x [B, T, H]; row b's real ones are its first n_new[b].
-
-        Returns the final-normed hidden state at each row's last real position [B, H]: the answer position,
-        the only place the reward reads logits. `trace`, when given, receives the residual stream of every
-        layer in HF's hidden_states convention (embeddings, ..., norm(last layer))."""
+    def forward(self, x, n_new: torch.Tensor, cache: KVCache | None = None, trace: list | None = None,
+                checkpoint: bool = False):
+        """Run the new positions x [B, T, H]; row b's real ones are its first n_new[b]. Returns the final-normed
+        state at each row's last real position [B, H], the answer position: the only place the reward reads
+        logits. `trace` receives every layer's residual stream in HF's hidden_states convention (embeddings,
+        ..., norm(last layer)). `checkpoint`: recompute each layer in the backward pass (training, no cache)."""
         B, T, _ = x.shape
         past = 0 if cache is None else cache.length
         start = torch.zeros(B, dtype=torch.long, device=x.device) if cache is None else cache.next_pos
@@ -375,8 +379,12 @@ class Qwen2LM(nn.Module):
             mask = (key_ok[:, None, :] & causal)[:, None]                                      # [B, 1, T, past+T]
         if trace is not None:
             trace.append(x)
+        recompute = checkpoint and self.training and cache is None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
             if trace is not None:
                 trace.append(self.norm(x) if i == len(self.layers) - 1 else x)
         if cache is not None:
@@ -392,46 +400,43 @@ class Qwen2LM(nn.Module):
         return KVCache(len(self.layers), batch, self.cfg.n_kv_head, self.cfg.head_dim, capacity, w.dtype, w.device)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# LLaVA-OneVision: tower + projector + image_newline + LM
-
-
 class LlavaOneVision(nn.Module):
     def __init__(self, cfg: LlavaConfig, tied: bool | None = None):
         super().__init__()
         self.cfg = cfg
         self.vision = SiglipTower(cfg.vision)
-        self.projector = Module()
+        self.projector = Module()  # mlp2x_gelu of `llava/model/multimodal_projector/builder.py`
         self.projector.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.hidden_size)
         self.projector.linear_2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.image_newline = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.lm = Qwen2LM(cfg, tied)
+        # True: recompute every SigLIP and Qwen2 layer in the backward pass when training (less activation
+        # memory, the same numbers), as the released LLaVA-NeXT fine-tune does
+        self.gradient_checkpointing = False
 
     def encode_images(self, pixels):
-        """[B, 3, S, S] -> the spliced image rows [B, P + 1, H]."""
-        f = self.vision(pixels)                                                         # [B, P, Dv]
+        """[B, 3, S, S] -> the spliced image rows [B, P + 1, H] (`encode_images` of `llava_arch.py`)."""
+        f = self.vision(pixels, self.gradient_checkpointing)                            # [B, P, Dv]
         x = self.projector.linear_2(F.gelu(self.projector.linear_1(f)))                 # exact-erf GELU
         # "pad" mode gives one 27x27 view, so spatial_unpad appends image_newline once, not once per row
         return torch.cat((x, self.image_newline.expand(x.shape[0], 1, -1).to(x.dtype)), dim=1)
 
     def splice(self, ids: Sequence[Sequence[int]], images: torch.Tensor):
-        """Token lists (one IMAGE_PLACEHOLDER each) + image rows [B, P+1, H] -> right-padded embeddings
-        [B, T, H] and the real lengths [B]."""
+        """Token lists (one IMAGE_PLACEHOLDER each) + image rows [B, P+1, H] -> right-padded embeddings [B, T, H]
+        and the real lengths [B] (`prepare_inputs_labels_for_multimodal` of `llava_arch.py`)."""
         n_img = images.shape[1]
         lengths = [len(t) - 1 + n_img for t in ids]
         x = images.new_zeros(len(ids), max(lengths), self.cfg.hidden_size)
         for b, t in enumerate(ids):
             p = t.index(IMAGE_PLACEHOLDER)
-            text = torch.tensor(t[:p] + t[p + 1:], device=x.device)
-            e = self.lm.embed_tokens(text)
+            e = self.lm.embed_tokens(torch.tensor(t[:p] + t[p + 1:], device=x.device))
             x[b, :p] = e[:p]
             x[b, p:p + n_img] = images[b]
             x[b, p + n_img:lengths[b]] = e[p:]
         return x, torch.tensor(lengths, device=x.device)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# prompts (Sec. 3.2, 4, 5) and the qwen_1_5 chat template
+# ---- 2. The questions (Sec. 3.2, 4, 5), the qwen_1_5 chat template and the image preprocessing ---------------
 
 
 def orm_question(prompt: str) -> str:
@@ -481,9 +486,8 @@ Question = str | Sequence[str]
 
 
 def render_chat(turns: Question, system: str = SYSTEM_PROMPT) -> str:
-    """The qwen_1_5 ChatML string of LLaVA-NeXT's `conv_qwen`, ending with the open assistant turn.
-
-    `turns` is one user message, or messages alternating user, assistant, ..., user."""
+    """The ChatML string of `conv_qwen`, ending with the open assistant turn. `turns` is one user message, or
+    messages alternating user, assistant, ..., user."""
     turns = [turns] if isinstance(turns, str) else list(turns)
     if len(turns) % 2 == 0 or not all(isinstance(t, str) for t in turns):
         raise ValueError(f"a conversation must be strings alternating user, assistant, ..., user (an odd count), "
@@ -494,28 +498,25 @@ def render_chat(turns: Question, system: str = SYSTEM_PROMPT) -> str:
     return out + "<|im_start|>assistant\n"
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
 def tokenize_chat(tokenizer, turns: Question, where: str = "question") -> list[int]:
-    """Render, split at <image>, tokenise each chunk on its own (no BOS) and join with IMAGE_PLACEHOLDER,
-    as LLaVA's `tokenizer_image_token` does."""
+    """Render, split at <image>, tokenise each chunk on its own (no BOS) and join with IMAGE_PLACEHOLDER, as
+    `tokenizer_image_token` of `llava/mm_utils.py` does."""
     text = render_chat(turns)
     n = text.count(IMAGE_TOKEN)
     if n != 1:
         raise ValueError(f"{where} has {n} {IMAGE_TOKEN} placeholders: the verifier takes exactly one image per "
                          f"question, so put one {IMAGE_TOKEN} in the user text (e.g. orm_question(prompt))")
     before, after = text.split(IMAGE_TOKEN)
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
-    return enc(before) + [IMAGE_PLACEHOLDER] + enc(after)
+    return _encode(tokenizer, before) + [IMAGE_PLACEHOLDER] + _encode(tokenizer, after)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# image preprocessing ("pad" aspect, what selector.py forces)
-
-
-def as_pil(image, where: str = "image"):
+def as_pil(image, where: str = "image") -> Image.Image:
     """A PIL RGB image from a PIL image, a float tensor [3,H,W] in [-1,1] (MAGVIT's decode; converted to uint8
     by clamping and truncating as Show-o saves its PNGs, which is lossless to round-trip) or uint8 [H,W,3]."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, torch.Tensor) and image.is_floating_point():
@@ -533,12 +534,9 @@ def as_pil(image, where: str = "image"):
 
 
 def preprocess(image, size: int = 384, where: str = "image") -> torch.Tensor:
-    """LLaVA "pad" preprocessing -> float32 [3, size, size] in [-1, 1].
-
-    expand2square onto grey 127 (centred), PIL BICUBIC on uint8, then x * (1/255) in float64 -> float32 and
-    (x - 0.5) / 0.5 in float32, the exact arithmetic of LLaVA's SigLipImageProcessor."""
-    from PIL import Image
-
+    """LLaVA "pad" preprocessing -> float32 [3, size, size] in [-1, 1]: `expand2square` onto grey 127
+    (centred), PIL BICUBIC on uint8, then x * (1/255) in float64 -> float32 and (x - 0.5) / 0.5 in float32,
+    the exact arithmetic of SigLipImageProcessor in `siglip_encoder.py`."""
     im = as_pil(image, where)
     w, h = im.size
     if w != h:
@@ -551,14 +549,13 @@ def preprocess(image, size: int = 384, where: str = "image") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the released code's first-token warpers
+# ---- 3. The reward model -----------------------------------------------------------------------------------
 
 
 def released_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """What `generate()` does to the first token's logits in the released selector: HF's TopK then TopP warpers
-    (transformers 4.40 semantics) with generation_config.json's values; the rest becomes -inf. Temperature is
-    1.0 there and the repetition penalty has no history at the first token, so neither applies."""
+    """What `generate()` in the released `selector.py` does to the first token's logits: transformers 4.40's
+    TopK then TopP warpers with generation_config.json's values; the rest becomes -inf. Temperature is 1.0
+    there and the repetition penalty has no history at the first token, so neither applies."""
     x = logits
     if top_k:
         kth = torch.topk(x, min(top_k, x.shape[-1])).values[..., -1:]
@@ -569,10 +566,6 @@ def released_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None
         drop[..., -1:] = False  # the most likely token always survives
         x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return x
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the reward model
 
 
 @dataclass
@@ -598,10 +591,6 @@ class TurnCache:
     keys: torch.Tensor    # [n_layer, n_kv, len, hd]
     values: torch.Tensor
 
-    @property
-    def length(self) -> int:
-        return self.keys.shape[2]
-
 
 class Verifier:
     """LLaVA-OneVision turned into the paper's yes/no reward model (Sec. 3.2, 4, 5)."""
@@ -613,10 +602,8 @@ class Verifier:
         self.top_k = generation.get("top_k", HF_DEFAULT_TOP_K)
         self.top_p = generation.get("top_p", HF_DEFAULT_TOP_P)
         self.yes_id, self.no_id = (tokenizer.token_to_id(t) for t in ("yes", "no"))
-        # work counters, for tests and traces
-        self.tokens_processed = 0   # LM positions run (text + image rows, padding excluded)
-        self.images_encoded = 0
-        self.forwards = 0
+        # work counters, for tests and traces: LM positions run (text + image rows, padding excluded), ...
+        self.tokens_processed = self.images_encoded = self.forwards = 0
 
     @property
     def device(self) -> torch.device:
@@ -626,15 +613,12 @@ class Verifier:
     def dtype(self) -> torch.dtype:
         return self.model.image_newline.dtype
 
-    # -- inputs
-
     def tokenize(self, question: Question, where: str = "question") -> list[int]:
         return tokenize_chat(self.tokenizer, question, where)
 
     def pixels(self, images) -> torch.Tensor:
-        images = self._as_list(images, "images")
         size = self.model.cfg.vision.image_size
-        return torch.stack([preprocess(im, size, f"image {i}") for i, im in enumerate(images)])
+        return torch.stack([preprocess(im, size, f"image {i}") for i, im in enumerate(self._as_list(images, "images"))])
 
     @staticmethod
     def _as_list(x, what: str) -> list:
@@ -644,12 +628,9 @@ class Verifier:
             raise TypeError(f"{what} must be a list with one entry per image, got a {type(x).__name__}")
         return list(x)
 
-    # -- core passes
-
     def _prefill(self, images, questions, cache_extra: int | None = 0, trace: list | None = None):
         """Encode the images and run the spliced conversations. Returns the answer-position states [B, H], the
-        positions run per row, the KV cache (room for `cache_extra` more columns; None = keep no cache) and
-        the token lists."""
+        positions run per row, the KV cache (room for `cache_extra` more columns; None = no cache) and the ids."""
         images, questions = self._as_list(images, "images"), self._as_list(questions, "questions")
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images and {len(questions)} questions: pass one question per image")
@@ -664,7 +645,7 @@ class Verifier:
         return h, n_new, cache, ids
 
     def _extend(self, cache: KVCache, tokens: Sequence[Sequence[int]]):
-        """Append text tokens (ragged, at least one per row) to every row of `cache`."""
+        """Append text tokens (ragged, at least one per row) to every row of `cache`; the logits after them."""
         n_new = torch.tensor([len(t) for t in tokens], device=self.device)
         pad = torch.zeros(len(tokens), int(n_new.max()), dtype=torch.long, device=self.device)
         for b, t in enumerate(tokens):
@@ -683,7 +664,8 @@ class Verifier:
         """Raw next-token logits at the answer position [B, n_vocab] (fp32), one batched forward."""
         return self.model.lm.logits(self._prefill(images, questions, None, trace)[0])
 
-    def _decide(self, logits, n_new, decide: str, generator, released_scores: bool) -> list[Judgment]:
+    def _decide(self, logits, n_new, decide: str = "greedy", generator: torch.Generator | None = None,
+                released_scores: bool = False) -> list[Judgment]:
         if decide not in ("greedy", "sample"):
             raise ValueError(f"decide={decide!r}: use 'greedy' (deterministic) or 'sample' (the released code's "
                              "draw from the top-k/top-p-filtered distribution)")
@@ -698,8 +680,6 @@ class Verifier:
                          answer=self.tokenizer.id_to_token(int(t)).lower(), token_id=int(t),
                          tokens_processed=int(n)) for p, t, n in zip(probs, tokens, n_new)]
 
-    # -- judgments
-
     @torch.inference_mode()
     def judge(self, images, questions, *, decide: str = "greedy", generator: torch.Generator | None = None,
               released_scores: bool = False) -> list[Judgment]:
@@ -709,7 +689,8 @@ class Verifier:
         with one <image> (see orm_question & co.) or multi-turn conversations (see potential_question).
         `decide="greedy"` takes the most likely first token; `"sample"` draws it from the top-k/top-p-filtered
         distribution with `generator`, as the released code does. `released_scores=True` reports the filtered
-        probabilities the released code reads (they saturate at 1.0) instead of the full softmax."""
+        probabilities the released code reads (they saturate at 1.0) instead of the full softmax. The other
+        judge_* methods take the same keywords."""
         h, n_new, _, _ = self._prefill(images, questions, None)
         return self._decide(self.model.lm.logits(h), n_new, decide, generator, released_scores)
 
@@ -722,14 +703,13 @@ class Verifier:
         return self.judge(images, [prm_question(p) for p in prompts], **kw)
 
     @torch.inference_mode()
-    def judge_clarity(self, images, prompts: Sequence[str], *, decide: str = "greedy",
-                      generator: torch.Generator | None = None, released_scores: bool = False):
+    def judge_clarity(self, images, prompts: Sequence[str], **kw) -> tuple[list[Judgment], list[TurnCache]]:
         """Sec. 4, PARM, task 1: clarity judgment of a step's image. Returns the judgments and one TurnCache per
         image, which `judge_potential` extends so that the image and the first turn are not run again."""
         questions = [clarity_question(p) for p in self._as_list(prompts, "prompts")]
         h, n_new, cache, ids = self._prefill(images, questions)
         handles = [TurnCache(tuple(t), *cache.row(b)) for b, t in enumerate(ids)]
-        return self._decide(self.model.lm.logits(h), n_new, decide, generator, released_scores), handles
+        return self._decide(self.model.lm.logits(h), n_new, **kw), handles
 
     @torch.inference_mode()
     def judge_potential(self, handles: Sequence[TurnCache], prompts: Sequence[str], **kw) -> list[Judgment]:
@@ -738,9 +718,7 @@ class Verifier:
         return self.judge_followup(handles, [potential_question(p) for p in self._as_list(prompts, "prompts")], **kw)
 
     @torch.inference_mode()
-    def judge_followup(self, handles: Sequence[TurnCache], conversations: Sequence[Question], *,
-                       decide: str = "greedy", generator: torch.Generator | None = None,
-                       released_scores: bool = False) -> list[Judgment]:
+    def judge_followup(self, handles: Sequence[TurnCache], conversations: Sequence[Question], **kw) -> list[Judgment]:
         """Judge conversations that extend cached ones: the longest shared token prefix is reused, the rest run."""
         handles, conversations = list(handles), self._as_list(conversations, "conversations")
         if len(handles) != len(conversations):
@@ -754,8 +732,7 @@ class Verifier:
             ids = self.tokenize(conv, f"conversation {i}")
             c = next((j for j, (a, b) in enumerate(zip(hnd.ids, ids)) if a != b), min(len(hnd.ids), len(ids)))
             c = min(c, len(ids) - 1)  # the answer position must be run to get its logits
-            p = ids.index(IMAGE_PLACEHOLDER)
-            if c <= p:
+            if c <= ids.index(IMAGE_PLACEHOLDER):
                 raise ValueError(f"conversation {i} does not extend the cached one past the image (they differ at "
                                  f"token {c}): pass the handle of the same image and question")
             reuse.append(c - 1 + self.model.cfg.n_image_tokens)  # cached LM positions kept
@@ -768,7 +745,7 @@ class Verifier:
             cache.next_pos[b] = n
         cache.length = max(reuse)
         logits, n_new = self._extend(cache, tails)
-        return self._decide(logits, n_new, decide, generator, released_scores)
+        return self._decide(logits, n_new, **kw)
 
     @torch.inference_mode()
     def reflect(self, images, prompts: Sequence[str], max_new_tokens: int = 64,
@@ -796,28 +773,32 @@ class Verifier:
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# loading
+# ---- 4. Loading and saving checkpoints ---------------------------------------------------------------------
 
 
 # Each layout: where our module's tensors live in the checkpoint (first matching module prefix wins).
 LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
-    # lmms-lab / LLaVA-NeXT (LlavaQwenForCausalLM): the paper's orm_ft and parm, lmms-lab/llava-onevision-*
+    # lmms-lab (LlavaQwenForCausalLM of `llava_qwen.py`): the paper's orm_ft and parm, lmms-lab/llava-onevision-*
     "lmms-lab": (("lm.lm_head.", "lm_head."), ("lm.", "model."),
                  ("vision.", "model.vision_tower.vision_tower.vision_model."),
                  ("projector.linear_1.", "model.mm_projector.0."), ("projector.linear_2.", "model.mm_projector.2."),
                  ("image_newline", "model.image_newline")),
-    # llava-hf as on the hub (llava-hf/llava-onevision-qwen2-*-ov-hf), saved by transformers 4.45-4.51
+    # llava-hf/llava-onevision-qwen2-*-ov-hf as `convert_llava_onevision_weights_to_hf.py` wrote them (and
+    # transformers 4.45-4.51 save them)
     "llava-hf": (("lm.lm_head.", "language_model.lm_head."), ("lm.", "language_model.model."),
                  ("vision.", "vision_tower.vision_model."), ("projector.", "multi_modal_projector."),
                  ("image_newline", "image_newline")),
-    # llava-hf, saved by transformers 4.52+
+    # llava-hf saved by transformers 4.52+ (`_checkpoint_conversion_mapping` of `modeling_llava_onevision.py`)
     "llava-hf-4.52": (("lm.lm_head.", "lm_head."), ("lm.", "model.language_model."),
                       ("vision.", "model.vision_tower.vision_model."), ("projector.", "model.multi_modal_projector."),
                       ("image_newline", "model.image_newline")),
 }
 # transformers 5.x saves the hub names again, but without SigLIP's `vision_model.` level
 LAYOUTS["llava-hf-5"] = tuple((m, c.replace("vision_model.", "")) for m, c in LAYOUTS["llava-hf"])
+VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")  # the lmms-lab tensors with one row per token
+# files of an lmms-lab checkpoint folder that a fine-tune keeps as they are
+VERIFIER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                       "vocab.json", "merges.txt", "generation_config.json", "vision_tower/config.json")
 
 
 def key_map(module: nn.Module, prefixes: Sequence[tuple[str, str]]) -> dict[str, str]:
@@ -843,8 +824,8 @@ def detect_layout(keys) -> str:
 
 
 def vocab_size_of(tokenizer) -> int:
-    """len(tokenizer), which the original loader truncates the LM vocabulary to. llava-hf tokenizers carry the
-    converter's <image>/<video> after <|im_end|>; those rows were never part of the LM, so they are dropped."""
+    """len(tokenizer), which `llava/model/builder.py` truncates the LM vocabulary to. llava-hf tokenizers carry
+    the converter's <image>/<video> after <|im_end|>; never LM rows, they are dropped."""
     n = tokenizer.get_vocab_size(with_added_tokens=True)
     while n and tokenizer.id_to_token(n - 1) in ("<image>", "<video>"):
         n -= 1
@@ -860,10 +841,9 @@ def check_tokenizer(tokenizer, where) -> None:
 
 def load_verifier(ckpt_dir: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                   device: torch.device | str = "cpu") -> Verifier:
-    """Load a LLaVA-OneVision checkpoint folder (layout auto-detected) as a reward model.
-
-    The folder holds config.json, the safetensors weights (single file or sharded with an index),
-    tokenizer.json and optionally generation_config.json (its top_k/top_p feed the released-score option)."""
+    """Load a LLaVA-OneVision checkpoint folder (layout auto-detected) as a reward model: config.json, the
+    safetensors weights (one file, or shards with an index), tokenizer.json and optionally
+    generation_config.json (its top_k/top_p feed the released-score option)."""
     ckpt_dir = Path(ckpt_dir)
     dtype, device = data.parse_dtype(dtype), data.parse_device(device)
     cfg = LlavaConfig.from_checkpoint(ckpt_dir)
@@ -888,130 +868,72 @@ def load_verifier(ckpt_dir: str | os.PathLike, dtype: torch.dtype | str = torch.
     return Verifier(model, tokenizer, data.read_config(ckpt_dir, gen.name) if gen.is_file() else None)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# a tiny random checkpoint in the official lmms-lab format
+def lmms_lab_state(model: LlavaOneVision, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's tensors under their lmms-lab checkpoint keys, cast to `dtype`."""
+    return {c: model.get_parameter(p).detach().to(dtype) for c, p in key_map(model, LAYOUTS["lmms-lab"]).items()}
 
 
-def _tiny_tokenizer():
-    corpus = data.tiny_corpus()
-    for p in ("a photo of a red apple", "a photo of two dogs", "a photo of a cat left of a bench"):
-        corpus += [orm_question(p), prm_question(p), clarity_question(p), POTENTIAL_FOLLOW_UP, reflection_question(p)]
-    # answers start right after "assistant\n", so the answer tokens carry no leading space, as in Qwen2's vocab
-    corpus = [c.replace(IMAGE_TOKEN, "") for c in corpus] + ["yes", "no", "Yes", "No"] * 20
-    tok = data.train_tiny_bpe(corpus, 400, qwen_style=True)
-    tok.add_special_tokens(list(CHAT_TOKENS))
-    check_tokenizer(tok, "the tiny tokenizer")
-    return tok
-
-
-def _random_init(model: nn.Module, gen: torch.Generator, std: float = 0.02):
-    for name, p in model.named_parameters():
-        if "norm" in name and name.endswith("weight"):
-            p.data = 1 + 0.1 * torch.randn(p.shape, generator=gen)
-        else:
-            # larger query/key weights give peaked attention, so that positions and masks change the output
-            # (with std 0.02 attention is nearly uniform and a wrong position or cache row would go unnoticed)
-            scale = 12 if name.endswith(("q_proj.weight", "k_proj.weight")) or name == "image_newline" else 1
-            p.data = std * scale * torch.randn(p.shape, generator=gen)
-
-
-def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a deterministic tiny random LLaVA-OneVision in the lmms-lab format (sharded bf16 safetensors with
-    an index, config.json with the lmms-lab fields, vision_tower/config.json, tokenizer.json,
-    generation_config.json). The `yes`/`no` lm_head rows are nudged so that yes/no dominate at the answer
-    position, like the fixtures; otherwise random weights put ~0 probability on them."""
-    out = Path(out_dir)
-    tok = _tiny_tokenizer()
-    n_vocab = tok.get_vocab_size(with_added_tokens=True)
-    cfg = replace(LlavaConfig.from_preset("tiny"), n_vocab=n_vocab)
-    gen = torch.Generator().manual_seed(seed)
-    model = LlavaOneVision(cfg)
-    _random_init(model, gen)
-    for p in model.parameters():  # what a bf16 checkpoint will hold
-        p.data = p.data.bfloat16().float()
-    verifier = Verifier(model, tok)
-    # nudge: point the yes/no rows along the mean answer-position state of a few calibration judgments
-    images = [torch.rand(3, 64, 64, generator=gen) * 2 - 1 for _ in range(3)]
-    qs = [orm_question("a photo of a red apple"), clarity_question("a photo of two dogs"),
-          potential_question("a photo of a cat")]
-    with torch.inference_mode():
-        m = verifier._prefill(images, qs, None)[0].mean(0)
-    head = model.lm.lm_head.weight.data
-    head[verifier.yes_id] = m * (7.0 / m.dot(m))
-    head[verifier.no_id] = m * (6.3 / m.dot(m))
-
-    state = {c: model.get_parameter(p).detach().to(torch.bfloat16)
-             for c, p in key_map(model, LAYOUTS["lmms-lab"]).items()}
-    pad_rows = cfg.vocab_size - n_vocab  # the checkpoint stores padded rows, as the real ones do (152064 > 151646)
-    for k in ("model.embed_tokens.weight", "lm_head.weight"):
-        state[k] = torch.cat((state[k], 0.02 * torch.randn(pad_rows, cfg.hidden_size, generator=gen).bfloat16()))
-    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in state.items() if "vision_tower" not in k},
-              "model-00002-of-00002.safetensors": {k: v for k, v in state.items() if "vision_tower" in k}}
+def save_shards(shards: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
+    """Write {file name: tensors} as safetensors files, with model.safetensors.index.json when there are several."""
     for name, tensors in shards.items():
         data.save_state(tensors, out / name)
-    data.write_json({"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                     "weight_map": {k: n for n, ts in shards.items() for k in sorted(ts)}},
-                    out / "model.safetensors.index.json")
-    special = {t: tok.token_to_id(t) for t in CHAT_TOKENS}
-    v = cfg.vision
-    data.write_json({
-        "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen", "hidden_act": "silu",
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-        "vocab_size": cfg.vocab_size, "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": False, "use_sliding_window": False,
-        "max_position_embeddings": 32768, "bos_token_id": special["<|endoftext|>"],
-        "eos_token_id": special["<|im_end|>"], "torch_dtype": "bfloat16",
-        "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_hidden_size": v.hidden_size,
-        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-        "mm_patch_merge_type": "spatial_unpad", "mm_newline_position": "grid", "image_aspect_ratio": "anyres_max_9",
-        "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
-        "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-        "mm_tunable_parts": "mm_vision_tower,mm_mlp_adapter,mm_language_model",
-        "tokenizer_model_max_length": 32768, "tokenizer_padding_side": "right",
-    }, out / "config.json")
-    data.write_json({
-        "architectures": ["SigLipVisionModel"], "model_type": "siglip_vision_model",
-        "hidden_act": "gelu_pytorch_tanh", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-        "num_hidden_layers": v.n_layer + 1,  # the hub config counts the layer LLaVA deletes
-        "num_attention_heads": v.n_head, "image_size": v.image_size, "patch_size": v.patch_size,
-        "layer_norm_eps": v.layer_norm_eps, "num_channels": 3,
-    }, out / "vision_tower" / "config.json")
-    data.write_json({"bos_token_id": special["<|endoftext|>"], "do_sample": True,
-                     "eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]],
-                     "pad_token_id": special["<|endoftext|>"], "repetition_penalty": 1.05, "temperature": 0.7,
-                     "top_k": 20, "top_p": 0.8}, out / "generation_config.json")
-    with data.atomic_path(out / "tokenizer.json") as tmp:
-        tok.save(str(tmp))
+    if len(shards) > 1:
+        data.write_json({"metadata": {"total_size": sum(v.numel() * v.element_size()
+                                                        for ts in shards.values() for v in ts.values())},
+                         "weight_map": {k: n for n, ts in shards.items() for k in sorted(ts)}},
+                        out / "model.safetensors.index.json")
+
+
+def save_verifier(model: LlavaOneVision, tokenizer, out_dir: str | os.PathLike, like_dir: str | os.PathLike,
+                  dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 4 * 2 ** 30) -> Path:
+    """Write `model` as an lmms-lab folder, the layout of the paper's orm_ft/parm checkpoints (what
+    `safe_save_model_for_hf_trainer` of `llava/train/train.py` wrote), so that `load_verifier(out_dir)` reads it:
+    model.safetensors (or shards of at most `shard_bytes` with an index), config.json, and the tokenizer,
+    generation and vision_tower files of `like_dir`, the lmms-lab checkpoint the model was fine-tuned from.
+    Vocabulary rows past len(tokenizer), which the model never uses, are copied from `like_dir` too, so every
+    tensor keeps its stored shape. config.json goes last: a folder without it is incomplete and does not load."""
+    like, out = Path(like_dir), Path(out_dir)
+    files = data.find_weight_files(like)
+    if detect_layout(files) != "lmms-lab":
+        raise CheckpointError(f"{like} is not in the lmms-lab layout: fine-tune from an lmms-lab LLaVA-OneVision "
+                              "checkpoint (e.g. lmms-lab/llava-onevision-qwen2-7b-ov), whose layout the paper's "
+                              "checkpoints use")
+    state = lmms_lab_state(model, dtype)
+    for key in VOCAB_KEYS:
+        if key in state and key in files:
+            with safe_open(files[key], framework="pt") as f:
+                unused = f.get_slice(key)[state[key].shape[0]:]
+            state[key] = torch.cat((state[key].cpu(), unused.to(dtype)))
+    shards, size = [{}], 0
+    for k, v in state.items():
+        if shards[-1] and size + v.numel() * v.element_size() > shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][k], size = v, size + v.numel() * v.element_size()
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    save_shards(dict(zip(["model.safetensors"] if len(shards) == 1 else names, shards)), out)
+    for name in VERIFIER_SIDE_FILES:
+        if (like / name).is_file():
+            with data.atomic_path(out / name) as tmp:
+                shutil.copyfile(like / name, tmp)
+    config = data.read_config(like)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    data.write_json(config, out / "config.json")
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# fine-tuning the reward model: the fine-tuned ORM/PRM (Sec. 3.2), PARM (Sec. 4) and PARM++ (Sec. 5)
-#
-# Supervised fine-tuning on LLaVA conversation records (`train.py curate` writes them), as the released
-# LLaVA-NeXT recipe does (fact sheet §7): next-token cross-entropy on the assistant turns, AdamW with lr 1e-5
-# and 2e-6 for the SigLIP tower, cosine schedule with 3% warm-up, one epoch, gradient clipping at 1.0. The
-# batching, schedule, checkpoints and exact resume are the Show-o fine-tunes' (dpo.Trainer).
+# ---- 5. Fine-tuning the reward models (Sec. 3.2, 4, 5): labels and loss of LLaVA-NeXT's recipe ---------------
 
-import functools  # noqa: E402  (this section was added after the others)
 
-import torch.utils.checkpoint  # noqa: E402
-
-import dpo  # noqa: E402
-
-IGNORE = -100
 LABEL_RULES = ("released", "answer")
 
 
 def sft_tokens(tokenizer, turns: Sequence[str], rule: str = "released",
                where: str = "conversation") -> tuple[list[int], list[int]]:
-    """Fine-tuning data of the reward models (Sec. 3.2, 4, 5): a training conversation (user, assistant, ...,
-    user, assistant) -> token ids (IMAGE_PLACEHOLDER for the image) and labels (IGNORE where no loss is taken), aligned with the ids (the shift happens in `sft_loss`).
-
-    The ids are exactly those the verifier reads at inference (`tokenize_chat`) followed by the last answer and
-    its "<|im_end|>\\n". Labels, `rule`:
-      "released": LLaVA-NeXT's preprocess_qwen (fact sheet §7): every token of each assistant turn
+    """Fine-tuning data of the reward models (Sec. 3.2, 4, 5): a conversation (user, assistant, ..., user,
+    assistant) -> token ids (IMAGE_PLACEHOLDER for the image) and labels aligned with them (IGNORE where no loss
+    is taken; `sft_loss` shifts them). The ids are those the verifier reads (`tokenize_chat`), then the last
+    answer and its "<|im_end|>\\n". Labels, by `rule`:
+      "released": preprocess_qwen of `llava/train/train.py`: every token of each assistant turn
                   ("<|im_start|>assistant\\n" + answer + "<|im_end|>\\n"), plus every "\\n", <|im_start|> and
                   <|im_end|> token anywhere, system and user turns included (a quirk of the released code).
       "answer":   only each answer's tokens and the <|im_end|> that closes it."""
@@ -1021,20 +943,19 @@ def sft_tokens(tokenizer, turns: Sequence[str], rule: str = "released",
     if len(turns) < 2 or len(turns) % 2:
         raise ValueError(f"{where} has {len(turns)} turn(s): it must alternate user, assistant and end with the "
                          "assistant's answer")
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
-    ids = tokenize_chat(tokenizer, turns[:-1], where) + enc(turns[-1] + "<|im_end|>\n")
+    ids = tokenize_chat(tokenizer, turns[:-1], where) + _encode(tokenizer, turns[-1] + "<|im_end|>\n")
     labels = [IGNORE] * len(ids)
-    header = len(enc("<|im_start|>assistant\n"))
+    header = len(_encode(tokenizer, "<|im_start|>assistant\n"))
     for k in range(1, len(turns), 2):
         start = len(tokenize_chat(tokenizer, turns[:k], where))     # the answer starts right after the header
-        answer = enc(turns[k] + "<|im_end|>\n")
+        answer = _encode(tokenizer, turns[k] + "<|im_end|>\n")
         if ids[start:start + len(answer)] != answer:
             raise ValueError(f"{where}: answer {k // 2 + 1} is tokenised differently inside the conversation than "
                              "on its own; remove special tokens from the answer text")
         lo, hi = (start - header, start + len(answer)) if rule == "released" else (start, start + len(answer) - 1)
         labels[lo:hi] = ids[lo:hi]
     if rule == "released":
-        newline = enc("\n")
+        newline = _encode(tokenizer, "\n")
         always = {tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")}
         always |= set(newline) if len(newline) == 1 else set()
         labels = [t if t in always else y for t, y in zip(ids, labels)]
@@ -1055,8 +976,8 @@ class SFTData:
 
 def encode_conversations(tokenizer, records: Sequence[data.Conversation],
                          rule: str = "released") -> tuple[SFTData, list[str]]:
-    """data.read_conversations' records -> SFTData. Returns (data, problems): one "where: why" per record that
-    does not tokenise."""
+    """data.read_conversations' records -> (SFTData, problems: one "where: why" per record that does not
+    tokenise)."""
     out, problems = SFTData([], [], [], []), []
     for rec in records:
         try:
@@ -1073,13 +994,13 @@ def encode_conversations(tokenizer, records: Sequence[data.Conversation],
 
 def sft_loss(model: LlavaOneVision, pixels: torch.Tensor, ids: Sequence[Sequence[int]],
              labels: Sequence[Sequence[int]]) -> tuple[torch.Tensor, dict]:
-    """The fine-tuning loss of the reward models (Sec. 3.2, 4, 5): next-token cross-entropy of LLaVA-OneVision
-    on the labelled tokens of a batch, averaged over those tokens
-    (HF's causal-LM loss, which the released fine-tune uses). The image rows are never labelled. Logits are
-    computed only where a label is, so the vocabulary-wide matrix stays small. Returns (loss, stats)."""
+    """The fine-tuning loss of the reward models (Sec. 3.2, 4, 5): next-token cross-entropy on the labelled
+    tokens of a batch, averaged over them (HF's causal-LM loss, which the released fine-tune uses). The image
+    rows are never labelled; logits are computed only where a label is, so the vocabulary-wide matrix stays
+    small. Honours `model.gradient_checkpointing`. Returns (loss, stats)."""
     x, lengths = model.splice(ids, model.encode_images(pixels))
     states: list[torch.Tensor] = []
-    model.lm(x, lengths, None, states)              # states[-1]: the final-normed state at every position
+    model.lm(x, lengths, None, states, model.gradient_checkpointing)  # states[-1]: final-normed, every position
     n_img = model.cfg.n_image_tokens
     target = torch.full(x.shape[:2], IGNORE, dtype=torch.long)
     for b, (t, y) in enumerate(zip(ids, labels)):
@@ -1094,135 +1015,93 @@ def sft_loss(model: LlavaOneVision, pixels: torch.Tensor, ids: Sequence[Sequence
     return loss, {"loss": loss.item(), "token_accuracy": accuracy.item(), "tokens": int(scored.sum())}
 
 
-@dataclass
-class SFTConfig(dpo.OptimConfig):
-    """The released LLaVA-NeXT fine-tune of ORM/PARM (fact sheet §7; the paper: one epoch, batch 8, lr 1e-5).
-    The released run's batch is 8 per GPU on 8 GPUs (64); `cond_dropout` is Show-o's and unused here."""
-    lr: float = 1e-5
-    vision_lr: float = 2e-6
-    freeze_vision: bool = False
-    batch_size: int = 8
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    shuffle: bool = True
-    seed: int = 0
-    label_rule: str = "released"
+# ---- 6. A tiny random checkpoint in the lmms-lab format (`--tiny`) -----------------------------------------
 
 
-def sft_optimizer(model: LlavaOneVision, cfg: SFTConfig) -> torch.optim.AdamW:
-    """AdamW with the released parameter groups: `vision_lr` for the SigLIP tower (the released rule: every
-    name containing "vision_tower"), `lr` for the projector, image_newline and the LM. Frozen parameters are
-    left out. Each group's peak lr is its "base_lr", which dpo.Trainer schedules."""
-    vision = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("vision.")]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("vision.")]
-    groups = [{"params": rest, "base_lr": cfg.lr}] + ([{"params": vision, "base_lr": cfg.vision_lr}] if vision else [])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+def _tiny_tokenizer():
+    corpus = data.tiny_corpus()
+    for p in ("a photo of a red apple", "a photo of two dogs", "a photo of a cat left of a bench"):
+        corpus += [orm_question(p), prm_question(p), clarity_question(p), POTENTIAL_FOLLOW_UP, reflection_question(p)]
+    # answers start right after "assistant\n", so the answer tokens carry no leading space, as in Qwen2's vocab
+    corpus = [c.replace(IMAGE_TOKEN, "") for c in corpus] + ["yes", "no", "Yes", "No"] * 20
+    tok = data.train_tiny_bpe(corpus, 400, qwen_style=True)
+    tok.add_special_tokens(list(CHAT_TOKENS))
+    check_tokenizer(tok, "the tiny tokenizer")
+    return tok
 
 
-def set_gradient_checkpointing(model: LlavaOneVision, on: bool) -> None:
-    """Recompute every SigLIP and Qwen2 layer in the backward pass (less activation memory, same numbers).
-    Only the layers' call is wrapped, so parameter names, and with them the saved checkpoints, do not change."""
-    for layer in [*model.vision.encoder.layers, *model.lm.layers]:
-        if on:
-            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(layer).forward.__get__(layer),
-                                              use_reentrant=False)
+def _tiny_model(cfg: LlavaConfig, tok, gen: torch.Generator, std: float = 0.02) -> LlavaOneVision:
+    """Random weights, rounded to what a bf16 checkpoint holds. The `yes`/`no` lm_head rows point along the
+    mean answer-position state of a few calibration judgments, so that yes/no dominate at the answer position
+    like the fixtures (random weights put ~0 probability on them)."""
+    model = LlavaOneVision(cfg)
+    for name, p in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            p.data = 1 + 0.1 * torch.randn(p.shape, generator=gen)
         else:
-            layer.__dict__.pop("forward", None)
+            # larger query/key weights give peaked attention, so that positions and masks change the output
+            # (with std 0.02 attention is nearly uniform and a wrong position or cache row would go unnoticed)
+            scale = 12 if name.endswith(("q_proj.weight", "k_proj.weight")) or name == "image_newline" else 1
+            p.data = std * scale * torch.randn(p.shape, generator=gen)
+    for p in model.parameters():
+        p.data = p.data.bfloat16().float()
+    verifier = Verifier(model, tok)
+    images = [torch.rand(3, 64, 64, generator=gen) * 2 - 1 for _ in range(3)]
+    qs = [orm_question("a photo of a red apple"), clarity_question("a photo of two dogs"),
+          potential_question("a photo of a cat")]
+    with torch.inference_mode():
+        m = verifier._prefill(images, qs, None)[0].mean(0)
+    model.lm.lm_head.weight.data[verifier.yes_id] = m * (7.0 / m.dot(m))
+    model.lm.lm_head.weight.data[verifier.no_id] = m * (6.3 / m.dot(m))
+    return model
 
 
-class VerifierTrainer(dpo.Trainer):
-    """Supervised fine-tuning of the LLaVA-OneVision reward model on conversation records (Sec. 3.2 ORM/PRM,
-    Sec. 4 PARM, Sec. 5 PARM++). One optimizer step per batch of `cfg.batch_size` records."""
-
-    def __init__(self, verifier: Verifier, examples: SFTData, cfg: SFTConfig):
-        if len(examples) == 0:
-            raise data.DataError("no training conversations to fine-tune on")
-        model = verifier.model
-        for p in model.vision.parameters():
-            p.requires_grad_(not cfg.freeze_vision)
-        self.verifier, self.max_grad_norm = verifier, cfg.max_grad_norm
-        self._setup(model, verifier.tokenizer, examples, cfg, round_index=1, optimizer=sft_optimizer(model, cfg))
-        set_gradient_checkpointing(model, cfg.gradient_checkpointing)
-
-    def loss(self, step: int) -> tuple[torch.Tensor, dict]:
-        index = self.batch_indices(step)
-        ex = self.examples
-        pixels = self.verifier.pixels([data.load_image(ex.images[i]) for i in index]).to(self.device)
-        with dpo.autocast(self.device, self.cfg.bf16):
-            return sft_loss(self.policy, pixels, [ex.ids[i] for i in index], [ex.labels[i] for i in index])
-
-
-@torch.no_grad()
-def evaluate_sft(verifier: Verifier, examples: SFTData, batch: int = 8) -> float:
-    """Mean cross-entropy per labelled token over all of `examples` (the same tokens `sft_loss` trains on)."""
-    was = verifier.model.training
-    verifier.model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch):
-        index = range(start, min(start + batch, len(examples)))
-        pixels = verifier.pixels([data.load_image(examples.images[i]) for i in index]).to(verifier.device,
-                                                                                          verifier.dtype)
-        loss, stats = sft_loss(verifier.model, pixels, [examples.ids[i] for i in index],
-                               [examples.labels[i] for i in index])
-        total += loss.item() * stats["tokens"]
-        count += stats["tokens"]
-    verifier.model.train(was)
-    return total / count
+def _tiny_configs(cfg: LlavaConfig, tok) -> dict[str, dict]:
+    """config.json with the lmms-lab fields, vision_tower/config.json and generation_config.json."""
+    special, v = {t: tok.token_to_id(t) for t in CHAT_TOKENS}, cfg.vision
+    return {"config.json": {
+        "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen", "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+        "vocab_size": cfg.vocab_size, "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": False, "use_sliding_window": False,
+        "max_position_embeddings": 32768, "bos_token_id": special["<|endoftext|>"],
+        "eos_token_id": special["<|im_end|>"], "torch_dtype": "bfloat16",
+        "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_hidden_size": v.hidden_size,
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "spatial_unpad", "mm_newline_position": "grid", "image_aspect_ratio": "anyres_max_9",
+        "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
+        "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+        "mm_tunable_parts": "mm_vision_tower,mm_mlp_adapter,mm_language_model",
+        "tokenizer_model_max_length": 32768, "tokenizer_padding_side": "right",
+    }, "vision_tower/config.json": {
+        "architectures": ["SigLipVisionModel"], "model_type": "siglip_vision_model",
+        "hidden_act": "gelu_pytorch_tanh", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.n_layer + 1,  # the hub config counts the layer LLaVA deletes
+        "num_attention_heads": v.n_head, "image_size": v.image_size, "patch_size": v.patch_size,
+        "layer_norm_eps": v.layer_norm_eps, "num_channels": 3,
+    }, "generation_config.json": {
+        "bos_token_id": special["<|endoftext|>"], "do_sample": True,
+        "eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]], "pad_token_id": special["<|endoftext|>"],
+        "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
+    }}
 
 
-# files of an lmms-lab checkpoint folder that a fine-tune keeps as they are
-VERIFIER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                       "vocab.json", "merges.txt", "generation_config.json", "vision_tower/config.json")
-
-
-def save_verifier(model: LlavaOneVision, tokenizer, out_dir: str | os.PathLike, like_dir: str | os.PathLike,
-                  dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 4 * 2 ** 30) -> Path:
-    """Write `model` as an lmms-lab LLaVA-OneVision folder, the layout of the paper's orm_ft/parm checkpoints,
-    so that `load_verifier(out_dir)` (and `sample.py --verifier`) reads it: safetensors weights (one
-    model.safetensors, or shards of at most `shard_bytes` with model.safetensors.index.json), config.json,
-    the tokenizer and generation files and vision_tower/config.json, copied from `like_dir`, the lmms-lab
-    checkpoint the model was fine-tuned from. Vocabulary rows past len(tokenizer), which the model never uses,
-    are copied from `like_dir` too, so every tensor keeps its stored shape. config.json is written last: a
-    folder without it is incomplete and does not load."""
-    import shutil
-
-    from safetensors import safe_open
-
-    like, out = Path(like_dir), Path(out_dir)
-    files = data.find_weight_files(like)
-    if detect_layout(files) != "lmms-lab":
-        raise CheckpointError(f"{like} is not in the lmms-lab layout: fine-tune from an lmms-lab LLaVA-OneVision "
-                              "checkpoint (e.g. lmms-lab/llava-onevision-qwen2-7b-ov), whose layout the paper's "
-                              "checkpoints use")
-    state = {c: model.get_parameter(p).detach().to(dtype) for c, p in key_map(model, LAYOUTS["lmms-lab"]).items()}
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        if key in state and key in files:
-            with safe_open(files[key], framework="pt") as f:
-                unused = f.get_slice(key)[state[key].shape[0]:]
-            state[key] = torch.cat((state[key].cpu(), unused.to(dtype)))
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, tensors in zip(names, shards):
-        data.save_state(tensors, out / name)
-    if len(shards) > 1:
-        data.write_json({"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                         "weight_map": {k: n for n, ts in zip(names, shards) for k in ts}},
-                        out / "model.safetensors.index.json")
-    for name in VERIFIER_SIDE_FILES:
-        if (like / name).is_file():
-            with data.atomic_path(out / name) as tmp:
-                shutil.copyfile(like / name, tmp)
-    config = data.read_config(like)
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    data.write_json(config, out / "config.json")
+def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a deterministic tiny random LLaVA-OneVision in the lmms-lab format: two bf16 safetensors shards
+    with an index, config.json, vision_tower/config.json, generation_config.json and tokenizer.json."""
+    out = Path(out_dir)
+    tok = _tiny_tokenizer()
+    cfg = replace(LlavaConfig.from_preset("tiny"), n_vocab=tok.get_vocab_size(with_added_tokens=True))
+    gen = torch.Generator().manual_seed(seed)
+    state = lmms_lab_state(_tiny_model(cfg, tok, gen), torch.bfloat16)
+    for k in VOCAB_KEYS:  # the checkpoint stores padded vocabulary rows, as the real ones do (152064 > 151646)
+        pad = 0.02 * torch.randn(cfg.vocab_size - cfg.n_vocab, cfg.hidden_size, generator=gen)
+        state[k] = torch.cat((state[k], pad.bfloat16()))
+    save_shards({"model-00001-of-00002.safetensors": {k: v for k, v in state.items() if "vision_tower" not in k},
+                 "model-00002-of-00002.safetensors": {k: v for k, v in state.items() if "vision_tower" in k}}, out)
+    for name, config in _tiny_configs(cfg, tok).items():
+        data.write_json(config, out / name)
+    with data.atomic_path(out / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
     return out

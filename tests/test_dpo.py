@@ -17,7 +17,7 @@ import sample
 import train
 
 
-from conftest import fresh_showo as fresh
+from conftest import fresh_showo as fresh, preference_stats
 
 
 def random_pairs(n: int, seed: int = 0, N: int = 64, K: int = 64) -> dpo.PairData:
@@ -124,11 +124,12 @@ def test_short_run_raises_margin_and_accuracy_and_leaves_the_reference_alone(tin
     policy, reference = fresh(tiny), fresh(tiny)
     ref_before = {k: v.clone() for k, v in reference.state_dict().items()}
     pairs = random_pairs(8)
-    before = dpo.preference_stats(policy, reference, tok, pairs)
+    before = preference_stats(policy, reference, tok, pairs)
     assert before == {"margin": 0.0, "accuracy": 0.0}                    # policy = reference
-    trainer = dpo.Trainer(policy, reference, tok, pairs, dpo.TrainConfig(lr=1e-3, batch_size=4, epochs=4))
-    assert dpo.train(trainer, log_every=100)
-    after = dpo.preference_stats(policy, reference, tok, pairs)
+    cfg = train.TrainConfig(lr=1e-3, batch_size=4, epochs=4)
+    trainer = train.Trainer(policy, train.dpo_objective(policy, reference, tok, pairs, cfg), pairs.source, cfg)
+    assert train.fit(trainer, log_every=100)
+    after = preference_stats(policy, reference, tok, pairs)
     assert after["margin"] > 0.2 and after["accuracy"] >= 0.75, after
     for k, v in reference.state_dict().items():
         assert torch.equal(v, ref_before[k]), k
@@ -137,10 +138,10 @@ def test_short_run_raises_margin_and_accuracy_and_leaves_the_reference_alone(tin
 
 
 def test_lr_schedule_and_weight_decay_groups(showo):
-    assert [dpo.lr_factor(s, 10, 2) for s in (0, 1, 2, 6, 10)] == pytest.approx([0, 0.5, 1, 0.5, 0])
-    assert dpo.lr_factor(0, 5, 0) == 1.0
+    assert [train.lr_factor(s, 10, 2) for s in (0, 1, 2, 6, 10)] == pytest.approx([0, 0.5, 1, 0.5, 0])
+    assert train.lr_factor(0, 5, 0) == 1.0
     model, _ = showo
-    opt = dpo.make_optimizer(model, dpo.TrainConfig())
+    opt = train.make_optimizer(model, train.TrainConfig())
     decay, no_decay = opt.param_groups
     names = {p: n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
@@ -154,9 +155,10 @@ def test_guidance_term_changes_the_update_and_pairs_best_with_worst(tiny, showo,
     for coef in (0.0, 0.1):
         policy = fresh(tiny)
         start = [p.detach().clone() for p in policy.parameters()]
-        cfg = dpo.TrainConfig(lr=1e-3, batch_size=4, reward_coef=coef, online_per_step=1, online_samples=3,
-                              gen_steps=2, warmup_ratio=0)
-        trainer = dpo.Trainer(policy, fresh(tiny), tok, pairs, cfg, magvit=magvit, score=brightness_scorer)
+        cfg = train.TrainConfig(lr=1e-3, batch_size=4, reward_coef=coef, online_per_step=1, online_samples=3,
+                                gen_steps=2, warmup_ratio=0)
+        objective = train.dpo_objective(policy, fresh(tiny), tok, pairs, cfg, magvit=magvit, score=brightness_scorer)
+        trainer = train.Trainer(policy, objective, pairs.source, cfg)
         stats = trainer.train_step()
         updates[coef] = [p.detach() - s for p, s in zip(policy.parameters(), start)]
     assert stats["online_pairs"] == 1 and stats["online_p_best"] > stats["online_p_worst"]
@@ -184,9 +186,10 @@ def test_curation_pairs_a_yes_with_a_no_and_drops_agreeing_prompts(tiny, showo, 
 def test_checkpoint_reloads_in_sample_py_with_identical_logits(tiny, showo, tmp_path):
     _, tok = showo
     policy = fresh(tiny)
-    dpo.train(dpo.Trainer(policy, fresh(tiny), tok, random_pairs(4), dpo.TrainConfig(lr=1e-3, batch_size=2)))
+    pairs, cfg = random_pairs(4), train.TrainConfig(lr=1e-3, batch_size=2)
+    train.fit(train.Trainer(policy, train.dpo_objective(policy, fresh(tiny), tok, pairs, cfg), pairs.source, cfg))
     out = tmp_path / "model"
-    dpo.write_showo_dir(policy, out, tiny["showo"], tiny["phi"])
+    cotgen.save_showo(policy, out, tiny["showo"], tiny["phi"])
     again, tok2 = cotgen.load_showo(out)                      # phi found through config.json, as sample.py does
     ids = tok.t2i_ids(["a photo of a red apple", ""])
     allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
@@ -221,17 +224,17 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tiny, tmp_path, monke
     assert cli(tiny, *common, "--out", str(tmp_path / "b"), "--resume") == 0
 
     # a crash at step 5: the checkpoint of step 4 survives and the run continues from it
-    real_step = dpo.Trainer.train_step
+    real_step = train.Trainer.train_step
 
     def crash(self):
         if self.step == 5:
             raise RuntimeError("killed")
         return real_step(self)
 
-    monkeypatch.setattr(dpo.Trainer, "train_step", crash)
+    monkeypatch.setattr(train.Trainer, "train_step", crash)
     with pytest.raises(RuntimeError, match="killed"):
         cli(tiny, *common, "--out", str(tmp_path / "c"))
-    monkeypatch.setattr(dpo.Trainer, "train_step", real_step)
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
     assert json.loads((tmp_path / "c" / "latest.json").read_text())["step"] == 4
     assert cli(tiny, *common, "--out", str(tmp_path / "c"), "--resume") == 0
 
@@ -256,13 +259,14 @@ def test_resume_guards(tiny, tmp_path, capsys):
 def test_iterative_guided_rounds_start_from_and_reference_the_previous_round(tiny, tmp_path, monkeypatch):
     seen = []
 
-    class Spy(dpo.Trainer):
-        def __init__(self, policy, reference, *a, **kw):
-            seen.append(({k: v.clone() for k, v in policy.state_dict().items()},
-                         {k: v.clone() for k, v in reference.state_dict().items()}))
-            super().__init__(policy, reference, *a, **kw)
+    real_objective = train.dpo_objective
 
-    monkeypatch.setattr(dpo, "Trainer", Spy)
+    def spy(policy, reference, *a, **kw):
+        seen.append(({k: v.clone() for k, v in policy.state_dict().items()},
+                     {k: v.clone() for k, v in reference.state_dict().items()}))
+        return real_objective(policy, reference, *a, **kw)
+
+    monkeypatch.setattr(train, "dpo_objective", spy)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na photo of two dogs\n\na photo of a red apple\na photo of a bench\n")
     out = tmp_path / "it"
@@ -343,11 +347,3 @@ def test_empty_and_missing_files(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(tiny, "--out", str(tmp_path / "out"))
     assert "--data" in capsys.readouterr().err
-
-
-def test_geneval_prompts_cover_the_six_templates():
-    p = data.geneval_prompts()
-    assert len(p) == len(set(p)) == 6 * len(data.GENEVAL_OBJECTS)
-    first = data.geneval_prompts(6)
-    assert first[0] == "a photo of a person" and " and a " in first[1] and first[2].startswith("a photo of two")
-    assert any(r in first[4] for r in data.GENEVAL_RELATIONS)

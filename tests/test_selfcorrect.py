@@ -16,7 +16,7 @@ import sample
 import train
 
 
-from conftest import fresh_showo as fresh
+from conftest import correction_loss, fresh_showo as fresh
 
 
 def cli(tiny, *args):
@@ -151,11 +151,13 @@ def test_short_run_lowers_the_loss_on_its_groups(tiny, showo, reflect_dir, magvi
     _, tok = showo
     groups = reflect_groups(reflect_dir, showo, magvit)
     policy = fresh(tiny)
-    before = dpo.correction_loss(policy, tok, groups)
-    assert before == pytest.approx(dpo.correction_loss(fresh(tiny), tok, groups), abs=0)   # fixed masks
-    trainer = dpo.SelfCorrectionTrainer(policy, tok, groups, dpo.OptimConfig(lr=2e-3, batch_size=2, epochs=6))
-    assert trainer.total == 12 and dpo.train(trainer, log_every=100, label="test")
-    after = dpo.correction_loss(policy, tok, groups)
+    before = correction_loss(policy, tok, groups)
+    assert before == pytest.approx(correction_loss(fresh(tiny), tok, groups), abs=0)   # fixed masks
+    cfg = train.TrainConfig(lr=2e-3, batch_size=2, epochs=6)
+    loss = lambda step, index, g: dpo.self_correction_loss(policy, tok, groups.batch(index), g, cfg.cond_dropout)
+    trainer = train.Trainer(policy, loss, groups.source, cfg)
+    assert trainer.total == 12 and train.fit(trainer, log_every=100, label="test")
+    after = correction_loss(policy, tok, groups)
     assert after < before - 0.5, (before, after)
 
 
@@ -169,17 +171,17 @@ def test_cli_run_resumes_bit_identically_and_sample_py_uses_the_model(tiny, refl
     want = load_file(tmp_path / "a" / "pytorch_model.safetensors")
 
     # a crash at step 2: the checkpoint of step 1 survives and --resume continues from it
-    real_step = dpo.SelfCorrectionTrainer.train_step
+    real_step = train.Trainer.train_step
 
     def crash(self):
         if self.step == 2:
             raise RuntimeError("killed")
         return real_step(self)
 
-    monkeypatch.setattr(dpo.SelfCorrectionTrainer, "train_step", crash)
+    monkeypatch.setattr(train.Trainer, "train_step", crash)
     with pytest.raises(RuntimeError, match="killed"):
         cli(tiny, *common, "--out", str(tmp_path / "b"))
-    monkeypatch.setattr(dpo.SelfCorrectionTrainer, "train_step", real_step)
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
     assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 2
     with pytest.raises(SystemExit):                                          # not without --resume
         cli(tiny, *common, "--out", str(tmp_path / "b"))

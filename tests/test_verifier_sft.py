@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 import data
-import dpo
 import train
 import verifiers as V
+from conftest import evaluate_sft
 
 PROMPT = "a photo of a red apple"
 
@@ -106,12 +106,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny):
     grads = []
     for on in (False, True):
         v.model.zero_grad()
-        V.set_gradient_checkpointing(v.model, on)
+        v.model.gradient_checkpointing = on
         loss, _ = V.sft_loss(v.model, pixels, [ids], [labels])
         loss.backward()
         grads.append((loss.item(), v.model.vision.encoder.layers[0].mlp.fc1.weight.grad.clone(),
                       v.model.lm.layers[0].self_attn.q_proj.weight.grad.clone()))
-    V.set_gradient_checkpointing(v.model, False)
+    v.model.gradient_checkpointing = False
     assert grads[0][0] == grads[1][0]
     assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
     assert "forward" not in v.model.lm.layers[0].__dict__
@@ -123,8 +123,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny):
 def test_learning_rates_follow_the_released_groups_and_freezing(tiny, tmp_path):
     path = write_orm_data(tmp_path)
     v = V.load_verifier(tiny["llava"])
-    cfg = V.SFTConfig(batch_size=2, warmup_ratio=0.0)
-    trainer = V.VerifierTrainer(v, examples_of(path, v.tokenizer), cfg)
+    cfg = train.TrainConfig.preset("sft", batch_size=2, warmup_ratio=0.0)
+    trainer = train.sft_trainer(v, examples_of(path, v.tokenizer), cfg)
     trainer.train_step()
     rest, vision = trainer.optimizer.param_groups
     assert rest["lr"] == 1e-5 and vision["lr"] == 2e-6           # step 0 of a cosine without warm-up: the peak
@@ -133,7 +133,8 @@ def test_learning_rates_follow_the_released_groups_and_freezing(tiny, tmp_path):
 
     frozen = V.load_verifier(tiny["llava"])
     before = {n: p.clone() for n, p in frozen.model.named_parameters()}
-    trainer = V.VerifierTrainer(frozen, examples_of(path, frozen.tokenizer), V.SFTConfig(batch_size=2, freeze_vision=True))
+    trainer = train.sft_trainer(frozen, examples_of(path, frozen.tokenizer),
+                                train.TrainConfig.preset("sft", batch_size=2, freeze_vision=True))
     trainer.train_step()
     trainer.train_step()
     changed = {n for n, p in frozen.model.named_parameters() if not torch.equal(p, before[n])}
@@ -148,16 +149,16 @@ def test_orm_training_lowers_the_loss_and_the_saved_verifier_scores(tiny, tmp_pa
     path = write_orm_data(tmp_path / "data", n=4)
     base = V.load_verifier(tiny["llava"])
     ex = examples_of(path, base.tokenizer, "answer")
-    before = V.evaluate_sft(base, ex)
+    before = evaluate_sft(base, ex)
     out = tmp_path / "orm_ft"
     assert train.main(["orm", "--tiny", "--cache", cache_of(tiny), "--device", "cpu", "--data", str(path),
                        "--out", str(out), "--lr", "1e-3", "--vision-lr", "1e-4", "--batch-size", "2", "--epochs", "4",
                        "--save-dtype", "fp32", "--log-every", "4", "--labels", "answer"]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= \
         {p.name for p in out.iterdir()} and (out / "vision_tower" / "config.json").is_file()
-    assert not list(out.glob("ckpt-r*")) and not (out / dpo.LATEST).exists()
+    assert not list(out.glob("ckpt-r*")) and not (out / train.LATEST).exists()
     tuned = V.load_verifier(out)
-    after = V.evaluate_sft(tuned, ex)
+    after = evaluate_sft(tuned, ex)
     assert after < before - 0.5, (before, after)
     # it scores, and now answers as its training data says
     images = [data.load_image(i) for i in ex.images]
@@ -176,7 +177,7 @@ def test_resumed_training_equals_the_uninterrupted_run(tiny, tmp_path):
               "--batch-size", "2", "--save-dtype", "fp32", "--log-every", "10"]
     assert train.main(common + ["--out", str(tmp_path / "full")]) == 0
     assert train.main(common + ["--out", str(tmp_path / "split"), "--stop-after", "2"]) == 0
-    assert (tmp_path / "split" / dpo.LATEST).is_file() and not (tmp_path / "split" / "config.json").exists()
+    assert (tmp_path / "split" / train.LATEST).is_file() and not (tmp_path / "split" / "config.json").exists()
     with pytest.raises(SystemExit):       # continuing needs --resume
         train.main(common + ["--out", str(tmp_path / "split")])
     assert train.main(common + ["--out", str(tmp_path / "split"), "--resume"]) == 0
