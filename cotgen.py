@@ -1,43 +1,37 @@
-"""The generator of the paper (Sec. 3.1) and the test-time searches over its decoding paths: Show-o (Phi-1.5
-with omni-attention), MAGVIT-v2, masked parallel decoding with classifier-free guidance, the ORM / PRM best-of-N
-(Sec. 3.2), PARM (Sec. 4) and PARM++ (Sec. 5) searches, and the tiny checkpoints of `--tiny`.
-
-Originals followed (Show-o = showlab/Show-o; the paper's code = ZiyuGuo99/Image-Generation-CoT): Show-o's
-`models/modeling_showo.py`, `models/phi.py`, `training/prompting_utils.py`, `models/sampling.py`,
-`models/modeling_magvitv2.py` and `inference_t2i.py`; the paper code's `baseline.py`, `orm.py` and `parm.py`."""
+"""The paper's generator (Sec. 3.1), Show-o (Phi-1.5 with omni-attention) with MAGVIT-v2, its masked parallel
+decoding with classifier-free guidance, the searches ORM / PRM best-of-N (Sec. 3.2), PARM (Sec. 4), PARM++ (Sec. 5),
+and the `--tiny` checkpoints. Originals followed: Show-o's (showlab/Show-o) `models/modeling_showo.py`,
+`models/phi.py`, `training/prompting_utils.py`, `models/sampling.py`, `models/modeling_magvitv2.py`,
+`inference_t2i.py`; the paper code's (ZiyuGuo99/Image-Generation-CoT) `orm.py`, `parm.py`."""
 from __future__ import annotations
 
 import math
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from PIL import Image
 from tokenizers import AddedToken
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import data
 from data import CheckpointError
 
-# ---- 1. Show-o ---------------------------------------------------------------------------------------------
+# ---- 1. Show-o ------------------------------------------------------------------------------------------
 
 # Show-o's nine new tokens, in the order UniversalPrompting (`training/prompting_utils.py`) adds them after [PAD]
-SHOWO_SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>",
-                        "<|lvg|>")
-PAD_TOKEN = "[PAD]"
+SHOWO_SPECIAL_TOKENS = tuple("<|soi|> <|eoi|> <|sov|> <|eov|> <|t2i|> <|mmu|> <|t2v|> <|v2v|> <|lvg|>".split())
 EOT_TOKEN = "<|endoftext|>"
-
 
 @dataclass
 class ShowoConfig:
-    """Show-o = Phi-1.5 resized to Show-o's vocabulary. Defaults: the released 256px showlab/show-o (its
-    config.json, microsoft/phi-1_5's config.json and Show-o's `configs/showo_demo.yaml`)."""
+    """Show-o = Phi-1.5 resized to Show-o's vocabulary. Defaults: the released 256px showlab/show-o."""
     vocab_size: int = 58498          # Show-o rows: phi text + 10 specials + codebook + [MASK]
     llm_vocab_size: int = 50295      # len(phi tokenizer)
     codebook_size: int = 8192
@@ -75,40 +69,35 @@ class ShowoConfig:
 
     @classmethod
     def preset(cls, name: str) -> "ShowoConfig":
-        presets = {
-            "show-o-256": cls(),
-            "show-o-512": cls(num_vq_tokens=1024),
-            # the built-in tiny model of `--tiny` (vocabulary sizes are those of the tiny BPE tokenizer)
-            "tiny": cls(vocab_size=0, llm_vocab_size=0, codebook_size=64, num_vq_tokens=64, max_seq_length=24,
-                        n_layer=2, n_head=4, n_embd=64, intermediate_size=256),
-        }
+        presets = {"show-o-256": cls(), "show-o-512": cls(num_vq_tokens=1024),
+                   # the built-in tiny model of `--tiny` (vocabulary sizes are those of the tiny BPE tokenizer)
+                   "tiny": cls(vocab_size=0, llm_vocab_size=0, codebook_size=64, num_vq_tokens=64, max_seq_length=24,
+                               n_layer=2, n_head=4, n_embd=64, intermediate_size=256)}
         if name not in presets:
             raise ValueError(f"unknown Show-o preset {name!r}: use one of {', '.join(presets)}")
         return presets[name]
 
-
 class ShowoTokenizer:
-    """phi-1.5's tokenizer with Show-o's tokens added in Show-o's order, and the t2i sequence layout of
-    UniversalPrompting (`training/prompting_utils.py`, `t2i_gen_prompt`)."""
-
+    """phi-1.5's tokenizer plus Show-o's tokens, and the t2i layout of `training/prompting_utils.py`."""
     def __init__(self, tokenizer, config: ShowoConfig):
         self.tok, self.config = tokenizer, config
         eot = tokenizer.token_to_id(EOT_TOKEN)
         if eot is None:
-            raise CheckpointError(f"the phi tokenizer has no {EOT_TOKEN} token: is this the microsoft/phi-1_5 tokenizer?")
+            raise CheckpointError(f"the phi tokenizer has no {EOT_TOKEN} token: "
+                                  "is this the microsoft/phi-1_5 tokenizer?")
         n = tokenizer.get_vocab_size(with_added_tokens=True)
         if n != config.llm_vocab_size:
             raise CheckpointError(f"the phi tokenizer has {n} tokens but Show-o's config says llm_vocab_size = "
                                   f"{config.llm_vocab_size}: use the tokenizer that belongs to this checkpoint")
-        tokenizer.add_special_tokens([AddedToken(PAD_TOKEN, special=True, normalized=False)])
+        tokenizer.add_special_tokens([AddedToken("[PAD]", special=True, normalized=False)])
         tokenizer.add_tokens(list(SHOWO_SPECIAL_TOKENS))
-        names = (PAD_TOKEN,) + SHOWO_SPECIAL_TOKENS
+        names = ("[PAD]",) + SHOWO_SPECIAL_TOKENS
         ids = {t: tokenizer.token_to_id(t) for t in names}
         if ids != {t: config.llm_vocab_size + i for i, t in enumerate(names)}:
             raise CheckpointError(f"the phi tokenizer already contains Show-o's tokens at other ids ({ids}): "
                                   "pass the original phi-1.5 tokenizer.json, not a modified copy")
         self.bos_id = self.eos_id = eot
-        self.pad_id = ids[PAD_TOKEN]
+        self.pad_id = ids["[PAD]"]
         self.soi_id, self.eoi_id, self.t2i_id = ids["<|soi|>"], ids["<|eoi|>"], ids["<|t2i|>"]
 
     def text_ids(self, prompt: str) -> list[int]:
@@ -122,6 +111,9 @@ class ShowoTokenizer:
         n = self.config.text_len
         return [self.pad_id] * (n - len(t)) + t if len(t) <= n else t[: n - 1] + [self.eos_id]
 
+    def is_truncated(self, prompt: str) -> bool:
+        return len(self.text_ids(prompt)) + 2 > self.config.text_len
+
     def image_segment(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """[B, N] vocabulary ids -> [B, N+2] with <|soi|> ... <|eoi|> around them."""
         edge = lambda i: torch.full((image_tokens.shape[0], 1), i, dtype=torch.long, device=image_tokens.device)
@@ -129,33 +121,23 @@ class ShowoTokenizer:
 
     def t2i_ids(self, prompts: Sequence[str], image_tokens: torch.Tensor | None = None,
                 condition: torch.Tensor | None = None) -> torch.Tensor:
-        """The full t2i sequences [B, L]: text part + <|soi|> + N image ids + <|eoi|>.
-
-        `image_tokens` [B, N] are vocabulary ids (code + offset, or the mask id); all masked by default.
-        `condition` [B, N] codes: PARM++'s self-correction format (ours), where the previous image comes as
-        a second image segment before the one being generated."""
+        """The t2i sequences [B, L]: text part + <|soi|> + N image ids + <|eoi|>. `image_tokens` [B, N] are
+        vocabulary ids (all [MASK] by default). `condition` [B, N] codes: PARM++'s self-correction format (ours),
+        the previous image as a second image segment before the one being generated."""
         if isinstance(prompts, str):
             prompts = [prompts]
         c = self.config
         text = torch.tensor([self.text_part(p) for p in prompts], dtype=torch.long)
         if image_tokens is None:
             image_tokens = torch.full((len(prompts), c.num_vq_tokens), c.mask_token_id, dtype=torch.long)
-        parts = [text]
-        if condition is not None:
-            parts.append(self.image_segment(condition.cpu().long() + c.image_offset))
-        parts.append(self.image_segment(image_tokens.cpu()))
-        return torch.cat(parts, dim=1)
-
-    def is_truncated(self, prompt: str) -> bool:
-        return len(self.text_ids(prompt)) + 2 > self.config.text_len
-
+        previous = [] if condition is None else [self.image_segment(condition.cpu().long() + c.image_offset)]
+        return torch.cat([text, *previous, self.image_segment(image_tokens.cpu())], dim=1)
 
 def omni_attention_mask(ids: torch.Tensor, pad_id: int, soi_id: int, eoi_id: int) -> torch.Tensor:
     """Show-o's omni-attention as a boolean "may attend" mask [B, 1, L, L] (`training/prompting_utils.py`,
-    create_attention_mask_predict_next, rm_pad_in_image=True). Text attends causally to non-pad text; the
-    image segment (<|soi|> to <|eoi|>) to every non-pad position; pads causally to pads, so no row is empty
-    (that would give NaN). With several image segments (PARM++'s self-correction format, ours) a segment also
-    sees those before it but not those after: with one segment this is exactly the original mask."""
+    create_attention_mask_predict_next). Text attends causally to non-pad text, the image segment (<|soi|> to
+    <|eoi|>) to every non-pad position, pads causally to pads (an empty row would give NaN). A later image
+    segment (PARM++'s self-correction format, ours) also sees earlier ones, but not the other way round."""
     L = ids.shape[1]
     pad = ids == pad_id                                                           # [B, L]
     segment = torch.cumsum(ids == soi_id, 1)                                      # 0 = text before any image
@@ -167,24 +149,12 @@ def omni_attention_mask(ids: torch.Tensor, pad_id: int, soi_id: int, eoi_id: int
     allowed = torch.where(in_image[:, :, None], image_rule, text_rule)
     return allowed[:, None]
 
-
-# Phi-1.5 as Show-o's `models/phi.py` modifies it
-
-
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     # the explicit tanh formula of transformers' NewGELUActivation (not F.gelu(approximate="tanh")): bit parity
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
-
-def rope_tables(rot_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [L, rot_dim] in float32, computed on the CPU as the original, for the given positions."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
-    angles = torch.outer(positions.float().cpu(), inv_freq)
-    emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos().to(positions.device), emb.sin().to(positions.device)
-
-
 class PhiAttention(nn.Module):
+    """Phi-1.5's attention as Show-o's `models/phi.py` modifies it: q/k LayerNorms, partial rotary embedding."""
     def __init__(self, c: ShowoConfig):
         super().__init__()
         self.n_head, self.head_dim = c.n_head, c.head_dim
@@ -195,29 +165,23 @@ class PhiAttention(nn.Module):
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Partial rotary embedding on the first rot_dim dims of each head, rotate-half pairing."""
-        r = self.rot_dim
-        x_rot, x_pass = x[..., :r], x[..., r:]
+        x_rot, x_pass = x[..., :self.rot_dim], x[..., self.rot_dim:]
         a, b = x_rot.chunk(2, dim=-1)
         x_rot = x_rot * cos.to(x.dtype) + torch.cat((-b, a), dim=-1) * sin.to(x.dtype)
         return torch.cat((x_rot, x_pass), dim=-1)
 
-    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(self, h, cos, sin, allowed, past_kv=None):
+        """Attention of the T new positions; `past_kv` are keys/values of earlier positions (the text prefix)."""
         B, T, _ = h.shape
         split = lambda t: t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)   # [B, nh, T, hd]
         q = self.rope(self.q_layernorm(split(self.q_proj(h))), cos, sin)
         k = self.rope(self.k_layernorm(split(self.k_proj(h))), cos, sin)
-        return q, k, split(self.v_proj(h))
-
-    def forward(self, h, cos, sin, allowed, past_kv=None):
-        """Attention of the T new positions; `past_kv` are keys/values of earlier positions (the text prefix)."""
-        q, k, v = self.qkv(h, cos, sin)
+        v = split(self.v_proj(h))
         new_kv = (k, v)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)              # [B, nh, T, hd]
-        B, _, T, _ = y.shape
         return self.dense(y.transpose(1, 2).reshape(B, T, -1)), new_kv
-
 
 class PhiMLP(nn.Module):
     def __init__(self, c: ShowoConfig):
@@ -228,10 +192,8 @@ class PhiMLP(nn.Module):
     def forward(self, x):
         return self.fc2(gelu_new(self.fc1(x)))
 
-
 class PhiBlock(nn.Module):
     """Parallel block with one shared LayerNorm: x + attn(LN(x)) + mlp(LN(x))."""
-
     def __init__(self, c: ShowoConfig):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
@@ -243,17 +205,14 @@ class PhiBlock(nn.Module):
         a, kv = self.self_attn(h, cos, sin, allowed, past_kv)
         return (a + self.mlp(h)) + x, kv
 
-
 @dataclass
 class TextPrefix:
     kv: list              # per layer (k, v), each [R, nh, T, hd]
     key_ok: torch.Tensor  # [R, T] False at pads
 
-
 class Showo(nn.Module):
     """Show-o's transformer (`models/modeling_showo.py` around `models/phi.py`): token embedding, Phi blocks,
     final LayerNorm, lm_head with bias. Parameter names are the checkpoint's without `showo.model.`/`showo.`."""
-
     def __init__(self, c: ShowoConfig):
         super().__init__()
         self.config = c
@@ -264,28 +223,29 @@ class Showo(nn.Module):
         self.gradient_checkpointing = False
 
     def _rope(self, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [end - start, rot_dim] of positions start..end-1, in float32 computed on the CPU as the original."""
         c = self.config
         if end > c.max_position_embeddings:
             raise ValueError(f"sequence of {end} positions exceeds Show-o's {c.max_position_embeddings}")
-        return rope_tables(int(c.partial_rotary_factor * c.head_dim), c.rope_theta,
-                           torch.arange(start, end, device=device))
+        rot_dim = int(c.partial_rotary_factor * c.head_dim)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+        angles = torch.outer(torch.arange(start, end).float(), inv_freq)
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos().to(device), emb.sin().to(device)
 
     def forward(self, ids: torch.Tensor, allowed: torch.Tensor, output_hidden_states: bool = False):
         """The original full forward (positions 0..L-1, pads included): fp32 logits [B, L, V]. Decoding uses
         `prefix` + `image_logits`: the same image logits without recomputing the text part or text columns."""
         x = self.embed_tokens(ids)
         cos, sin = self._rope(0, ids.shape[1], ids.device)
-        hidden = [x]
-        for i, layer in enumerate(self.layers):
+        hidden = [x]                     # the embeddings, then each block's output; the last one after final LN
+        for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(lambda t, l=layer: l(t, cos, sin, allowed)[0], x,
-                                                      use_reentrant=False)
+                x = checkpoint(lambda t, l=layer: l(t, cos, sin, allowed)[0], x, use_reentrant=False)
             else:
                 x, _ = layer(x, cos, sin, allowed)
-            if i < len(self.layers) - 1:
-                hidden.append(x)
-        x = self.final_layernorm(x)
-        hidden.append(x)
+            hidden.append(x)
+        hidden[-1] = x = self.final_layernorm(x)
         logits = self.lm_head(x).float()
         return (logits, hidden) if output_hidden_states else logits
 
@@ -318,21 +278,16 @@ class Showo(nn.Module):
         w, b = self.lm_head.weight[off:off + c.codebook_size], self.lm_head.bias[off:off + c.codebook_size]
         return F.linear(x, w, b).float()
 
-
-# Loading and saving in the released layout (Show-o's `models/modeling_utils.py` reads it)
-
+# Loading and saving in the released layout (Show-o's `models/modeling_utils.py` reads it).
 # ShowoConfig field <- phi-1.5 config.json key; a key phi's config lacks keeps phi-1.5's value
-PHI_CONFIG_KEYS = {"n_embd": "hidden_size", "intermediate_size": "intermediate_size", "n_layer": "num_hidden_layers",
-                   "n_head": "num_attention_heads", "partial_rotary_factor": "partial_rotary_factor",
-                   "rope_theta": "rope_theta", "layer_norm_eps": "layer_norm_eps",
-                   "max_position_embeddings": "max_position_embeddings"}
-
+PHI_CONFIG_KEYS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+                   **{k: k for k in ("intermediate_size", "partial_rotary_factor", "rope_theta", "layer_norm_eps",
+                                     "max_position_embeddings")}}
 
 def _yaml_int(text: str, key: str) -> int | None:
     # the inference yaml is only read for two integers; a full yaml parser is not worth a dependency
     m = re.search(rf"^\s*{key}\s*:\s*(\d+)\s*$", text, flags=re.M)
     return int(m.group(1)) if m else None
-
 
 def showo_config(ckpt_dir: str | Path, phi_config: dict | None) -> ShowoConfig:
     """Show-o's config.json + phi's config.json (+ `inference_config.yaml` if the folder has one)."""
@@ -360,14 +315,13 @@ def showo_config(ckpt_dir: str | Path, phi_config: dict | None) -> ShowoConfig:
         raise CheckpointError(f"{d / 'config.json'}: num_vq_tokens {c.num_vq_tokens} is not a square grid")
     return c
 
-
 def resolve_phi_dir(ckpt_dir: str | Path, phi_dir: str | Path | None) -> Path:
     """Where phi-1.5's config + tokenizer are: `phi_dir`, else config.json's llm_model_path if it is a folder."""
     if phi_dir is not None:
         p = Path(phi_dir)
     else:
         llm = data.read_config(ckpt_dir).get("llm_model_path", "microsoft/phi-1_5")
-        p = (Path(ckpt_dir) / llm)
+        p = Path(ckpt_dir) / llm
         if not p.is_dir():
             raise CheckpointError(
                 f"Show-o needs the phi-1.5 tokenizer ({llm!r} in {Path(ckpt_dir) / 'config.json'}): download it with "
@@ -378,13 +332,11 @@ def resolve_phi_dir(ckpt_dir: str | Path, phi_dir: str | Path | None) -> Path:
                               f"`hf download microsoft/phi-1_5 config.json tokenizer.json --local-dir {p}`")
     return p
 
-
 def showo_key_map(c: ShowoConfig) -> dict[str, str]:
     """Checkpoint key -> `Showo` parameter name: the checkpoint holds Phi as `showo` (lm_head) / `showo.model`."""
     with torch.device("meta"):
         names = [n for n, _ in Showo(c).named_parameters()]
     return {("showo." if n.startswith("lm_head.") else "showo.model.") + n: n for n in names}
-
 
 def load_showo(ckpt_dir: str | Path, phi_dir: str | Path | None = None, *, dtype=torch.float32,
                device="cpu") -> tuple[Showo, ShowoTokenizer]:
@@ -399,19 +351,15 @@ def load_showo(ckpt_dir: str | Path, phi_dir: str | Path | None = None, *, dtype
                     what="Show-o checkpoint")
     return model.eval(), tok
 
-
 def save_showo(model: Showo, out_dir: str | Path, like_dir: str | Path | None = None,
                phi_dir: str | Path | None = None) -> None:
-    """Write `model` in Show-o's own layout, every file atomically: pytorch_model.safetensors, and with
-    `like_dir` that folder's config.json and inference_config.yaml. With `phi_dir` too, config.json's
-    llm_model_path becomes that folder's absolute path: a copied relative one ("../phi" in the tiny model)
-    would point elsewhere from `out_dir`."""
+    """Write `model` in Show-o's layout, each file atomically: pytorch_model.safetensors, and with `like_dir`
+    its config.json and inference_config.yaml. With `phi_dir` too, config.json's llm_model_path becomes that
+    folder's absolute path (a copied relative one, "../phi" in the tiny model, would point elsewhere)."""
     out = Path(out_dir)
     inv = {v: k for k, v in showo_key_map(model.config).items()}
     data.save_state({inv[n]: p for n, p in model.state_dict().items()}, out / "pytorch_model.safetensors")
-    if like_dir is None:
-        return
-    for name in ("config.json", "inference_config.yaml"):
+    for name in ("config.json", "inference_config.yaml") if like_dir is not None else ():
         src = Path(like_dir) / name
         if name == "config.json" and phi_dir is not None:
             data.write_json({**data.read_config(like_dir), "llm_model_path": str(Path(phi_dir).resolve())},
@@ -420,9 +368,7 @@ def save_showo(model: Showo, out_dir: str | Path, like_dir: str | Path | None = 
             with data.atomic_path(out / name) as tmp:
                 tmp.write_bytes(src.read_bytes())
 
-
-# ---- 2. MAGVIT-v2 (Show-o's `models/modeling_magvitv2.py`) ------------------------------------------------
-
+# ---- 2. MAGVIT-v2 (Show-o's `models/modeling_magvitv2.py`) ----------------------------------------------
 
 @dataclass
 class MagvitConfig:
@@ -448,14 +394,11 @@ class MagvitConfig:
             raise CheckpointError("MAGVIT-v2 config: encoder, decoder and quantizer disagree on the bits")
         return c
 
-
 def swish(x):
-    return x * torch.sigmoid(x)  # this form, not F.silu, as `models/common_modules.py` computes it
-
+    return x * torch.sigmoid(x)  # this form, not F.silu, as Show-o's `models/common_modules.py` computes it
 
 def group_norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, c, eps=1e-6)
-
 
 class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
@@ -468,10 +411,8 @@ class ResnetBlock(nn.Module):
         h = self.conv2(swish(self.norm2(self.conv1(swish(self.norm1(x))))))
         return (self.nin_shortcut(x) if self.nin_shortcut is not None else x) + h
 
-
 class AttnBlock(nn.Module):
     """Single-head attention over the h*w positions."""
-
     def __init__(self, c: int):
         super().__init__()
         self.norm = group_norm(c)
@@ -482,27 +423,23 @@ class AttnBlock(nn.Module):
         t = self.norm(x)
         q, k, v = (m(t).reshape(B, C, H * W) for m in (self.q, self.k, self.v))
         a = torch.softmax(torch.bmm(q.transpose(1, 2), k) * C ** -0.5, dim=2)      # [B, hw(q), hw(k)]
-        y = torch.bmm(v, a.transpose(1, 2)).reshape(B, C, H, W)
-        return x + self.proj_out(y)
+        return x + self.proj_out(torch.bmm(v, a.transpose(1, 2)).reshape(B, C, H, W))
 
+def mid_block(c: int) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c)))
 
 class Resample(nn.Module):
     """Downsample: zero-pad right and bottom only, then a stride-2 3x3 conv. Upsample: nearest x2, 3x3 conv."""
-
     def __init__(self, c: int, down: bool):
         super().__init__()
         self.down = down
         self.conv = nn.Conv2d(c, c, 3, stride=2) if down else nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x):
-        if self.down:
-            return self.conv(F.pad(x, (0, 1, 0, 1)))
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 class Level(nn.Module):
     """One resolution: resnet blocks, then a `downsample` or `upsample` (the checkpoint's names) if any."""
-
     def __init__(self, cin: int, cout: int, n_blocks: int, resample: str | None):
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(cin if b == 0 else cout, cout) for b in range(n_blocks))
@@ -514,11 +451,6 @@ class Level(nn.Module):
         for block in self.block:
             x = block(x)
         return getattr(self, self.resample)(x) if self.resample else x
-
-
-def mid_block(c: int) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c)))
-
 
 class Encoder(nn.Module):
     def __init__(self, c: MagvitConfig):
@@ -538,11 +470,8 @@ class Encoder(nn.Module):
             h = level(h)
         return self.quant_conv(self.conv_out(swish(self.norm_out(self.mid(h)))))
 
-
 class Decoder(nn.Module):
-    """Not the encoder's mirror: its own ch_mult and block counts. up[i] belongs to ch_mult[i]; up[-1] runs
-    first."""
-
+    """Not the encoder's mirror (its own ch_mult and block counts); up[i] belongs to ch_mult[i], up[-1] runs first."""
     def __init__(self, c: MagvitConfig):
         super().__init__()
         ch, mult = c.dec_ch, c.dec_ch_mult
@@ -550,13 +479,11 @@ class Decoder(nn.Module):
         self.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
         self.conv_in = nn.Conv2d(c.z_channels, cin, 3, padding=1)
         self.mid = mid_block(cin)
-        levels = [None] * len(mult)
-        for i in reversed(range(len(mult))):    # built in execution order, as the original
-            levels[i] = Level(cin, ch * mult[i], c.dec_num_res_blocks[i], "upsample" if i != 0 else None)
-            cin = ch * mult[i]
-        self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(cin)
-        self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
+        m = tuple(mult) + (mult[-1],)           # level i: ch * m[i + 1] -> ch * m[i] channels
+        self.up = nn.ModuleList(Level(ch * m[i + 1], ch * m[i], k, "upsample" if i != 0 else None)
+                                for i, k in enumerate(c.dec_num_res_blocks))
+        self.norm_out = group_norm(ch * mult[0])
+        self.conv_out = nn.Conv2d(ch * mult[0], 3, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(self.post_quant_conv(z)))
@@ -564,10 +491,8 @@ class Decoder(nn.Module):
             h = level(h)
         return self.conv_out(swish(self.norm_out(h)))
 
-
 class LFQ(nn.Module):
     """Lookup-free quantiser: a code is `bits` signs, channel 0 the most significant bit."""
-
     def __init__(self, bits: int):
         super().__init__()
         self.bits = bits
@@ -577,8 +502,7 @@ class LFQ(nn.Module):
     @staticmethod
     def tables(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         power = 2 ** torch.arange(bits - 1, -1, -1, dtype=torch.long)               # [2^(bits-1) .. 1]
-        codes = torch.arange(2 ** bits, dtype=torch.long)
-        signs = ((codes[:, None] & power) != 0).float() * 2 - 1                      # [K, bits] of ±1
+        signs = ((torch.arange(2 ** bits)[:, None] & power) != 0).float() * 2 - 1     # [K, bits] of ±1
         return signs, power
 
     def codes_to_z(self, codes: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -591,7 +515,6 @@ class LFQ(nn.Module):
         bits = (z > 0).long().permute(0, 2, 3, 1).flatten(1, 2)                     # [B, N, bits]
         return (bits * self.power_vals).sum(-1)
 
-
 class MAGVITv2(nn.Module):
     def __init__(self, c: MagvitConfig):
         super().__init__()
@@ -600,15 +523,13 @@ class MAGVITv2(nn.Module):
 
     def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         """Image tokens [B, N] -> image [B, 3, 16h, 16w] roughly in [-1, 1] (no final clamp)."""
-        n = codes.shape[1]
-        hw = hw or (math.isqrt(n), math.isqrt(n))
+        hw = hw or (math.isqrt(codes.shape[1]),) * 2
         z = self.quantize.codes_to_z(codes.clamp(0, 2 ** self.config.z_channels - 1), hw)
         return self.decoder(z.to(self.decoder.conv_in.weight.dtype))
 
     def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image [B, 3, H, W] in [-1, 1] -> image tokens [B, (H/f)*(W/f)]."""
         return self.quantize.z_to_codes(self.encoder(pixels.to(self.encoder.conv_in.weight.dtype)))
-
 
 def load_magvit(ckpt_dir: str | Path, *, dtype=torch.float32, device="cpu") -> MAGVITv2:
     c = MagvitConfig.from_json(data.read_config(ckpt_dir))
@@ -624,32 +545,22 @@ def load_magvit(ckpt_dir: str | Path, *, dtype=torch.float32, device="cpu") -> M
     model.quantize.embedding = model.quantize.embedding.float()  # ±1 is exact in any dtype; keep the table fp32
     return model.eval()
 
-
 def image_to_pixels(img, resolution: int) -> torch.Tensor:
-    """PIL image -> [1, 3, r, r] in [-1, 1]: bicubic resize of the shorter side, centre crop, as Show-o's
-    `training/utils.py` (image_transform)."""
+    """PIL image -> [1, 3, r, r] in [-1, 1]: bicubic shorter side, centre crop (Show-o's `training/utils.py`)."""
     w, h = img.size
     s = resolution / min(w, h)
     img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
+    left, top = (img.size[0] - resolution) // 2, (img.size[1] - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
     x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
     return ((x - 0.5) / 0.5)[None]
 
-
-# ---- 3. Masked parallel decoding (Sec. 3.1; `t2i_generate` of `models/modeling_showo.py`) ----------------
-
+# ---- 3. Masked parallel decoding (Sec. 3.1; `t2i_generate` of `models/modeling_showo.py`) -------------
 
 def cosine_schedule(r: float) -> torch.Tensor:
-    """Fraction of image tokens still masked after a fraction r of the steps (`models/sampling.py`), in
-    float32 as the original: float64 would change mask_len in some steps."""
+    """Share of image tokens masked after a share r of the steps (`models/sampling.py`), in float32 as the
+    original: float64 would change mask_len at some steps."""
     return torch.cos(torch.tensor(r) * math.pi * 0.5)
-
-
-def gumbel(u: torch.Tensor) -> torch.Tensor:
-    return -torch.log(torch.clamp(-torch.log(torch.clamp(u, min=1e-20)), min=1e-20))
-
 
 @dataclass
 class Step:
@@ -662,15 +573,12 @@ class Step:
     masking: torch.Tensor         # [k, N] True = re-masked
     probs: torch.Tensor | None = None  # [k, N, K] the CFG distribution sampled from (with keep_probs=True)
 
-
 class Paths:
-    """N decoding paths of one prompt, decoded together as one batch (Sec. 3.1). Each path has its own
-    generator, so its result does not depend on the batch, and its draws come in the original order (per step
-    a multinomial over every image slot, then a uniform for the Gumbel noise). `step()` advances every live
-    path and returns their x̂0; `stop(i)` takes path i out (PARM's truncation), `resume(i)` puts it back.
-    fast=True caches the text part's keys/values and computes only code logits at image positions;
-    fast=False runs the original full forward every step (for checks and the benchmark)."""
-
+    """N decoding paths of one prompt, decoded as one batch (Sec. 3.1). Each path has its own generator, so
+    its result does not depend on the batch, and draws in the original order (per step a multinomial over every
+    image slot, then a uniform for the Gumbel noise). `step()` advances every live path and returns its x̂0;
+    `stop(i)` takes path i out (PARM's truncation), `resume(i)` puts it back. fast=True caches the text part's
+    keys/values; fast=False runs the original full forward every step (for checks and the benchmark)."""
     def __init__(self, model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
                  cfg: float = 1.75, temperature: float | Sequence[float] = 1.0,
                  generators: Sequence[torch.Generator] | None = None,
@@ -679,20 +587,18 @@ class Paths:
             raise ValueError(f"number of paths must be at least 1 (got {n})")
         if steps < 1:
             raise ValueError(f"number of decoding steps must be at least 1 (got {steps})")
-        c = model.config
-        device = model.embed_tokens.weight.device
+        c, device = model.config, model.embed_tokens.weight.device
         self.model, self.tok, self.config, self.prompt = model, tokenizer, c, prompt
         self.n, self.steps, self.cfg, self.fast, self.keep_probs = n, steps, float(cfg), fast, keep_probs
         if generators is None:
             generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
         if len(generators) != n:
             raise ValueError(f"{len(generators)} generators for {n} paths: give one per path")
-        self.generators = list(generators)
         # each path's starting temperature; a list can restore the released scripts' τ leak (see `Search`)
-        self.temperature = [float(t) for t in temperature] if isinstance(temperature, Sequence) else \
-            [float(temperature)] * n
-        if len(self.temperature) != n:
-            raise ValueError(f"{len(self.temperature)} temperatures for {n} paths")
+        temperature = [float(t) for t in temperature] if isinstance(temperature, Sequence) else [float(temperature)] * n
+        if len(temperature) != n:
+            raise ValueError(f"{len(temperature)} temperatures for {n} paths")
+        self.generators, self.temperature = list(generators), temperature
         # the cond row, and the empty prompt's row for CFG (`inference_t2i.py`); a conditioning image is in both
         cond = None if condition is None else condition.reshape(1, -1).expand(2, -1)
         self.ids = tokenizer.t2i_ids([prompt, ""], condition=cond).to(device)      # [2, L]
@@ -743,8 +649,7 @@ class Paths:
     def probs(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """softmax of the guided logits (1+g)·cond − g·uncond over the K codes, [k, N, K] for image-slot
         states [k, N] (vocabulary ids). Depends on nothing else, so a test can feed recorded states in."""
-        c, k = self.config, image_tokens.shape[0]
-        g = self.cfg
+        c, k, g = self.config, image_tokens.shape[0], self.cfg
         rows = 2 if g else 1
         if self.fast:
             seg = self.tok.image_segment(image_tokens).repeat(rows, 1)                 # [rows*k, N+2]: cond; uncond
@@ -774,10 +679,10 @@ class Paths:
         if not live:
             raise RuntimeError("no live path to advance")
         probs = self.probs(self.tokens[live])
-        done = [self._advance(i, probs[j]) for j, i in enumerate(live)]           # (x0, masking, mask_len)
-        return Step(paths=live, step=[self.step_of[i] - 1 for i in live], x0=torch.stack([d[0] for d in done]),
-                    mask_len=[d[2] for d in done], temperature=[self.temperature[i] for i in live],
-                    masking=torch.stack([d[1] for d in done]), probs=probs if self.keep_probs else None)
+        x0, masking, mask_len = zip(*(self._advance(i, probs[j]) for j, i in enumerate(live)))
+        return Step(paths=live, step=[self.step_of[i] - 1 for i in live], x0=torch.stack(x0),
+                    mask_len=list(mask_len), temperature=[self.temperature[i] for i in live],
+                    masking=torch.stack(masking), probs=probs if self.keep_probs else None)
 
     def _advance(self, i: int, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One path, one step: sample every slot, keep known codes, re-mask the least confident
@@ -796,14 +701,14 @@ class Paths:
         # the temperature anneals by compounding (1 - r) every step, starting again for each path
         self.temperature[i] *= 1.0 - r
         u = torch.zeros(1, N, device=probs.device).uniform_(0, 1, generator=gen)[0]
-        confidence = torch.log(torch.clamp(conf, min=1e-20)) + self.temperature[i] * gumbel(u)
+        gumbel = -torch.log(torch.clamp(-torch.log(torch.clamp(u, min=1e-20)), min=1e-20))
+        confidence = torch.log(torch.clamp(conf, min=1e-20)) + self.temperature[i] * gumbel
         cut = torch.sort(confidence).values[mask_len]
         remask = confidence < cut
         self.tokens[i] = torch.where(remask, c.mask_token_id, sampled + off)
         self.x0[i] = sampled
         self.step_of[i] += 1
         return sampled, remask, mask_len
-
 
 def generate(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
              cfg: float = 1.75, seed: int = 0, temperature: float | Sequence[float] = 1.0, generators=None,
@@ -822,15 +727,11 @@ def generate(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *
     codes = torch.stack(paths.x0)
     return (codes, torch.stack(x0, 1)) if history else codes
 
-
-# ---- 4. Test-time verification: searches over the decoding paths (Sec. 3.2, 4, 5) ----------------------
-
+# ---- 4. Test-time verification: searches over the decoding paths (Sec. 3.2, 4, 5) -------------------
 
 class Judge:
-    """The searches' view of a verifier (verifiers.Verifier): every call judges the x̂0 images of some paths
-    at one step, in one batched verifier call. `who` names the (path, step) of each image, which the real
-    verifier does not need but the trace and the scripted test verifiers do."""
-
+    """The searches' view of a verifier (verifiers.Verifier): each call judges the x̂0 images of some paths at
+    one step in one batched call. `who` names each image's (path, step), for the trace and scripted tests."""
     def __init__(self, verifier, *, decide: str = "greedy", generator: torch.Generator | None = None,
                  released_scores: bool = False):
         if decide not in ("greedy", "sample"):
@@ -862,7 +763,6 @@ class Judge:
     def reflect(self, images, prompt: str, max_new_tokens: int) -> list[str]:
         return self.verifier.reflect(images, [prompt] * images.shape[0], max_new_tokens=max_new_tokens)
 
-
 @dataclass
 class SearchResult:
     """The chosen image of a search and everything that led to it (`trace` is JSON-ready)."""
@@ -873,13 +773,10 @@ class SearchResult:
     trace: dict
     history: torch.Tensor | None = None  # [n, S, N] every step's x̂0 (plain generation only)
 
-
 class Search:
-    """Shared machinery of the searches: the paths, x̂0 decoding, the JSON trace and the work counters.
-
-    released_temperature=True reproduces the paper code's loops (`baseline.py`, `orm.py`, `parm.py`), which
-    never reset the annealed temperature: every path after the first runs at τ = 0."""
-
+    """What the searches share: paths, x̂0 decoding, verifier calls, the JSON trace, work counters. With
+    released_temperature, as the paper code's loops (`baseline.py`, `orm.py`, `parm.py`), paths after the first
+    run at τ = 0: those loops never reset the annealed temperature."""
     def __init__(self, model: Showo, tok: ShowoTokenizer, magvit: MAGVITv2, judge: Judge | None, prompt: str,
                  n: int, *, steps: int = 18, cfg: float = 1.75, seed: int = 0, progress=None, strategy: str,
                  released_temperature: bool = False):
@@ -887,8 +784,7 @@ class Search:
         temperature = [1.0] + [0.0] * (n - 1) if released_temperature else 1.0
         self.paths = Paths(model, tok, prompt, n, steps=steps, cfg=cfg, seed=seed, temperature=temperature)
         self.progress = progress or (lambda *_: None)
-        self.decodes = 0
-        self.judge_tokens0 = judge.tokens_processed if judge is not None else 0
+        self.decodes, self.judge_tokens0 = 0, (judge.tokens_processed if judge is not None else 0)
         self.log = {i: {"path": i, "seed": seed + i, "steps": [], "ended": None} for i in range(n)}
 
     def finish(self, what: str | None = None) -> list[torch.Tensor]:
@@ -905,9 +801,15 @@ class Search:
         self.decodes += codes.shape[0]
         return self.magvit.decode_code(codes)
 
-    def record(self, path: int, step: int, task: str, j) -> None:
-        self.log[path]["steps"].append({"step": step, "task": task, "answer": j.answer,
-                                        "p_yes": round(j.p_yes, 6), "p_no": round(j.p_no, 6)})
+    def ask(self, task: str, who: list[tuple[int, int]], codes: torch.Tensor | None = None) -> list:
+        """One batched verifier call of `task` (orm, prm, clarity, potential) on the x̂0 `codes` of the paths
+        `who` = [(path, step)], recorded in the trace. Potential assessment follows up clarity: no image."""
+        judge = getattr(self.judge, task)
+        judgments = judge(self.prompt, who) if codes is None else judge(self.decode(codes), self.prompt, who)
+        for (i, t), j in zip(who, judgments):
+            self.log[i]["steps"].append({"step": t, "task": task, "answer": j.answer,
+                                         "p_yes": round(j.p_yes, 6), "p_no": round(j.p_no, 6)})
+        return judgments
 
     def result(self, winner: int, why: str, pruned: list[bool] | None = None, **extra) -> SearchResult:
         p = self.paths
@@ -923,22 +825,17 @@ class Search:
                  **extra}
         return SearchResult(codes=finals[winner], winner=winner, finals=finals, pruned=pruned, trace=trace)
 
-
 def best_of(scores: Sequence[float]) -> int:
     """Index of the highest score; ties go to the lowest index (as the released code's strict '>')."""
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
-
 
 def decode_all(model, tok, magvit, prompt, n, *, steps=18, cfg=1.75, seed=0, progress=None,
                released_temperature=False) -> SearchResult:
     """Plain generation of n paths (Sec. 3.1, no verifier): the winner is path 0; keeps every step's x̂0."""
     s = Search(model, tok, magvit, None, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
                strategy="none", released_temperature=released_temperature)
-    history = s.finish()
-    result = s.result(0, "no verifier: path 0")
-    result.history = torch.stack(history, 1)
-    return result
-
+    history = torch.stack(s.finish(), 1)
+    return replace(s.result(0, "no verifier: path 0"), history=history)
 
 def orm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
                progress=None, released_temperature=False) -> SearchResult:
@@ -947,85 +844,59 @@ def orm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, st
     s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
                strategy="orm", released_temperature=released_temperature)
     s.finish()
-    judgments = judge.orm(s.decode(s.paths.final_tokens()), prompt, [(i, steps) for i in range(n)])
-    for i, j in enumerate(judgments):
-        s.record(i, steps, "orm", j)
+    judgments = s.ask("orm", [(i, steps) for i in range(n)], s.paths.final_tokens())
     winner = best_of([j.p_yes for j in judgments])
     return s.result(winner, f"best-of-{n}: highest ORM p(yes) = {judgments[winner].p_yes:.4f}")
 
-
 def prm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
                progress=None, released_temperature=False) -> SearchResult:
-    """Sec. 3.2, PRM step-level best-of-N: after every step, score each path's x̂0 image with the PRM prompt
-    and continue from the most confident one: all N paths re-branch from its state (each keeps its own
-    generator, so they diverge again at the next step)."""
+    """Sec. 3.2, PRM step-level best-of-N: after every step, score each path's x̂0 with the PRM prompt; all N
+    paths re-branch from the most confident one (each keeps its own generator, so they diverge again)."""
     s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
                strategy="prm", released_temperature=released_temperature)
     followed = []
     for step in s.paths:
         t = step.step[0]
-        judgments = judge.prm(s.decode(step.x0), prompt, [(i, t) for i in step.paths])
-        for i, j in zip(step.paths, judgments):
-            s.record(i, t, "prm", j)
+        judgments = s.ask("prm", [(i, t) for i in step.paths], step.x0)
         best = step.paths[best_of([j.p_yes for j in judgments])]
         followed.append(best)
-        if t + 1 < steps:
-            for i in step.paths:
-                if i != best:
-                    s.paths.copy_state(best, i)
+        for i in (i for i in step.paths if i != best and t + 1 < steps):   # nothing re-branches after the last step
+            s.paths.copy_state(best, i)
         s.progress(t + 1, f"{n} paths, following path {best} (PRM p(yes) {max(j.p_yes for j in judgments):.3f})")
     return s.result(followed[-1], f"step-level best-of-{n}: most confident path at the last step",
                     followed=followed)
 
-
-def _parm_step(s: Search, step: Step, clear_at: dict, potential: dict, p_no: list, truncate: bool) -> None:
-    """Sec. 4, PARM tasks 1 and 2 at one step. Clarity judgment: every live path not yet judged clear is asked
-    whether its x̂0 is clear enough to judge (one batched call). Potential assessment: at a path's first clear
-    step it is asked, as a follow-up turn on the same image, whether it can still become an image satisfying
-    the prompt; "no" truncates the path at once unless `truncate` is False (the released `parm.py`)."""
-    t = step.step[0]
-    ask = [(j, i) for j, i in enumerate(step.paths) if i not in clear_at]
-    if not ask:
-        return
-    judgments = s.judge.clarity(s.decode(step.x0[[j for j, _ in ask]]), s.prompt, [(i, t) for _, i in ask])
-    newly_clear = []
-    for (_, i), jd in zip(ask, judgments):
-        s.record(i, t, "clarity", jd)
-        if jd.is_yes:
-            clear_at[i] = t
-            newly_clear.append(i)
-    if not newly_clear:
-        return
-    for i, jd in zip(newly_clear, s.judge.potential(s.prompt, [(i, t) for i in newly_clear])):
-        s.record(i, t, "potential", jd)
-        potential[i], p_no[i] = jd.is_yes, jd.p_no
-        if not jd.is_yes and truncate:
-            s.paths.stop(i)
-            s.log[i]["ended"] = f"truncated after step {t + 1}: potential assessment said no"
-
-
 def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
                 truncate: bool = True, progress=None, released_temperature=False) -> SearchResult:
-    """Sec. 4, PARM: clarity judgment, potential assessment (`_parm_step`), best-of-N' selection.
-
-    Task 3, best-of-N': the N' paths judged to have potential are scored with the ORM prompt on the same
-    verifier and the best is kept; if N' = 0, the path with the lowest p(no) wins (never-clear paths count
-    p(no) = 1), and if it was truncated it is resumed and finished, giving exactly the image it would have."""
+    """Sec. 4, PARM (the paper code's `parm.py`). Task 1, clarity judgment: at each step, every live path not
+    yet judged clear is asked whether its x̂0 is clear enough to judge. Task 2, potential assessment: at its
+    first clear step a path is asked, as a follow-up turn on that image, whether it can still satisfy the
+    prompt; "no" truncates it (`truncate=False` decodes it to the end, as the released code). Task 3,
+    best-of-N': the N' paths with potential are scored with the ORM prompt and the best is kept; if N' = 0 the
+    lowest p(no) wins (never clear: p(no) = 1), resumed and finished if truncated (the same image as uncut)."""
     s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
                strategy="parm", released_temperature=released_temperature)
     clear_at: dict[int, int] = {}             # path -> its first clear step
-    potential: dict[int, bool] = {}
-    p_no = [1.0] * n
+    potential, p_no = {}, [1.0] * n           # path -> "yes" of its potential assessment; p(no) of it
     for step in s.paths:
-        _parm_step(s, step, clear_at, potential, p_no, truncate)
-        s.progress(step.step[0] + 1, f"{len(s.paths.live())} alive, {len(clear_at)} judged clear, "
-                                     f"{sum(s.paths.stopped)} pruned")
-    pruned = list(s.paths.stopped)
+        t = step.step[0]
+        ask = [(j, i) for j, i in enumerate(step.paths) if i not in clear_at]
+        if ask:
+            judgments = s.ask("clarity", [(i, t) for _, i in ask], step.x0[[j for j, _ in ask]])
+            clear = [i for (_, i), jd in zip(ask, judgments) if jd.is_yes]
+            clear_at.update((i, t) for i in clear)
+            if clear:
+                for i, jd in zip(clear, s.ask("potential", [(i, t) for i in clear])):
+                    potential[i], p_no[i] = jd.is_yes, jd.p_no
+                    if not jd.is_yes and truncate:
+                        s.paths.stop(i)
+                        s.log[i]["ended"] = f"truncated after step {t + 1}: potential assessment said no"
+        s.progress(t + 1, f"{len(s.paths.live())} alive, {len(clear_at)} judged clear, "
+                          f"{sum(s.paths.stopped)} pruned")
+    pruned = list(s.paths.stopped)              # only truncation stops a path here
     keep = [i for i in range(n) if potential.get(i)]
     if keep:
-        judgments = judge.orm(s.decode(s.paths.final_tokens_of(keep)), prompt, [(i, steps) for i in keep])
-        for i, jd in zip(keep, judgments):
-            s.record(i, steps, "orm", jd)
+        judgments = s.ask("orm", [(i, steps) for i in keep], s.paths.final_tokens_of(keep))
         winner = keep[best_of([jd.p_yes for jd in judgments])]
         why = f"best-of-N' with N' = {len(keep)}: highest ORM p(yes) among the paths with potential"
     else:
@@ -1037,15 +908,12 @@ def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, s
             why += f"; path {winner} was resumed from step {clear_at[winner] + 1} and finished"
     return s.result(winner, why, pruned, clear_at=clear_at, n_prime=len(keep))
 
-
 # PARM++'s self-correction input (ours; the released code has no PARM++): the reason follows the prompt in the
 # text part and the previous image is a second image segment before the one being generated.
 SELF_CORRECTION_TEXT = "{prompt}\nCorrection: {reason}"
 
-
 def self_correction_text(prompt: str, reason: str) -> str:
     return SELF_CORRECTION_TEXT.format(prompt=prompt, reason=" ".join(reason.split()))
-
 
 def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
                    truncate: bool = True, rounds: int = 3, max_reason_tokens: int = 64,
@@ -1055,9 +923,7 @@ def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *
     the prompt, the previous image's tokens and the reason; it stops at the first "yes"."""
     result = parm_search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, truncate=truncate,
                          progress=progress, released_temperature=released_temperature)
-    codes, reflections = result.codes, []
-    work = result.trace["work"]
-    tokens0 = judge.tokens_processed
+    codes, reflections, work, tokens0 = result.codes, [], result.trace["work"], judge.tokens_processed
     for r in range(rounds + 1):
         image = magvit.decode_code(codes[None])
         work["decodes"] += 1
@@ -1081,13 +947,11 @@ def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *
     result.codes = codes
     return result
 
-
-# ---- 5. Built-in tiny checkpoints (`--tiny`): random weights written in the released formats --------------
+# ---- 5. Built-in tiny checkpoints (`--tiny`): random weights written in the released formats ----------
 
 TINY_MAGVIT = {"encoder": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": [1, 1, 1, 1], "z_channels": 6},
                "decoder": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": [1, 1, 1, 1], "z_channels": 6},
                "quantizer": {"codebook_dim": 6}}
-
 
 def _random_fill(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic random weights: norms at 1/0, other weights ~ N(0, 1/fan_in), biases small."""
@@ -1095,14 +959,12 @@ def _random_fill(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in sorted(model.named_parameters()):
         if "norm" in name:
-            t = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
+            out[name] = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
         elif p.dim() == 1:
-            t = torch.randn(p.shape, generator=g) * 0.02
+            out[name] = torch.randn(p.shape, generator=g) * 0.02
         else:
-            t = torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
-        out[name] = t
+            out[name] = torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
     return out
-
 
 def write_tiny_showo(root: str | Path, seed: int = 0) -> None:
     """Write `phi/`, `showo/` and `magvitv2/` under `root` as the released repos lay them out."""
@@ -1130,7 +992,6 @@ def write_tiny_showo(root: str | Path, seed: int = 0) -> None:
     showo = Showo(c)
     showo.load_state_dict(_random_fill(showo, seed))
     save_showo(showo, root / "showo")
-
     mc = MagvitConfig.from_json({"architecture": TINY_MAGVIT})
     weights = _random_fill(MAGVITv2(mc), seed + 1)
     weights["quantize.embedding"], weights["quantize.power_vals"] = LFQ.tables(mc.z_channels)

@@ -649,23 +649,20 @@ def _template_size(tag: str, objects, colourable, colors) -> int:
 def template_prompt(tag: str, i: int, objects, colourable, colors) -> str:
     """Prompt number i of one template (mixed-radix decoding of i; every i gives a different prompt)."""
     O, P, C = objects, colourable, colors
-    if tag == "single_object":
-        return f"a photo of {with_article(O[i])}"
-    if tag == "two_object":
-        a, b = _distinct_pair(i, len(O))
-        return f"a photo of {with_article(O[a])} and {with_article(O[b])}"
-    if tag == "counting":
-        o, n = divmod(i, len(COUNT_WORDS))
-        return f"a photo of {COUNT_WORDS[n]} {plural(O[o])}"
+    if tag in ("single_object", "counting"):
+        o, n = divmod(i, len(COUNT_WORDS)) if tag == "counting" else (i, None)
+        return f"a photo of {with_article(O[o])}" if n is None else f"a photo of {COUNT_WORDS[n]} {plural(O[o])}"
     if tag == "colors":
         o, c = divmod(i, len(C))
         return f"a photo of {with_article(C[c])} {P[o]}"
+    radix = {"two_object": 1, "position": len(GENEVAL_RELATIONS), "color_attr": len(C) * (len(C) - 1)}[tag]
+    pair, rest = divmod(i, radix)
+    a, b = _distinct_pair(pair, len(P if tag == "color_attr" else O))
+    if tag == "two_object":
+        return f"a photo of {with_article(O[a])} and {with_article(O[b])}"
     if tag == "position":
-        pair, r = divmod(i, len(GENEVAL_RELATIONS))
-        a, b = _distinct_pair(pair, len(O))
-        return f"a photo of {with_article(O[a])} {GENEVAL_RELATIONS[r]} {with_article(O[b])}"
-    pair, cpair = divmod(i, len(C) * (len(C) - 1))
-    (a, b), (ca, cb) = _distinct_pair(pair, len(P)), _distinct_pair(cpair, len(C))
+        return f"a photo of {with_article(O[a])} {GENEVAL_RELATIONS[rest]} {with_article(O[b])}"
+    ca, cb = _distinct_pair(rest, len(C))
     return f"a photo of {with_article(C[ca])} {P[a]} and {with_article(C[cb])} {P[b]}"
 
 

@@ -188,10 +188,10 @@ def magvit_resolution(magvit: cotgen.MAGVITv2, n_tokens: int) -> int:
 def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.ShowoConfig,
                   magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str, batch: int = 16,
                   progress: Callable[[str], None] | None = None) -> tuple[list[torch.Tensor | None], list[str]]:
-    """Images as codes (Sec. 3.3: the released DPO data are PNG paths). Each item is (where, value): a token list is checked and used as it is; an
-    image path (relative to `image_root`) is loaded, preprocessed as Show-o's `image_transform` and encoded with MAGVIT-v2, as
-    the released code does (so a likelihood is that of encode(PNG), not of the tokens that made the image).
-    Returns (codes [N] or None per item, problems "where: why"); `what` names the source in errors."""
+    """Images as codes. Each item is (where, value): a token list is checked and used as it is; an image path
+    (relative to `image_root`) is loaded, preprocessed as Show-o's `image_transform` and encoded with MAGVIT-v2,
+    as the released DPO code does with its PNG paths (so a likelihood is that of encode(PNG), not of the
+    tokens that made the image). Returns (codes [N] or None per item, problems "where: why")."""
     N, K = config.num_vq_tokens, config.codebook_size
     root = Path(image_root)
     codes: list[torch.Tensor | None] = [None] * len(images)
@@ -225,31 +225,44 @@ def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.Showo
     return codes, problems
 
 
+def encode_couples(couples: Sequence[tuple[tuple[str, str | list], tuple[str, str | list]]],
+                   config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str,
+                   same: Callable[[int], str], progress: Callable[[str], None] | None = None):
+    """Two images per record, `couples[r] = ((where, image), (where, image))`, as codes (`encode_images`). An
+    image several records share (the same `where`: a "yes" image of reflect.json) is encoded once and its
+    problem reported once. Returns ([(r, codes, codes)] for the usable records, problems); a record whose two
+    images are the same tokens carries nothing to learn and gives the problem `same(r)`."""
+    slot: dict[str, int] = {}
+    items: list[tuple[str, str | list]] = []
+    for couple in couples:
+        for where, image in couple:
+            if where not in slot:
+                slot[where] = len(items)
+                items.append((where, image))
+    codes, problems = encode_images(items, config, magvit, image_root, what, progress=progress)
+    kept = []
+    for r, ((wa, _), (wb, _)) in enumerate(couples):
+        a, b = codes[slot[wa]], codes[slot[wb]]
+        if a is not None and b is not None:
+            kept.append((r, a, b)) if not torch.equal(a, b) else problems.append(same(r))
+    return kept, problems
+
+
+def _stack(codes: list[torch.Tensor], config: cotgen.ShowoConfig) -> torch.Tensor:
+    return torch.stack(codes) if codes else torch.empty(0, config.num_vq_tokens, dtype=torch.long)
+
+
 def encode_pairs(records: Sequence[data.PairRecord], config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2 | None,
-                 image_root: str | os.PathLike, where: str, batch: int = 16,
+                 image_root: str | os.PathLike, where: str,
                  progress: Callable[[str], None] | None = None) -> tuple[PairData, list[str]]:
-    """Preference records -> image codes (`encode_images`). Returns (pairs, problems): every record that cannot
-    be used gives one "where line N: why" problem."""
-    items = []
-    for rec in records:
-        items += [(f"{where} line {rec.line}: {side!r}" if isinstance(getattr(rec, side), list)
-                   else f"{where} line {rec.line}: {side}", getattr(rec, side)) for side in ("chosen", "rejected")]
-    codes, problems = encode_images(items, config, magvit, image_root, where, batch, progress)
-    keep = []
-    for r, rec in enumerate(records):
-        w, l = codes[2 * r], codes[2 * r + 1]
-        if w is None or l is None:
-            continue
-        if torch.equal(w, l):
-            problems.append(f"{where} line {rec.line}: 'chosen' and 'rejected' are the same image tokens, "
-                            "so the pair carries no preference")
-            continue
-        keep.append(r)
-    empty = torch.empty(0, config.num_vq_tokens, dtype=torch.long)
-    return PairData(prompts=[records[r].prompt for r in keep],
-                    chosen=torch.stack([codes[2 * r] for r in keep]) if keep else empty,
-                    rejected=torch.stack([codes[2 * r + 1] for r in keep]) if keep else empty,
-                    source=[f"{where}:{records[r].line}" for r in keep]), problems
+    """Preference records -> image codes. Returns (pairs, one "where line N: why" per unusable record)."""
+    side = lambda rec, s: (f"{where} line {rec.line}: {s!r}" if isinstance(getattr(rec, s), list)  # noqa: E731
+                           else f"{where} line {rec.line}: {s}", getattr(rec, s))
+    kept, problems = encode_couples([(side(r, "chosen"), side(r, "rejected")) for r in records], config, magvit,
+                                    image_root, where, lambda r: f"{where} line {records[r].line}: 'chosen' and "
+                                    "'rejected' are the same image tokens, so the pair carries no preference", progress)
+    return PairData([records[r].prompt for r, _, _ in kept], _stack([w for _, w, _ in kept], config),
+                    _stack([l for _, _, l in kept], config), [f"{where}:{records[r].line}" for r, _, _ in kept]), problems
 
 
 def sample_images(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotgen.MAGVITv2, prompt: str, n: int,
@@ -370,32 +383,13 @@ class CorrectionData:
 def encode_groups(records: Sequence[data.CorrectionRecord], config: cotgen.ShowoConfig,
                   magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str,
                   progress: Callable[[str], None] | None = None) -> tuple[CorrectionData, list[str]]:
-    """Self-correction groups -> image codes (`encode_images`). An image several groups share (a "yes" image
-    of reflect.json) is encoded once, and a problem with it is reported once, naming its record. Returns
-    (groups, problems)."""
-    slot: dict[str, int] = {}
-    items: list[tuple[str, str | list]] = []
-    for rec in records:
-        for where, image in ((rec.low_from, rec.low), (rec.high_from, rec.high)):
-            if where not in slot:
-                slot[where] = len(items)
-                items.append((where, image))
-    codes, problems = encode_images(items, config, magvit, image_root, what, progress=progress)
-    keep = []
-    for rec in records:
-        low, high = codes[slot[rec.low_from]], codes[slot[rec.high_from]]
-        if low is None or high is None:
-            continue
-        if torch.equal(low, high):
-            problems.append(f"{rec.low_from} the low- and high-quality images are the same image tokens, so there "
-                            "is nothing to correct")
-            continue
-        keep.append((rec, low, high))
-    empty = torch.empty(0, config.num_vq_tokens, dtype=torch.long)
-    return CorrectionData(prompts=[r.prompt for r, _, _ in keep], reasons=[r.reason for r, _, _ in keep],
-                          low=torch.stack([l for _, l, _ in keep]) if keep else empty,
-                          high=torch.stack([h for _, _, h in keep]) if keep else empty,
-                          source=[r.low_from.rsplit(":", 1)[0] for r, _, _ in keep]), problems
+    """Self-correction groups -> image codes. Returns (groups, one problem per unusable group or image)."""
+    kept, problems = encode_couples([((r.low_from, r.low), (r.high_from, r.high)) for r in records], config, magvit,
+                                    image_root, what, lambda r: f"{records[r].low_from} the low- and high-quality "
+                                    "images are the same image tokens, so there is nothing to correct", progress)
+    return CorrectionData([records[r].prompt for r, _, _ in kept], [records[r].reason for r, _, _ in kept],
+                          _stack([l for _, l, _ in kept], config), _stack([h for _, _, h in kept], config),
+                          [records[r].low_from.rsplit(":", 1)[0] for r, _, _ in kept]), problems
 
 
 def correction_sequences(tok: cotgen.ShowoTokenizer, groups: CorrectionData, masked: torch.Tensor,

@@ -306,20 +306,25 @@ def resume_and_fit(a, out: Path, label: str, start: Path, load: Callable[[Path],
 # ==========================================================================================================
 
 
+def add_config_flags(g, d: TrainConfig, helps: dict[str, str]) -> None:
+    """One flag per TrainConfig field (--field-name), typed and defaulted by `d`'s value."""
+    for name, text in helps.items():
+        v, flag = getattr(d, name), "--" + name.replace("_", "-")
+        if isinstance(v, bool):
+            g.add_argument(flag, action="store_true", help=text)
+        else:
+            g.add_argument(flag, type=type(v), default=v, help=f"{text} (default {v})")
+
+
 def add_optim_args(p: argparse.ArgumentParser, title: str, d: TrainConfig):
     """AdamW, schedule, data order and seed, with `d`'s values as defaults."""
     g = p.add_argument_group(title)
-    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default {d.lr})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per step (default {d.batch_size})")
-    g.add_argument("--epochs", type=int, default=d.epochs,
-                   help=f"passes over the data (per round for dpo --rounds; default {d.epochs})")
-    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
-                   help=f"linear warm-up over this fraction of the steps, then cosine to 0 (default {d.warmup_ratio})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help=f"AdamW weight decay, biases excluded (default {d.weight_decay})")
+    add_config_flags(g, d, {"lr": "AdamW peak learning rate", "batch_size": "examples per step",
+                            "epochs": "passes over the data (per round for dpo --rounds)",
+                            "warmup_ratio": "linear warm-up over this fraction of the steps, then cosine to 0",
+                            "weight_decay": "AdamW weight decay, biases excluded", "seed": "seed of every random draw"})
     g.add_argument("--max-steps", type=int, default=None,
                    help="cap the optimizer steps (per round for dpo; the schedule spans the cap)")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="bf16 = bf16 autocast with fp32 master weights; auto = bf16 on GPU, fp32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true",
@@ -362,11 +367,11 @@ def check_optim_args(a) -> None:
 
 
 def train_config(a, device: torch.device, preset: str, **fields) -> TrainConfig:
-    """The TrainConfig the flags give (bf16 autocast on GPU unless --precision says otherwise)."""
-    bf16 = a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda")
-    return TrainConfig.preset(preset, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, warmup_ratio=a.warmup_ratio,
-                              weight_decay=a.weight_decay, max_steps=a.max_steps, shuffle=a.shuffle, seed=a.seed,
-                              bf16=bf16, gradient_checkpointing=a.gradient_checkpointing, **fields)
+    """The TrainConfig the flags give: every field that is a flag of the command, bf16 autocast on GPU unless
+    --precision says otherwise, and `fields` on top."""
+    given = {f: getattr(a, f) for f in TrainConfig.__dataclass_fields__ if hasattr(a, f)}
+    given["bf16"] = a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda")
+    return TrainConfig.preset(preset, **{**given, **fields})
 
 
 def stop_or_skip(problems: list[str], source, skip_bad: bool) -> None:
@@ -439,31 +444,23 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
                         "does (default), or the most likely answer")
     add_optim_args(p, "optimisation (defaults: Sec. 3.3 and the released dpo.yaml)", d)
     g = p.add_argument_group("DPO")
-    g.add_argument("--beta", type=float, default=d.beta, help=f"DPO temperature β (default {d.beta})")
-    g.add_argument("--sft-coef", type=float, default=d.sft_coef,
-                   help=f"weight of a cross-entropy term on the chosen image (default {d.sft_coef}, as released)")
-    g.add_argument("--shared-mask", action="store_true",
-                   help="mask chosen and rejected with one shared ratio and positions (lower variance); by default "
-                        "they are masked independently, as released")
-    g.add_argument("--cond-dropout", type=float, default=d.cond_dropout,
-                   help=f"probability of dropping the prompt of a training sequence (default {d.cond_dropout}, as released)")
+    add_config_flags(g, d, {"beta": "DPO temperature β", "cond_dropout": "probability of dropping the prompt of a "
+                            "training sequence, as released", "sft_coef": "weight of a cross-entropy term on the "
+                            "chosen image, as released", "shared_mask": "mask chosen and rejected with one shared "
+                            "ratio and positions (lower variance); by default they are masked independently, as "
+                            "released"})
     g.add_argument("--rounds", type=int, default=1,
                    help="DPO rounds; round r > 1 curates new pairs with round r-1's model and trains from it, with it "
                         "as the reference (iterative DPO; the paper uses 2)")
     g = p.add_argument_group("reward-model guidance (Sec. 3.4)")
-    g.add_argument("--reward-coef", type=float, default=d.reward_coef,
-                   help="weight of the online DPO term on the verifier's best vs worst sample of the current policy "
-                        "(0 = off; the paper's guided run uses 0.1)")
+    add_config_flags(g, d, {"reward_coef": "weight of the online DPO term on the verifier's best vs worst sample of "
+                            "the current policy (0 = off; the paper's guided run uses 0.1)",
+                            "online_per_step": "prompts sampled for the online term each step",
+                            "online_samples": "images sampled per online prompt; best and worst make the pair",
+                            "gen_steps": "decoding steps when the model generates (curation, online term)",
+                            "gen_cfg": "classifier-free guidance when the model generates"})
     g.add_argument("--online-prompts", default=None,
                    help="prompt-only file for the online term (default: the prompts of the round's pairs)")
-    g.add_argument("--online-per-step", type=int, default=d.online_per_step,
-                   help=f"prompts sampled for the online term each step (default {d.online_per_step})")
-    g.add_argument("--online-samples", type=int, default=d.online_samples,
-                   help=f"images sampled per online prompt; best and worst make the pair (default {d.online_samples})")
-    g.add_argument("--gen-steps", type=int, default=d.gen_steps,
-                   help=f"decoding steps when the model generates (curation, online term; default {d.gen_steps})")
-    g.add_argument("--gen-cfg", type=float, default=d.gen_cfg,
-                   help=f"classifier-free guidance when the model generates (default {d.gen_cfg})")
     add_output_args(p, "output folder: the final model (Show-o layout), round_R/ with each round's pairs and "
                        "model, and the last checkpoint")
     return p
@@ -525,10 +522,7 @@ class DPORun:
     def __init__(self, a):
         self.a = a
         self.device, self.showo, self.phi, self.magvit_dir = showo_run(a)
-        self.cfg = train_config(a, self.device, "dpo", beta=a.beta, sft_coef=a.sft_coef, shared_mask=a.shared_mask,
-                                cond_dropout=a.cond_dropout, reward_coef=a.reward_coef,
-                                online_per_step=a.online_per_step, online_samples=a.online_samples,
-                                gen_steps=a.gen_steps, gen_cfg=a.gen_cfg)
+        self.cfg = train_config(a, self.device, "dpo")
         self.verifier_dir = sample.verifier_dir(a)
         self.out = Path(a.out)
         self.magvit = cotgen.load_magvit(self.magvit_dir, device=self.device)
@@ -671,9 +665,8 @@ def add_selfcorrect_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--image-root", default=None, help="folder that relative image paths in --data start from "
                                                       "(default: the folder of the --data file)")
     g = add_optim_args(p, "optimisation (the paper gives none for Sec. 5: DPO's recipe, Sec. 3.3)", d)
-    g.add_argument("--cond-dropout", type=float, default=d.cond_dropout,
-                   help="probability of dropping prompt and reason (the low-quality image stays), as Show-o's "
-                        f"training drops the text (default {d.cond_dropout})")
+    add_config_flags(g, d, {"cond_dropout": "probability of dropping prompt and reason (the low-quality image "
+                            "stays), as Show-o's training drops the text"})
     add_output_args(p, "output folder: the fine-tuned Show-o (Show-o layout, for sample.py --showo OUT --parm++), "
                        "groups.jsonl (the training groups as image tokens) and the last checkpoint")
     return p
@@ -714,7 +707,7 @@ def correction_groups(a, config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2) ->
 def run_selfcorrect(a) -> int:
     check_selfcorrect_args(a)
     device, showo, phi, magvit_dir = showo_run(a)
-    cfg = train_config(a, device, "selfcorrect", cond_dropout=a.cond_dropout)
+    cfg = train_config(a, device, "selfcorrect")
     out = Path(a.out)
     settings = {"train": cfg.fingerprint(), "showo": "tiny" if a.tiny and not a.showo else resolved(showo),
                 "reflect": resolved(a.reflect), "data": resolved(a.data), "image_root": resolved(a.image_root),
@@ -1134,11 +1127,8 @@ def add_sft_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
                         "<|im_start|> and <|im_end|> (LLaVA-NeXT's rule, default); 'answer' = the answers and "
                         "their closing <|im_end|> only")
     g = add_optim_args(p, "optimisation (defaults: the released orm_ft / parm runs)", d)
-    g.add_argument("--vision-lr", type=float, default=d.vision_lr,
-                   help=f"AdamW lr of the SigLIP tower (default {d.vision_lr})")
-    g.add_argument("--freeze-vision", action="store_true", help="keep the SigLIP tower fixed")
-    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
-                   help=f"clip the gradient norm to this (default {d.max_grad_norm}; 0 = no clipping)")
+    add_config_flags(g, d, {"vision_lr": "AdamW lr of the SigLIP tower", "freeze_vision": "keep the SigLIP tower "
+                            "fixed", "max_grad_norm": "clip the gradient norm to this; 0 = no clipping"})
     add_output_args(p, "output folder: the fine-tuned verifier (lmms-lab layout, for --verifier OUT) and the last "
                        "checkpoint while training")
     return p
@@ -1197,8 +1187,7 @@ def run_sft(a, task: str) -> int:
     if not base.is_dir():
         fail(f"base model folder {base} not found: download lmms-lab/llava-onevision-qwen2-7b-ov (or -0.5b-ov) there, "
              "pass --base DIR, or use --tiny")
-    cfg = train_config(a, device, "sft", vision_lr=a.vision_lr, freeze_vision=a.freeze_vision,
-                       max_grad_norm=a.max_grad_norm or None, label_rule=a.labels)
+    cfg = train_config(a, device, "sft", max_grad_norm=a.max_grad_norm or None, label_rule=a.labels)
     out = Path(a.out)
     settings = {"task": task, "train": cfg.fingerprint(), "base": "tiny" if a.tiny else resolved(base),
                 "data": [resolved(f) for f in a.data], "image_root": resolved(a.image_root), "fraction": a.fraction,

@@ -8,18 +8,16 @@ token being "yes" or "no". The whole model, written from scratch:
     chat text split at <image>, each chunk tokenised on its own, the 730 rows spliced in
                          -> Qwen2 (GQA, q/k/v bias, RoPE, RMSNorm) -> logits at the answer position only
 
-  1. The model: SigLIP tower, Qwen2 LM with a ragged KV cache, projector and splicing.
+  1. The model: SigLIP tower, projector, Qwen2 LM with a ragged KV cache.
   2. The questions, the chat template and the "pad" image preprocessing.
   3. `Verifier`: batched judgments, the PARM two-turn conversation on a reusable KV cache, PARM++ reflection.
   4. `load_verifier` (lmms-lab and llava-hf layouts) and `save_verifier` (lmms-lab, as the paper's checkpoints).
-  5. The fine-tuning labels and loss of the reward models (`sft_tokens`, `sft_loss`; the trainer is train.py's).
+  5. The fine-tuning labels and loss of the reward models (`sft_tokens`, `sft_loss`; train.py holds the trainer).
   6. The tiny random checkpoint of `--tiny`.
 
-Originals followed: the paper code's `selector.py` and its vendored LLaVA-NeXT: `llava/model/llava_arch.py`,
-`llava/model/multimodal_encoder/siglip_encoder.py`, `llava/model/multimodal_projector/builder.py`,
-`llava/model/language_model/llava_qwen.py`, `llava/model/builder.py`, `llava/mm_utils.py`, `llava/conversation.py`,
-`llava/constants.py`, `llava/train/train.py`; transformers' `modeling_qwen2.py` (4.40, which LLaVA-NeXT pins),
-`convert_llava_onevision_weights_to_hf.py` and `modeling_llava_onevision.py` for the llava-hf layouts.
+Originals followed: the paper code's `selector.py` and the LLaVA-NeXT it vendors as `llava/` (each function
+names its file), on transformers 4.40's `modeling_qwen2.py`; for llava-hf, transformers'
+`convert_llava_onevision_weights_to_hf.py` and `modeling_llava_onevision.py`.
 """
 from __future__ import annotations
 
@@ -277,11 +275,9 @@ def rotate(x, cos, sin):
 
 
 class KVCache:
-    """Keys/values of every layer, [n_layer, B, n_kv, capacity, head_dim], plus which columns hold real tokens.
-
-    A forward writes T new columns for all rows; row b's real ones are its first n_new[b] (right padding), so
-    after an extension padding can sit mid-row. `valid` masks it out of attention, and `next_pos` keeps each
-    row's RoPE positions contiguous over its real tokens."""
+    """Keys/values of every layer, [n_layer, B, n_kv, capacity, head_dim]. A forward writes T new columns for all
+    rows, of which row b's first n_new[b] are real (right padding), so padding can sit mid-row after an
+    extension: `valid` masks it out of attention and `next_pos` keeps each row's RoPE positions contiguous."""
 
     def __init__(self, n_layer, batch, n_kv, head_dim, capacity, dtype, device):
         shape = (n_layer, batch, n_kv, capacity, head_dim)
@@ -486,8 +482,8 @@ Question = str | Sequence[str]
 
 
 def render_chat(turns: Question, system: str = SYSTEM_PROMPT) -> str:
-    """The ChatML string of `conv_qwen`, ending with the open assistant turn. `turns` is one user message, or
-    messages alternating user, assistant, ..., user."""
+    """The qwen_1_5 ChatML string (`conv_qwen` of `llava/conversation.py`), ending with the open assistant turn.
+    `turns` is one user message, or messages alternating user, assistant, ..., user."""
     turns = [turns] if isinstance(turns, str) else list(turns)
     if len(turns) % 2 == 0 or not all(isinstance(t, str) for t in turns):
         raise ValueError(f"a conversation must be strings alternating user, assistant, ..., user (an odd count), "
@@ -534,9 +530,9 @@ def as_pil(image, where: str = "image") -> Image.Image:
 
 
 def preprocess(image, size: int = 384, where: str = "image") -> torch.Tensor:
-    """LLaVA "pad" preprocessing -> float32 [3, size, size] in [-1, 1]: `expand2square` onto grey 127
-    (centred), PIL BICUBIC on uint8, then x * (1/255) in float64 -> float32 and (x - 0.5) / 0.5 in float32,
-    the exact arithmetic of SigLipImageProcessor in `siglip_encoder.py`."""
+    """The "pad" preprocessing `selector.py` forces (`process_images` of `llava/mm_utils.py`) -> float32
+    [3, size, size] in [-1, 1]: `expand2square` onto grey 127 (centred), PIL BICUBIC on uint8, then x * (1/255)
+    in float64 -> float32 and (x - 0.5) / 0.5 in float32, the exact arithmetic of SigLipImageProcessor."""
     im = as_pil(image, where)
     w, h = im.size
     if w != h:
@@ -602,7 +598,7 @@ class Verifier:
         self.top_k = generation.get("top_k", HF_DEFAULT_TOP_K)
         self.top_p = generation.get("top_p", HF_DEFAULT_TOP_P)
         self.yes_id, self.no_id = (tokenizer.token_to_id(t) for t in ("yes", "no"))
-        # work counters, for tests and traces: LM positions run (text + image rows, padding excluded), ...
+        # work counters (tests, traces): LM positions run (image rows included, padding not), images, forwards
         self.tokens_processed = self.images_encoded = self.forwards = 0
 
     @property
@@ -683,14 +679,12 @@ class Verifier:
     @torch.inference_mode()
     def judge(self, images, questions, *, decide: str = "greedy", generator: torch.Generator | None = None,
               released_scores: bool = False) -> list[Judgment]:
-        """Sec. 3.2 / 4: one yes/no judgment per (image, question), all in one forward.
-
-        `images`: PIL images, float tensors [3,H,W] in [-1,1] or uint8 [H,W,3] arrays. `questions`: user texts
-        with one <image> (see orm_question & co.) or multi-turn conversations (see potential_question).
-        `decide="greedy"` takes the most likely first token; `"sample"` draws it from the top-k/top-p-filtered
-        distribution with `generator`, as the released code does. `released_scores=True` reports the filtered
-        probabilities the released code reads (they saturate at 1.0) instead of the full softmax. The other
-        judge_* methods take the same keywords."""
+        """Sec. 3.2 / 4: one yes/no judgment per (image, question), all in one forward. `images`: PIL images,
+        float tensors [3,H,W] in [-1,1] or uint8 [H,W,3] arrays. `questions`: user texts with one <image> (see
+        orm_question & co.) or multi-turn conversations (see potential_question). `decide="greedy"` takes the
+        most likely first token; `"sample"` draws it from the top-k/top-p-filtered distribution with
+        `generator`, as the released code does. `released_scores=True` reports the filtered probabilities the
+        released code reads (they saturate at 1.0), not the full softmax. The other judge_* take these keywords."""
         h, n_new, _, _ = self._prefill(images, questions, None)
         return self._decide(self.model.lm.logits(h), n_new, decide, generator, released_scores)
 
@@ -880,7 +874,7 @@ def save_shards(shards: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
     if len(shards) > 1:
         data.write_json({"metadata": {"total_size": sum(v.numel() * v.element_size()
                                                         for ts in shards.values() for v in ts.values())},
-                         "weight_map": {k: n for n, ts in shards.items() for k in sorted(ts)}},
+                         "weight_map": {k: n for n, ts in shards.items() for k in ts}},
                         out / "model.safetensors.index.json")
 
 
@@ -904,11 +898,15 @@ def save_verifier(model: LlavaOneVision, tokenizer, out_dir: str | os.PathLike, 
             with safe_open(files[key], framework="pt") as f:
                 unused = f.get_slice(key)[state[key].shape[0]:]
             state[key] = torch.cat((state[key].cpu(), unused.to(dtype)))
-    shards, size = [{}], 0
-    for k, v in state.items():
-        if shards[-1] and size + v.numel() * v.element_size() > shard_bytes:
-            shards, size = shards + [{}], 0
-        shards[-1][k], size = v, size + v.numel() * v.element_size()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():  # a new shard whenever the next tensor would overflow this one
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     save_shards(dict(zip(["model.safetensors"] if len(shards) == 1 else names, shards)), out)
     for name in VERIFIER_SIDE_FILES:
@@ -1058,15 +1056,14 @@ def _tiny_model(cfg: LlavaConfig, tok, gen: torch.Generator, std: float = 0.02) 
 
 def _tiny_configs(cfg: LlavaConfig, tok) -> dict[str, dict]:
     """config.json with the lmms-lab fields, vision_tower/config.json and generation_config.json."""
-    special, v = {t: tok.token_to_id(t) for t in CHAT_TOKENS}, cfg.vision
+    eot, im_end, v = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>"), cfg.vision
     return {"config.json": {
         "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen", "hidden_act": "silu",
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-        "vocab_size": cfg.vocab_size, "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": False, "use_sliding_window": False,
-        "max_position_embeddings": 32768, "bos_token_id": special["<|endoftext|>"],
-        "eos_token_id": special["<|im_end|>"], "torch_dtype": "bfloat16",
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "vocab_size": cfg.vocab_size,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None, "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": False, "use_sliding_window": False, "max_position_embeddings": 32768,
+        "bos_token_id": eot, "eos_token_id": im_end, "torch_dtype": "bfloat16",
         "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_hidden_size": v.hidden_size,
         "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
         "mm_patch_merge_type": "spatial_unpad", "mm_newline_position": "grid", "image_aspect_ratio": "anyres_max_9",
@@ -1081,8 +1078,7 @@ def _tiny_configs(cfg: LlavaConfig, tok) -> dict[str, dict]:
         "num_attention_heads": v.n_head, "image_size": v.image_size, "patch_size": v.patch_size,
         "layer_norm_eps": v.layer_norm_eps, "num_channels": 3,
     }, "generation_config.json": {
-        "bos_token_id": special["<|endoftext|>"], "do_sample": True,
-        "eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]], "pad_token_id": special["<|endoftext|>"],
+        "bos_token_id": eot, "do_sample": True, "eos_token_id": [im_end, eot], "pad_token_id": eot,
         "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
     }}
 
@@ -1096,10 +1092,10 @@ def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     gen = torch.Generator().manual_seed(seed)
     state = lmms_lab_state(_tiny_model(cfg, tok, gen), torch.bfloat16)
     for k in VOCAB_KEYS:  # the checkpoint stores padded vocabulary rows, as the real ones do (152064 > 151646)
-        pad = 0.02 * torch.randn(cfg.vocab_size - cfg.n_vocab, cfg.hidden_size, generator=gen)
-        state[k] = torch.cat((state[k], pad.bfloat16()))
-    save_shards({"model-00001-of-00002.safetensors": {k: v for k, v in state.items() if "vision_tower" not in k},
-                 "model-00002-of-00002.safetensors": {k: v for k, v in state.items() if "vision_tower" in k}}, out)
+        state[k] = torch.cat((state[k], 0.02 * torch.randn(cfg.vocab_size - cfg.n_vocab, cfg.hidden_size,
+                                                           generator=gen).bfloat16()))
+    save_shards({"model-00001-of-00002.safetensors": {k: state[k] for k in sorted(state) if "vision_tower" not in k},
+                 "model-00002-of-00002.safetensors": {k: state[k] for k in sorted(state) if "vision_tower" in k}}, out)
     for name, config in _tiny_configs(cfg, tok).items():
         data.write_json(config, out / name)
     with data.atomic_path(out / "tokenizer.json") as tmp:

@@ -134,11 +134,11 @@ def bench_parm(opts) -> dict:
     import torch
 
     import cotgen
-    import data
+    import sample
     import verifiers
 
     torch.set_num_threads(opts.threads)
-    t = data.tiny_checkpoints(Path(tempfile.mkdtemp()))
+    t = sample.tiny_checkpoints(Path(tempfile.mkdtemp()))
     model, tok = cotgen.load_showo(t["showo"])
     magvit = cotgen.load_magvit(t["magvit"])
     verifier = verifiers.load_verifier(t["llava"])

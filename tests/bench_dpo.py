@@ -29,6 +29,7 @@ def _worker(args, queue):
     import torch
 
     import dpo
+    import train
     from bench import bench_model
 
     torch.set_num_threads(args["threads"])
@@ -41,8 +42,9 @@ def _worker(args, queue):
     pairs = dpo.PairData(["a photo of a red apple on a wooden table"] * n,
                          torch.randint(0, c.codebook_size, (n, c.num_vq_tokens), generator=g),
                          torch.randint(0, c.codebook_size, (n, c.num_vq_tokens), generator=g), ["bench"] * n)
-    cfg = dpo.TrainConfig(batch_size=B, warmup_ratio=0, bf16=device.type == "cuda", **args["variant"])
-    trainer = dpo.Trainer(policy.to(device), reference.to(device), tok, pairs, cfg)
+    cfg = train.TrainConfig(batch_size=B, warmup_ratio=0, bf16=device.type == "cuda", **args["variant"])
+    policy, reference = policy.to(device), reference.to(device)
+    trainer = train.Trainer(policy, train.dpo_objective(policy, reference, tok, pairs, cfg), pairs.source, cfg)
     trainer.train_step()                                      # warm-up (allocations, AdamW state)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -101,6 +101,7 @@ def test_sft_loss_equals_the_inference_path_cross_entropy(verifier):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny):
     v = V.load_verifier(tiny["llava"])
+    v.model.train()                   # layers are recomputed only while training (inference has no backward)
     ids, labels = V.sft_tokens(v.tokenizer, [V.orm_question(PROMPT), "no"])
     pixels = v.pixels([torch.zeros(3, 32, 32)])
     grads = []
