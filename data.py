@@ -25,21 +25,16 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
 
-
 class CheckpointError(RuntimeError):
     """A checkpoint (or config, or tokenizer) cannot be used as given. The message names the file and the fix."""
-
 
 class DataError(ValueError):
     """A data file (records, prompts) cannot be used as given. The message names the file and the record."""
 
-
-# ----------------------------------------------------------------------------------------------------------
-# dtype and device names, shared by every command line
+# ---- dtype and device names, shared by every command line ------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
@@ -47,7 +42,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(sorted(DTYPES))}")
     return DTYPES[name]
-
 
 def parse_device(name: str | torch.device | None) -> torch.device:
     if name is None or name == "auto":
@@ -62,16 +56,12 @@ def parse_device(name: str | torch.device | None) -> torch.device:
         raise ValueError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or auto")
     return dev
 
-
-# ----------------------------------------------------------------------------------------------------------
-# atomic writing: the one way anything here reaches the disk
-
+# ---- atomic writing: the one way anything here reaches the disk ------------------------------------------
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, directory: bool = False):
@@ -100,17 +90,14 @@ def atomic_path(path: str | os.PathLike, directory: bool = False):
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
 
-
 def write_json(obj, path: str | os.PathLike, indent: int | None = 2) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent) + "\n")
-
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> None:
     """One JSON object per line."""
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
-
 
 def save_state(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """A safetensors file (tensors made contiguous and moved to the CPU)."""
@@ -118,18 +105,14 @@ def save_state(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, met
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata=metadata or {"format": "pt"})
 
-
 def save_png(img: np.ndarray, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
 
-
-# ----------------------------------------------------------------------------------------------------------
-# safetensors checkpoints in the layouts users meet
+# ---- safetensors checkpoints in the layouts users meet ---------------------------------------------------
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.safetensors", "diffusion_pytorch_model.safetensors")
 INDEX_SUFFIX = ".safetensors.index.json"
-
 
 def _pickle_hint(d: Path) -> str:
     pickles = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
@@ -138,7 +121,6 @@ def _pickle_hint(d: Path) -> str:
     return (f" It holds pickle files ({', '.join(pickles)}), which this project never loads: convert them once "
             "with `python -c \"import torch, safetensors.torch as s; "
             "s.save_file(torch.load('pytorch_model.bin'), 'pytorch_model.safetensors')\"`")
-
 
 def find_weight_files(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
     """Map every tensor name of a checkpoint folder to the safetensors file holding it: a sharded
@@ -171,7 +153,6 @@ def find_weight_files(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
         raise CheckpointError(f"{single} is not a readable safetensors file ({e}); it is probably truncated "
                               "or incomplete: download it again") from e
 
-
 def read_config(ckpt_dir: str | os.PathLike, name: str = "config.json") -> dict:
     path = Path(ckpt_dir) / name
     if not Path(ckpt_dir).is_dir():
@@ -182,7 +163,6 @@ def read_config(ckpt_dir: str | os.PathLike, name: str = "config.json") -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
-
 
 def _mismatch_report(what: str, ckpt_dir, missing, unexpected, mismatched) -> str:
     cut = lambda xs, sep=", ": sep.join(xs[:20]) + (" ..." if len(xs) > 20 else "")  # noqa: E731
@@ -195,7 +175,6 @@ def _mismatch_report(what: str, ckpt_dir, missing, unexpected, mismatched) -> st
         parts.append(f"  shape mismatches ({len(mismatched)}): {cut(mismatched, '; ')}")
     parts.append("  Check that config.json belongs to these weights and that the folder is the right model.")
     return "\n".join(parts)
-
 
 def load_state(model: nn.Module, ckpt_dir: str | os.PathLike, key_map: Mapping[str, str], *,
                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -238,10 +217,7 @@ def load_state(model: nn.Module, ckpt_dir: str | os.PathLike, key_map: Mapping[s
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
-
-# ----------------------------------------------------------------------------------------------------------
-# tokenizers (the `tokenizers` library reading a Hugging Face tokenizer.json)
-
+# ---- tokenizers (the `tokenizers` library reading a Hugging Face tokenizer.json) -------------------------
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A `tokenizer.json` (the file, or a folder that holds one)."""
@@ -254,7 +230,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return Tokenizer.from_file(str(f))
     except Exception as e:
         raise CheckpointError(f"{f} is not a tokenizers JSON file ({e})") from e
-
 
 def train_tiny_bpe(corpus: Iterable[str], vocab_size: int, *, qwen_style: bool = False) -> Tokenizer:
     """A deterministic byte-level BPE tokenizer trained on `corpus` (for the built-in tiny checkpoints): GPT-2 /
@@ -269,7 +244,6 @@ def train_tiny_bpe(corpus: Iterable[str], vocab_size: int, *, qwen_style: bool =
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(list(corpus), trainer=trainer)
     return tok
-
 
 def tiny_corpus() -> list[str]:
     """Text the tiny tokenizers are trained on: GenEval-style prompts plus the verifier questions' words."""
@@ -290,16 +264,12 @@ def tiny_corpus() -> list[str]:
               "The image does not match because the object is missing, the colour is wrong, the count is wrong."]
     return lines
 
-
-# ----------------------------------------------------------------------------------------------------------
-# images
-
+# ---- images ----------------------------------------------------------------------------------------------
 
 def to_uint8_image(x: torch.Tensor) -> np.ndarray:
     """[B,3,H,W] in [-1,1] -> [B,H,W,3] uint8, truncating as Show-o's inference script does."""
     x = torch.clamp((x.detach().float() + 1.0) / 2.0, 0.0, 1.0) * 255.0
     return x.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
-
 
 def image_grid(images: np.ndarray, cols: int, pad: int = 2, marks: Iterable[bool] | None = None) -> np.ndarray:
     """Tile [K,H,W,3] uint8 images into one array; `marks[k]` draws a red frame (used for pruned paths)."""
@@ -317,7 +287,6 @@ def image_grid(images: np.ndarray, cols: int, pad: int = 2, marks: Iterable[bool
             out[y:y + h, x:x + t] = out[y:y + h, x + w - t:x + w] = (220, 20, 20)
     return out
 
-
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as PIL RGB, with one clear error if it is missing or cannot be decoded."""
     p = Path(path)
@@ -330,10 +299,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"image {p} cannot be decoded ({e}): is it a truncated or non-image file?") from e
 
-
-# ----------------------------------------------------------------------------------------------------------
-# records: the one reader of JSON-list and JSONL data files
-
+# ---- records: the one reader of JSON-list and JSONL data files -------------------------------------------
 
 def read_records(path: str | os.PathLike, what: str, expected: str, form: str = "lines",
                  hint: str = "") -> tuple[list[tuple[int, str, dict]], list[str]]:
@@ -377,11 +343,9 @@ def read_records(path: str | os.PathLike, what: str, expected: str, form: str = 
             problems.append(f"{where}: a record must be a JSON object")
     return records, problems
 
-
 def _text(rec: dict, key: str) -> str | None:
     v = rec.get(key)
     return v if isinstance(v, str) and v.strip() else None
-
 
 def _image_problem(rec: dict, key: str) -> str | None:
     """Why rec[key] is not an image path or a list of image tokens (None when it is fine)."""
@@ -398,7 +362,6 @@ def _image_problem(rec: dict, key: str) -> str | None:
         return None
     return f"{key!r} must be an image path or a list of image tokens, not {type(v).__name__}"
 
-
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """A prompt file: one prompt per line (GenEval's generation_prompts.txt format); blank lines are skipped."""
     p = Path(path)
@@ -409,7 +372,6 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         raise DataError(f"prompt file {p} holds no prompts: write one prompt per line")
     return prompts
 
-
 @dataclass
 class PairRecord:
     """One line of a preference file (Sec. 3.3): `chosen`/`rejected` are image paths or image-token lists."""
@@ -418,7 +380,6 @@ class PairRecord:
     chosen: str | list
     rejected: str | list
     extra: dict
-
 
 def read_pair_records(path: str | os.PathLike) -> tuple[list[PairRecord], list[str]]:
     """A JSONL preference file of {"prompt", "chosen", "rejected"} (other fields kept in `extra`). Returns
@@ -438,9 +399,7 @@ def read_pair_records(path: str | os.PathLike) -> tuple[list[PairRecord], list[s
         good.append(PairRecord(i, rec["prompt"], rec["chosen"], rec["rejected"], extra))
     return good, problems
 
-
-# ---- self-correction data (PARM++, Sec. 5): reflect.json records, and (prompt, low, reason, high) groups
-
+# ---- self-correction data (PARM++, Sec. 5): reflect.json records, and (prompt, low, reason, high) groups ----
 
 @dataclass
 class ReflectRecord:
@@ -453,7 +412,6 @@ class ReflectRecord:
     label: str
     reason: str | None
 
-
 @dataclass
 class CorrectionRecord:
     """One self-correction group (Sec. 5): the prompt, the low-quality image, the reflection reason and the
@@ -464,7 +422,6 @@ class CorrectionRecord:
     high: str | list
     low_from: str
     high_from: str
-
 
 def read_reflect_records(path: str | os.PathLike) -> tuple[list[ReflectRecord], list[str]]:
     """reflect.json: a JSON list of {"id", "image", "prompt", "label": "yes"|"no", "reason"}; a "no" needs its
@@ -489,7 +446,6 @@ def read_reflect_records(path: str | os.PathLike) -> tuple[list[ReflectRecord], 
         good.append(ReflectRecord(where, rec["id"], image, rec["prompt"], label, rec.get("reason") if label == "no" else None))
     return good, problems
 
-
 def correction_groups(records: Iterable[ReflectRecord]) -> tuple[list[CorrectionRecord], list[str]]:
     """Sec. 5, self-correction groups from the PARM++ ranking data: for each prompt, the k-th "no" image with its
     reason is paired with the (k mod Y)-th "yes" image of the same prompt, in file order (deterministic, and it
@@ -508,7 +464,6 @@ def correction_groups(records: Iterable[ReflectRecord]) -> tuple[list[Correction
             groups.append(CorrectionRecord(prompt, n.reason, str(n.image), str(y.image), f"{n.where}:", f"{y.where}:"))
     return groups, skipped
 
-
 def read_correction_records(path: str | os.PathLike) -> tuple[list[CorrectionRecord], list[str]]:
     """Explicit self-correction groups, JSONL {"prompt", "low", "reason", "high"} (images: paths or token lists)."""
     records, problems = read_records(path, "self-correction file",
@@ -524,7 +479,6 @@ def read_correction_records(path: str | os.PathLike) -> tuple[list[CorrectionRec
         good.append(CorrectionRecord(rec["prompt"], rec["reason"], rec["low"], rec["high"], side("low"), side("high")))
     return good, problems
 
-
 def read_reasons(path: str | os.PathLike) -> dict[str, str]:
     """A reasons file for PARM++'s reflection data: JSONL {"id" or "image", "reason"} (e.g. written by a
     stronger model). Returns {id or image: reason}; a bad line raises DataError naming it."""
@@ -538,9 +492,7 @@ def read_reasons(path: str | os.PathLike) -> dict[str, str]:
         raise DataError(problems[0])
     return {rec.get("id", rec.get("image")): rec["reason"].strip() for _, _, rec in records}
 
-
-# ---- verifier training data (Sec. 3.2, 4, 5): LLaVA conversation records
-
+# ---- verifier training data (Sec. 3.2, 4, 5): LLaVA conversation records ---------------------------------
 
 @dataclass
 class Conversation:
@@ -550,13 +502,11 @@ class Conversation:
     image: Path
     turns: list[str]    # the values, alternating human, gpt, ..., gpt
 
-
 def llava_record(rid: str, image: str, turns, **extra) -> dict:
     """A record in LLaVA's JSON format: {"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}
     with `turns` alternating human, gpt, ...; `extra` fields (prompt, label, ...) ride along."""
     convs = [{"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(turns)]
     return {"id": rid, "image": image, **extra, "conversations": convs}
-
 
 def _conversation_problem(rec: dict) -> str | None:
     """Why rec["conversations"] is not human/gpt turns with one <image> in the first human turn (None: fine)."""
@@ -578,7 +528,6 @@ def _conversation_problem(rec: dict) -> str | None:
         return ("the conversation needs exactly one <image>, in the first human turn "
                 f"(found it in turn(s) {', '.join(str(t + 1) for t in where_images) or 'none'})")
     return None
-
 
 def read_conversations(path: str | os.PathLike, image_root: str | os.PathLike | None = None
                        ) -> tuple[list[Conversation], list[str]]:
@@ -605,9 +554,7 @@ def read_conversations(path: str | os.PathLike, image_root: str | os.PathLike | 
                                  [t["value"] for t in rec["conversations"]]))
     return good, problems
 
-
-# ----------------------------------------------------------------------------------------------------------
-# prompts: the one generator, in GenEval's six templates and GenEval's wording (prompts/create_prompts.py)
+# ---- prompts: the one generator, in GenEval's six templates and GenEval's wording (prompts/create_prompts.py) ----
 
 PROMPT_TEMPLATES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 GENEVAL_OBJECTS = ("person", "bicycle", "car", "bus", "bench", "bird", "cat", "dog", "horse", "sheep", "giraffe",
@@ -617,34 +564,28 @@ GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", 
 GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
 COUNT_WORDS = ("two", "three", "four")     # GenEval counts 2..4
 
-
 def with_article(word: str) -> str:
     """GenEval's article rule: "an" before a vowel letter, else "a" (a spelling test: "an orange", "a umbrella"
     would be wrong, "an umbrella" is what it writes)."""
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
-
 def plural(word: str) -> str:
     """GenEval's plural rule: "es" after a final s, else "s" (so "buses", but also "benchs" and "sheeps")."""
     return word + ("es" if word.endswith("s") else "s")
 
-
 def prompt_key(prompt: str) -> str:
     """What two prompts must share to count as the same one: case, spacing and a final period are ignored."""
     return " ".join(prompt.lower().split()).rstrip(".")
-
 
 def _distinct_pair(i: int, k: int) -> tuple[int, int]:
     """The i-th ordered pair (a, b), a != b, of range(k): a bijection of range(k * (k - 1))."""
     a, b = divmod(i, k - 1)
     return a, b + (b >= a)
 
-
 def _template_size(tag: str, objects, colourable, colors) -> int:
     k, p, m = len(objects), len(colourable), len(colors)
     return {"single_object": k, "two_object": k * (k - 1), "counting": k * len(COUNT_WORDS), "colors": p * m,
             "position": k * (k - 1) * len(GENEVAL_RELATIONS), "color_attr": p * (p - 1) * m * (m - 1)}[tag]
-
 
 def template_prompt(tag: str, i: int, objects, colourable, colors) -> str:
     """Prompt number i of one template (mixed-radix decoding of i; every i gives a different prompt)."""
@@ -665,7 +606,6 @@ def template_prompt(tag: str, i: int, objects, colourable, colors) -> str:
     ca, cb = _distinct_pair(rest, len(C))
     return f"a photo of {with_article(C[ca])} {P[a]} and {with_article(C[cb])} {P[b]}"
 
-
 def _name_list(names, what: str) -> list[str]:
     names = [" ".join(str(n).split()) for n in names]
     if not names or not all(names):
@@ -674,7 +614,6 @@ def _name_list(names, what: str) -> list[str]:
     if dup:
         raise DataError(f"the {what} list names {', '.join(dup)} more than once: each name must appear once")
     return names
-
 
 def training_prompts(n: int | None = None, *, objects=GENEVAL_OBJECTS, colors=GENEVAL_COLORS,
                      exclude: Iterable[str] = (), seed: int = 0) -> list[str]:

@@ -29,17 +29,12 @@ IGNORE = -100    # label of positions that are not scored
 
 Scorer = Callable[[torch.Tensor, Sequence[str]], "tuple[torch.Tensor, torch.Tensor]"]
 
-
 def derive_seed(*parts) -> int:
     """A 63-bit seed that depends on every part, so each (run seed, round, step, use) gets its own stream and
     a resumed run draws exactly what the uninterrupted one drew, without saving generator states."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
-
-# ==========================================================================================================
-# 1. Show-o's masked-token likelihood, and the DPO loss
-# ==========================================================================================================
-
+# ---- 1. Show-o's masked-token likelihood, and the DPO loss -----------------------------------------------
 
 def sample_masks(batch: int, n_tokens: int, generator: torch.Generator) -> torch.Tensor:
     """Show-o's training masks (`training/utils.py` mask_or_random_replace_tokens, as `train_dpo.py` calls it): per row t ~ U[0,1), k = max(1, round(N·cos(πt/2))) image
@@ -48,7 +43,6 @@ def sample_masks(batch: int, n_tokens: int, generator: torch.Generator) -> torch
     k = torch.clamp(torch.round(n_tokens * torch.cos(t * math.pi / 2)), min=1).long()
     order = torch.rand(batch, n_tokens, generator=generator).argsort(dim=1)   # a random permutation per row
     return order < k[:, None]
-
 
 def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes: torch.Tensor,
                        masked: torch.Tensor, drop_text: torch.Tensor,
@@ -72,7 +66,6 @@ def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes
     labels[:, -1] = tok.eoi_id
     return ids, labels
 
-
 def image_log_likelihood(model: cotgen.Showo, ids: torch.Tensor, labels: torch.Tensor,
                          allowed: torch.Tensor) -> torch.Tensor:
     """Sec. 3.3, log π(y|x) of an image under masked prediction (Show-o's mask-token-prediction objective,
@@ -84,7 +77,6 @@ def image_log_likelihood(model: cotgen.Showo, ids: torch.Tensor, labels: torch.T
     nll = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="none")
     return -nll.view(target.shape).sum(dim=1)
 
-
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float = BETA) -> tuple[torch.Tensor, torch.Tensor]:
     """Sec. 3.3, DPO (Rafailov et al. 2023, Eq. 7), per pair:
@@ -93,14 +85,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     z = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     return -F.logsigmoid(beta * z), (beta * z).detach()
 
-
 @dataclass
 class PairBatch:
     """Preference pairs as image codes (0..K-1): chosen y_w and rejected y_l for each prompt."""
     prompts: list[str]
     chosen: torch.Tensor    # [B, N] long
     rejected: torch.Tensor  # [B, N] long
-
 
 def pair_log_likelihoods(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer,
                          batch: PairBatch, generator: torch.Generator, *, shared_mask: bool = False,
@@ -129,7 +119,6 @@ def pair_log_likelihoods(policy: cotgen.Showo, reference: cotgen.Showo, tok: cot
     scored = (labels[:B] != IGNORE).sum(dim=1)
     return logp.chunk(2), logp_ref.chunk(2), scored
 
-
 def preference_loss(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, batch: PairBatch,
                     generator: torch.Generator, *, beta: float = BETA, sft_coef: float = 0.0, shared_mask: bool = False,
                     cond_dropout: float = 0.1, online: PairBatch | None = None, reward_coef: float = 0.0):
@@ -154,11 +143,7 @@ def preference_loss(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.S
     stats["loss"] = loss.item()
     return loss, stats
 
-
-# ==========================================================================================================
-# 2. Preference pairs
-# ==========================================================================================================
-
+# ---- 2. Preference pairs ---------------------------------------------------------------------------------
 
 @dataclass
 class PairData:
@@ -179,11 +164,9 @@ class PairData:
         return [{"prompt": p, "chosen": w.tolist(), "rejected": l.tolist(), "source": s}
                 for p, w, l, s in zip(self.prompts, self.chosen, self.rejected, self.source)]
 
-
 def magvit_resolution(magvit: cotgen.MAGVITv2, n_tokens: int) -> int:
     """Image side that MAGVIT-v2 turns into n_tokens codes (one downsampling per encoder level but the last)."""
     return math.isqrt(n_tokens) * 2 ** (len(magvit.config.enc_ch_mult) - 1)
-
 
 def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.ShowoConfig,
                   magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str, batch: int = 16,
@@ -224,7 +207,6 @@ def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.Showo
             progress(f"encoded {min(start + batch, len(todo))}/{len(todo)} images")
     return codes, problems
 
-
 def encode_couples(couples: Sequence[tuple[tuple[str, str | list], tuple[str, str | list]]],
                    config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str,
                    same: Callable[[int], str], progress: Callable[[str], None] | None = None):
@@ -247,10 +229,8 @@ def encode_couples(couples: Sequence[tuple[tuple[str, str | list], tuple[str, st
             kept.append((r, a, b)) if not torch.equal(a, b) else problems.append(same(r))
     return kept, problems
 
-
 def _stack(codes: list[torch.Tensor], config: cotgen.ShowoConfig) -> torch.Tensor:
     return torch.stack(codes) if codes else torch.empty(0, config.num_vq_tokens, dtype=torch.long)
-
 
 def encode_pairs(records: Sequence[data.PairRecord], config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2 | None,
                  image_root: str | os.PathLike, where: str,
@@ -263,7 +243,6 @@ def encode_pairs(records: Sequence[data.PairRecord], config: cotgen.ShowoConfig,
                                     "'rejected' are the same image tokens, so the pair carries no preference", progress)
     return PairData([records[r].prompt for r, _, _ in kept], _stack([w for _, w, _ in kept], config),
                     _stack([l for _, _, l in kept], config), [f"{where}:{records[r].line}" for r, _, _ in kept]), problems
-
 
 def sample_images(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotgen.MAGVITv2, prompt: str, n: int,
                   seed: int, steps: int, cfg: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +258,6 @@ def sample_images(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotge
             images = magvit.decode_code(codes)
     model.train(was_training)
     return codes.clone(), images.clone()    # clones outside inference mode: embeddings may save them for backward
-
 
 def curate_pairs(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotgen.MAGVITv2, score: Scorer,
                  prompts: Sequence[str], n: int = 4, *, seed: int = 0, steps: int = 18, cfg: float = 1.75,
@@ -310,7 +288,6 @@ def curate_pairs(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotgen
                      f"  {time.time() - t0:.1f}s")
     return records, {"prompts": len(prompts), "pairs": len(records), "dropped": dropped}
 
-
 def verifier_scorer(verifier, decide: str = "greedy", seed: int = 0) -> Scorer:
     """The LLaVA-OneVision ORM (verifiers.Verifier) as a scorer: P("yes") of the ORM question, and the decided
     answer (`decide="sample"` draws it as the released code does, from a generator seeded with `seed`)."""
@@ -322,11 +299,7 @@ def verifier_scorer(verifier, decide: str = "greedy", seed: int = 0) -> Scorer:
 
     return score
 
-
-# ==========================================================================================================
-# 3. Reward-model guidance (Sec. 3.4)
-# ==========================================================================================================
-
+# ---- 3. Reward-model guidance (Sec. 3.4) -----------------------------------------------------------------
 
 def online_pairs(policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotgen.MAGVITv2, score: Scorer,
                  prompts: Sequence[str], samples: int, seed: int, steps: int, cfg: float) -> tuple[PairBatch | None, dict]:
@@ -351,11 +324,7 @@ def online_pairs(policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotge
         return None, stats
     return PairBatch(kept, torch.stack(chosen), torch.stack(rejected)), stats
 
-
-# ==========================================================================================================
-# 5. Self-correction (Sec. 5, PARM++)
-# ==========================================================================================================
-
+# ---- 5. Self-correction (Sec. 5, PARM++) -----------------------------------------------------------------
 
 @dataclass
 class CorrectionData:
@@ -379,7 +348,6 @@ class CorrectionData:
         return [{"prompt": p, "low": l.tolist(), "reason": r, "high": h.tolist(), "source": s}
                 for p, r, l, h, s in zip(self.prompts, self.reasons, self.low, self.high, self.source)]
 
-
 def encode_groups(records: Sequence[data.CorrectionRecord], config: cotgen.ShowoConfig,
                   magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str,
                   progress: Callable[[str], None] | None = None) -> tuple[CorrectionData, list[str]]:
@@ -390,7 +358,6 @@ def encode_groups(records: Sequence[data.CorrectionRecord], config: cotgen.Showo
     return CorrectionData([records[r].prompt for r, _, _ in kept], [records[r].reason for r, _, _ in kept],
                           _stack([l for _, l, _ in kept], config), _stack([h for _, _, h in kept], config),
                           [records[r].low_from.rsplit(":", 1)[0] for r, _, _ in kept]), problems
-
 
 def correction_sequences(tok: cotgen.ShowoTokenizer, groups: CorrectionData, masked: torch.Tensor,
                          drop_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,7 +370,6 @@ def correction_sequences(tok: cotgen.ShowoTokenizer, groups: CorrectionData, mas
     by the empty prompt and keeps the low-quality image: the unconditional row of PARM++'s CFG."""
     texts = [cotgen.self_correction_text(p, r) for p, r in zip(groups.prompts, groups.reasons)]
     return training_sequences(tok, texts, groups.high, masked, drop_text, condition=groups.low)
-
 
 def correction_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData,
                               generator: torch.Generator, *, cond_dropout: float = 0.1
@@ -419,9 +385,6 @@ def correction_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, g
     allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
     logp = image_log_likelihood(model, ids, labels, allowed)
     return logp, (labels != IGNORE).sum(dim=1)
-
-
-
 
 def self_correction_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData,
                          generator: torch.Generator, cond_dropout: float = 0.1) -> tuple[torch.Tensor, dict]:

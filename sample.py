@@ -41,7 +41,6 @@ Download the released weights (about 6 GB) with the Hugging Face CLI:
 then run with --showo weights/show-o --magvit weights/magvitv2 --phi weights/phi-1_5 (these are the defaults),
 or try everything on built-in tiny random checkpoints with --tiny."""
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -82,16 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="PARM++: maximum reflection rounds (default 3)")
     return p
 
-
-# ----------------------------------------------------------------------------------------------------------
-# command-line helpers shared with train.py
-
+# ---- command-line helpers shared with train.py -----------------------------------------------------------
 
 def fail(msg: str) -> "NoReturn":  # noqa: F821
     """The one way a user's mistake ends a command: one line on stderr, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
-
 
 class Progress:
     """One progress line on stderr: "[label] step 3/18  text  0.12s/step  eta 0.1min". It prints every
@@ -116,7 +111,6 @@ class Progress:
             self.shown = time.time()
             print(f"[{self.label}] {text}", file=sys.stderr, flush=True)
 
-
 def add_model_args(p: argparse.ArgumentParser, *, verifier: str | None = None, generator: bool = True):
     """The model-folder flags every command shares. With --tiny, a folder given explicitly wins over the
     built-in tiny one (so a tiny model fine-tuned by train.py can be sampled with --tiny --showo OUT)."""
@@ -135,6 +129,12 @@ def add_model_args(p: argparse.ArgumentParser, *, verifier: str | None = None, g
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     return g
 
+def at_least(args, minimum: float, *names: str) -> None:
+    """Each flag named must be at least `minimum` when given (NaN fails too): one message naming the flag."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and not v >= minimum:
+            fail(f"--{name.replace('_', '-')} must be at least {minimum} (got {v})")
 
 def device_of(args) -> torch.device:
     try:
@@ -142,9 +142,7 @@ def device_of(args) -> torch.device:
     except ValueError as e:
         fail(str(e))
 
-
 TINY_VERSION = "tiny-v1"  # bump when a writer changes, so stale caches are rebuilt
-
 
 def tiny_checkpoints(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Write (once) and return the tiny random checkpoints, in the official formats, so that `--tiny` goes
@@ -157,7 +155,6 @@ def tiny_checkpoints(cache_dir: str | os.PathLike | None = None) -> dict[str, Pa
                 (tmp / "complete").write_text("ok\n")
     gen = root / "generator"
     return {"showo": gen / "showo", "phi": gen / "phi", "magvit": gen / "magvitv2", "llava": root / "llava"}
-
 
 def resolve_weights(args) -> tuple[Path, Path | None, Path]:
     """The Show-o, phi and MAGVIT-v2 folders the flags name (explicit folders win over --tiny's)."""
@@ -178,7 +175,6 @@ def resolve_weights(args) -> tuple[Path, Path | None, Path]:
             fail(DOWNLOAD_HELP.format(what="phi-1.5 tokenizer", path=phi))
     return showo, phi, magvit
 
-
 def verifier_dir(args) -> Path | None:
     """The reward model folder: --verifier, else the tiny one with --tiny, else the command's default."""
     if args.verifier:
@@ -186,7 +182,6 @@ def verifier_dir(args) -> Path | None:
     if args.tiny:
         return tiny_checkpoints(args.cache)["llava"]
     return Path(args.verifier_default) if args.verifier_default else None
-
 
 def load_models(args):
     """Validate flags, then load Show-o, its tokenizer and MAGVIT-v2 (one clear error for each problem)."""
@@ -203,29 +198,21 @@ def load_models(args):
         fail(str(e))
     return model, tok, magvit
 
-
 def decode_images(magvit, codes: torch.Tensor, batch: int = 16) -> np.ndarray:
     """Codes [k, N] -> uint8 images [k, H, W, 3], decoded in batches."""
     with torch.inference_mode():
         return np.concatenate([data.to_uint8_image(magvit.decode_code(codes[i:i + batch]))
                                for i in range(0, codes.shape[0], batch)])
 
-
 def strategy_of(args) -> str:
     return "orm" if args.orm else "prm" if args.prm else "parm" if args.parm else "parm++" if args.parmpp else "none"
-
 
 def check_common(args) -> None:
     """Flag checks that need no model, so that a bad flag fails before anything is loaded or written."""
     search = strategy_of(args) != "none"
     args.n = args.n if args.n is not None else (20 if search else 1)
     args.samples = args.samples if args.samples is not None else (1 if args.prompt is not None else 4)
-    if args.n < 1:
-        fail(f"--n must be at least 1 (got {args.n})")
-    if args.steps < 1:
-        fail(f"--steps must be at least 1 (got {args.steps})")
-    if args.samples < 1:
-        fail(f"--samples must be at least 1 (got {args.samples})")
+    at_least(args, 1, "n", "steps", "samples")
     if args.rounds < 0:
         fail(f"--rounds must be 0 or more (got {args.rounds})")
     if args.no_truncate and strategy_of(args) not in ("parm", "parm++"):
@@ -241,7 +228,6 @@ def check_common(args) -> None:
         fail(f"--out {args.out!r} " + ("is empty: name a folder" if not args.out.strip() else
                                        "is a file: name a folder" if out.is_file() else
                                        "already holds files: pass --overwrite to replace it, or choose another --out"))
-
 
 def read_jobs(args) -> list[tuple[str, dict]]:
     """(prompt, GenEval metadata) pairs from --prompt, --prompts or --metadata, checked before any work."""
@@ -276,7 +262,6 @@ def read_jobs(args) -> list[tuple[str, dict]]:
                 fail(f"prompt {k + 1} differs: {check} says {p!r} but {path} says {q!r}")
     return jobs
 
-
 def load_judge(args):
     """The verifier for the searches, wrapped with the decision settings (None for plain generation)."""
     if strategy_of(args) == "none":
@@ -287,7 +272,6 @@ def load_judge(args):
         fail(str(e))
     gen = torch.Generator(device=verifier.device).manual_seed(args.seed)
     return cotgen.Judge(verifier, decide=args.judge, generator=gen, released_scores=args.released_scores)
-
 
 def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, label: str) -> cotgen.SearchResult:
     progress = Progress(label if label != "none" else "decode", args.steps)
@@ -304,7 +288,6 @@ def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, label: str)
         kw["rounds"] = args.rounds
     return search(model, tok, magvit, judge, prompt, args.n, **kw)
 
-
 def result_files(args, magvit, result: cotgen.SearchResult) -> dict:
     """The files of a one-prompt run: chosen image, every path's image and their grid, and the trace."""
     finished = result.finals.min(dim=1).values >= 0          # paths that never ran have no x̂0
@@ -318,7 +301,6 @@ def result_files(args, magvit, result: cotgen.SearchResult) -> dict:
     else:
         files["steps.png"] = data.image_grid(decode_images(magvit, result.history.flatten(0, 1)), cols=args.steps)
     return files
-
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -351,7 +333,6 @@ def main(argv=None) -> int:
     print(f"wrote {len(jobs)} prompt folder(s) under {out}/ in GenEval's layout", file=sys.stderr)
     return 0
 
-
 def write_outputs(out: Path, files: dict) -> None:
     """Write every output into a temporary folder, then publish it as `out` in one rename, so a failure or an
     interrupt leaves nothing half written and no file of an earlier run. Values are uint8 images or text."""
@@ -362,7 +343,6 @@ def write_outputs(out: Path, files: dict) -> None:
                 data.save_png(value, tmp / name)
             else:
                 (tmp / name).write_text(value)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,12 +38,9 @@ import sample
 import verifiers
 from data import CheckpointError, DataError
 from dpo import derive_seed
-from sample import fail
+from sample import at_least, fail
 
-# ==========================================================================================================
-# 1. The trainer: one for every objective
-# ==========================================================================================================
-
+# ---- 1. The trainer: one for every objective -------------------------------------------------------------
 
 @dataclass
 class TrainConfig:
@@ -93,13 +90,11 @@ class TrainConfig:
         d.pop("gradient_checkpointing")   # recomputation does not change the numbers
         return d
 
-
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Cosine schedule with linear warm-up (the released runs): step/warmup, then 0.5·(1 + cos(π·progress))."""
     if step < warmup:
         return step / warmup
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_of: Callable[[str], float] | None = None):
     """AdamW over the trainable parameters, one group per (peak lr, weight decay). Only biases skip weight decay:
@@ -115,21 +110,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_of: Callable[[st
     return torch.optim.AdamW([{"params": ps, "base_lr": k[2], "weight_decay": k[3]} for k, ps in sorted(groups.items())],
                              lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
-
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
-
 
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast with fp32 weights: the optimizer keeps fp32 master weights, as DeepSpeed's bf16 mode does
     for the released runs (pure bf16 weights would round most lr=1e-5 updates away)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-
 Objective = Callable[[int, Sequence[int], torch.Generator], "tuple[torch.Tensor, dict]"]
-
 
 class Trainer:
     """One round of training `model` on `objective(step, batch indices, generator) -> (loss, stats)`.
@@ -207,7 +198,6 @@ class Trainer:
         self.optimizer.load_state_dict(sd)
         self.step = self.resumed_at = meta["step"]
 
-
 class CheckpointMismatch(CheckpointError):
     def __init__(self, meta: dict, round_index: int, cfg: TrainConfig):
         now = cfg.fingerprint()
@@ -218,9 +208,7 @@ class CheckpointMismatch(CheckpointError):
         super().__init__(f"the checkpoint was made with other settings ({what}): resume with the same flags, "
                          "or start again in a new --out folder")
 
-
 LATEST = "latest.json"
-
 
 def save_checkpoint(trainer: Trainer, out: Path, write_model: Callable[[Path], None]) -> Path:
     """Write the model (`write_model(folder)`, its own layout), AdamW's state and trainer.json as a new folder
@@ -238,7 +226,6 @@ def save_checkpoint(trainer: Trainer, out: Path, write_model: Callable[[Path], N
             shutil.rmtree(old, ignore_errors=True)
     return out / name
 
-
 def latest_checkpoint(out: Path) -> dict | None:
     """latest.json of `out` with the checkpoint folder resolved (None when there is none)."""
     p = out / LATEST
@@ -250,12 +237,10 @@ def latest_checkpoint(out: Path) -> dict | None:
         raise CheckpointError(f"{p} points at {info['dir']}, which is incomplete: delete {p} to start the round again")
     return info
 
-
 def clear_checkpoints(out: Path) -> None:
     for old in out.glob("ckpt-r*"):
         shutil.rmtree(old, ignore_errors=True)
     (out / LATEST).unlink(missing_ok=True)
-
 
 def fit(trainer: Trainer, *, save: Callable[[Trainer], None] | None = None, save_every: int = 100,
         stop_after: int | None = None, log_every: int = 1, label: str = "train") -> bool:
@@ -275,7 +260,6 @@ def fit(trainer: Trainer, *, save: Callable[[Trainer], None] | None = None, save
             return False
     return True
 
-
 def resume_and_fit(a, out: Path, label: str, start: Path, load: Callable[[Path], object],
                    make_trainer: Callable[[object], Trainer], write_model: Callable[[object, Path], None], *,
                    round_index: int = 1, budget: int | None = None) -> tuple[bool, Trainer]:
@@ -294,17 +278,16 @@ def resume_and_fit(a, out: Path, label: str, start: Path, load: Callable[[Path],
     else:
         print(f"[{label}] {len(trainer.source)} examples, {trainer.total} steps of {trainer.cfg.batch_size}, from "
               f"{start}", file=sys.stderr)
-    if budget is not None and budget <= 0 and not trainer.done():
-        return False, trainer
     save = lambda t: save_checkpoint(t, out, lambda d: write_model(t.model, d))  # noqa: E731
-    return fit(trainer, save=save, save_every=a.save_every, stop_after=budget, log_every=a.log_every,
-               label=label), trainer
+    spent = budget is not None and budget <= 0 and not trainer.done()     # --stop-after ran out in an earlier round
+    finished = not spent and fit(trainer, save=save, save_every=a.save_every, stop_after=budget,
+                                 log_every=a.log_every, label=label)
+    if not finished:
+        print(f"[{label}] stopped at step {trainer.step} with a checkpoint in {out}: continue with the same command "
+              "and --resume", file=sys.stderr)
+    return finished, trainer
 
-
-# ==========================================================================================================
-# 2. Flags and checks every training command shares
-# ==========================================================================================================
-
+# ---- 2. Flags and checks every training command shares ---------------------------------------------------
 
 def add_config_flags(g, d: TrainConfig, helps: dict[str, str]) -> None:
     """One flag per TrainConfig field (--field-name), typed and defaulted by `d`'s value."""
@@ -314,7 +297,6 @@ def add_config_flags(g, d: TrainConfig, helps: dict[str, str]) -> None:
             g.add_argument(flag, action="store_true", help=text)
         else:
             g.add_argument(flag, type=type(v), default=v, help=f"{text} (default {v})")
-
 
 def add_optim_args(p: argparse.ArgumentParser, title: str, d: TrainConfig):
     """AdamW, schedule, data order and seed, with `d`'s values as defaults."""
@@ -337,7 +319,6 @@ def add_optim_args(p: argparse.ArgumentParser, title: str, d: TrainConfig):
                        help="shuffle the data every epoch (the released run keeps file order)")
     return g
 
-
 def add_output_args(p: argparse.ArgumentParser, out_help: str):
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", required=True, help=out_help)
@@ -350,21 +331,13 @@ def add_output_args(p: argparse.ArgumentParser, out_help: str):
                    help="drop unusable records (and say how many) instead of stopping with the list of them")
     return g
 
-
 def check_optim_args(a) -> None:
     """One clear error for each bad value of the shared flags."""
-    for flag, v in {"--batch-size": a.batch_size, "--epochs": a.epochs, "--save-every": a.save_every,
-                    "--log-every": a.log_every}.items():
-        if v < 1:
-            fail(f"{flag} must be at least 1 (got {v})")
-    for flag, v in {"--max-steps": a.max_steps, "--stop-after": a.stop_after}.items():
-        if v is not None and v < 1:
-            fail(f"{flag} must be at least 1 (got {v})")
+    at_least(a, 1, "batch_size", "epochs", "save_every", "log_every", "max_steps", "stop_after")
     if not a.lr > 0:
         fail(f"--lr must be positive (got {a.lr})")
     if not 0 <= a.warmup_ratio < 1 or not 0 <= getattr(a, "cond_dropout", 0.0) <= 1:
         fail("--warmup-ratio must be in [0, 1) and --cond-dropout in [0, 1]")
-
 
 def train_config(a, device: torch.device, preset: str, **fields) -> TrainConfig:
     """The TrainConfig the flags give: every field that is a flag of the command, bf16 autocast on GPU unless
@@ -372,7 +345,6 @@ def train_config(a, device: torch.device, preset: str, **fields) -> TrainConfig:
     given = {f: getattr(a, f) for f in TrainConfig.__dataclass_fields__ if hasattr(a, f)}
     given["bf16"] = a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda")
     return TrainConfig.preset(preset, **{**given, **fields})
-
 
 def stop_or_skip(problems: list[str], source, skip_bad: bool) -> None:
     """Every bad record of a data file in one error (training has not started), or, with --skip-bad, a count."""
@@ -383,10 +355,8 @@ def stop_or_skip(problems: list[str], source, skip_bad: bool) -> None:
     if problems:
         print(f"skipped {len(problems)} bad record(s) of {source} (--skip-bad); first: {problems[0]}", file=sys.stderr)
 
-
 def resolved(path) -> str | None:
     return str(Path(path).resolve()) if path else None
-
 
 def guard_out(out: Path, settings: dict, resume: bool, what: str) -> None:
     """An --out that already holds a run is continued only with --resume and the same settings."""
@@ -399,12 +369,10 @@ def guard_out(out: Path, settings: dict, resume: bool, what: str) -> None:
             fail(f"--resume with other settings than the run in {out} ({', '.join(diff)} differ): "
                  "use the same flags, or another --out")
 
-
 def claim_out(out: Path, settings: dict) -> None:
     """Record the run's settings in --out before the first file of the run is written there."""
     if not (out / "run.json").is_file():
         data.write_json(settings, out / "run.json")
-
 
 def showo_run(a) -> tuple[torch.device, Path, Path, Path]:
     """The device and the Show-o, phi and MAGVIT-v2 folders of a command that trains or samples Show-o."""
@@ -412,15 +380,10 @@ def showo_run(a) -> tuple[torch.device, Path, Path, Path]:
     showo, phi, magvit_dir = sample.resolve_weights(a)
     return device, showo, cotgen.resolve_phi_dir(showo, phi), magvit_dir
 
-
 def load_generator(folder: Path, phi: Path, device: torch.device) -> cotgen.Showo:
     return cotgen.load_showo(folder, phi, dtype=torch.float32, device=device)[0]    # fp32 master weights
 
-
-# ==========================================================================================================
-# 3. dpo: DPO, iterative DPO and reward-model guidance (Sec. 3.3, 3.4)
-# ==========================================================================================================
-
+# ---- 3. dpo: DPO, iterative DPO and reward-model guidance (Sec. 3.3, 3.4) --------------------------------
 
 def add_dpo_parser(sub) -> argparse.ArgumentParser:
     d = TrainConfig.preset("dpo")
@@ -465,15 +428,9 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
                        "model, and the last checkpoint")
     return p
 
-
 def check_dpo_args(a) -> None:
     check_optim_args(a)
-    for flag, v in {"--rounds": a.rounds, "--curate-samples": a.curate_samples, "--gen-steps": a.gen_steps,
-                    "--online-per-step": a.online_per_step}.items():
-        if v < 1:
-            fail(f"{flag} must be at least 1 (got {v})")
-    if a.geneval is not None and a.geneval < 1:
-        fail(f"--geneval must be at least 1 (got {a.geneval})")
+    at_least(a, 1, "rounds", "curate_samples", "gen_steps", "online_per_step", "geneval")
     if not a.beta > 0:
         fail(f"--beta must be positive (got {a.beta})")
     if a.reward_coef < 0 or a.sft_coef < 0:
@@ -487,7 +444,6 @@ def check_dpo_args(a) -> None:
              "--geneval N)")
     if a.prompts is not None and a.geneval is not None:
         fail("--prompts and --geneval both name the curation prompts: give one")
-
 
 def dpo_objective(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, pairs: dpo.PairData,
                   cfg: TrainConfig, round_index: int = 1, magvit: cotgen.MAGVITv2 | None = None,
@@ -513,7 +469,6 @@ def dpo_objective(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.Sho
         return loss, {**stats, **more}
 
     return objective
-
 
 class DPORun:
     """One `train.py dpo` invocation: for each round, its pairs (given, or curated with the verifier from the
@@ -617,8 +572,6 @@ class DPORun:
         for r in range(1, a.rounds + 1):
             model_dir = self.out / f"round_{r}" / "model"
             if not (model_dir / "pytorch_model.safetensors").is_file() and not self.train_round(r, start):
-                print(f"stopped after {self.steps_run} step(s) with a checkpoint in {self.out}: continue with the "
-                      "same command and --resume", file=sys.stderr)
                 return 0
             start = model_dir
         for name in ("pytorch_model.safetensors", "config.json", "inference_config.yaml"):
@@ -629,15 +582,11 @@ class DPORun:
               "--prompt ...", file=sys.stderr)
         return 0
 
-
 def run_dpo(a) -> int:
     check_dpo_args(a)
     return DPORun(a)()
 
-
-# ==========================================================================================================
-# 4. selfcorrect: PARM++'s self-correcting generator (Sec. 5)
-# ==========================================================================================================
+# ---- 4. selfcorrect: PARM++'s self-correcting generator (Sec. 5) -----------------------------------------
 
 SELFCORRECT_DOC = """PARM++ self-correction fine-tuning of Show-o (Sec. 5).
 
@@ -645,10 +594,8 @@ SELFCORRECT_DOC = """PARM++ self-correction fine-tuning of Show-o (Sec. 5).
     python train.py selfcorrect --data groups.jsonl --out outputs/selfcorrect
     python sample.py --showo outputs/selfcorrect --parm++ --prompt "a photo of two dogs"
 
-Show-o learns to produce the high-quality image from the prompt, the reflection reason and the low-quality
-image, in PARM++'s input format: "{prompt}\\nCorrection: {reason}", then the low-quality image as a first image
-segment, then the image being generated. The loss is Show-o's masked-prediction cross-entropy on that image."""
-
+Show-o learns the high-quality image from "{prompt}\nCorrection: {reason}" and the low-quality image (a first
+image segment), with its masked-prediction cross-entropy on the image it generates."""
 
 def add_selfcorrect_parser(sub) -> argparse.ArgumentParser:
     d = TrainConfig.preset("selfcorrect")
@@ -671,7 +618,6 @@ def add_selfcorrect_parser(sub) -> argparse.ArgumentParser:
                        "groups.jsonl (the training groups as image tokens) and the last checkpoint")
     return p
 
-
 def check_selfcorrect_args(a) -> None:
     check_optim_args(a)
     if a.reflect is None and a.data is None:
@@ -681,7 +627,6 @@ def check_selfcorrect_args(a) -> None:
         fail("--reflect and --data both name the training data: give one")
     if a.image_root is not None and a.reflect is not None:
         fail("--image-root applies to --data; the images of reflect.json are relative to its own folder")
-
 
 def correction_groups(a, config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2) -> dpo.CorrectionData:
     """Read, check and encode every group before the first step (a bad record stops the run here)."""
@@ -702,7 +647,6 @@ def correction_groups(a, config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2) ->
         raise DataError(f"{source} gives no self-correction group: it needs, for some prompt, a 'no' image with "
                         "its reason and a 'yes' image" if a.reflect else f"{source} has no usable group")
     return groups
-
 
 def run_selfcorrect(a) -> int:
     check_selfcorrect_args(a)
@@ -735,8 +679,6 @@ def run_selfcorrect(a) -> int:
                                        lambda m: Trainer(m, loss(m), groups.source, cfg), write,
                                        budget=a.stop_after)
     if not finished:
-        print(f"stopped at step {trainer.step} with a checkpoint in {out}: continue with the same command and "
-              "--resume", file=sys.stderr)
         return 0
     write(trainer.model, out)
     clear_checkpoints(out)
@@ -744,38 +686,21 @@ def run_selfcorrect(a) -> int:
           file=sys.stderr)
     return 0
 
-
-# ==========================================================================================================
-# 5. curate: ranking data for the reward models (Sec. 3.2 ORM and PRM, Sec. 4 PARM, Sec. 5 PARM++)
-# ==========================================================================================================
+# ---- 5. curate: ranking data for the reward models (Sec. 3.2 ORM and PRM, Sec. 4 PARM, Sec. 5 PARM++) ----
 
 CURATE_DOC = """Ranking data for fine-tuning the reward models, in LLaVA's conversation format (Sec. 3.2, 4, 5).
 
     python train.py curate --task orm --num-prompts 13000 --exclude geneval/generation_prompts.txt --out data/orm
-    python train.py curate --task prm --prompts data/prompts.txt --out data/prm
-    python train.py curate --task parm --prompts data/prompts.txt --out data/parm
-    python train.py curate --task reflect --prompts data/prompts.txt --out data/reflect [--reasons reasons.jsonl]
+    python train.py curate --task prm|parm|reflect --prompts data/prompts.txt --out data/TASK
     python train.py curate --tiny --task orm --num-prompts 6 --samples 4 --out outputs/orm-data
 
-Show-o generates --samples images per prompt at the start temperature --temperature, each path with its own
-seed; the --verifier labels them. Writes OUT/TASK.json (a JSON list of {"id", "image", "conversations"}
-records, plus prompt/label fields) and OUT/images/. Each prompt's work is saved as it finishes, so an
-interrupted run continues with --resume.
-
-  orm      each final image with the ORM question, answered by the verifier's ORM judgment.
-  prm      each step's image of a path (steps 1..S) with the PRM question; label "yes" if any of --rollouts
-           continuations from that step's state ends in a final image judged "yes" (Math-Shepherd style; the
-           last step's label is the path's own final judgment).
-  parm     clarity judgment by the paper's static rule (1-based steps of 18: steps 12-18 "yes", steps 1-9
-           "no", steps 10-11 no record; other step counts scale the rule), potential assessment for steps
-           12-18 as the two-turn conversation, answered by the path's final ORM label, and the ORM records of
-           the final images, of which --orm-fraction (70%) is mixed in, as the released recipe mixes them.
-  reflect  PARM++ reflection evaluation: "yes" images, and "no" images with the reason they fail, from the
-           verifier's free text or from --reasons (JSONL {"id" or "image", "reason"})."""
+Show-o generates --samples paths per prompt, each with its own seed; the --verifier labels them (orm: final
+images; prm: every step, "yes" if any of --rollouts continuations ends "yes"; parm: clarity by the paper's static
+rule, potential answered by the final label, plus --orm-fraction of the orm records; reflect: "yes", or "no" with
+the reason). Writes OUT/TASK.json and OUT/images/; each prompt is saved as it finishes (--resume continues)."""
 
 CURATE_TASKS = ("orm", "prm", "parm", "reflect")
 CURATE_SAMPLES = {"orm": 50, "prm": 1, "parm": 2, "reflect": 50}   # orm: the paper's ~50; prm: one path
-
 
 def add_curate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("curate", help="ranking data for ORM / PRM / PARM / PARM++ (Sec. 3.2, 4, 5)",
@@ -820,17 +745,9 @@ def add_curate_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     return p
 
-
 def check_curate_args(a) -> None:
-    for flag, v in {"--samples": a.samples, "--num-prompts": a.num_prompts}.items():
-        if v is not None and v < 1:
-            fail(f"{flag} must be at least 1 (got {v})")
-    for flag, v in {"--steps": a.steps, "--rollouts": a.rollouts, "--judge-batch": a.judge_batch,
-                    "--max-reason-tokens": a.max_reason_tokens}.items():
-        if v < 1:
-            fail(f"{flag} must be at least 1 (got {v})")
-    if a.temperature < 0:
-        fail(f"--temperature must not be negative (got {a.temperature})")
+    at_least(a, 1, "samples", "num_prompts", "steps", "rollouts", "judge_batch", "max_reason_tokens")
+    at_least(a, 0, "temperature")
     if not 0 <= a.orm_fraction <= 1:
         fail(f"--orm-fraction must be in [0, 1] (got {a.orm_fraction})")
     if (a.prompts is None) == (a.num_prompts is None):
@@ -842,7 +759,6 @@ def check_curate_args(a) -> None:
         fail("--reasons applies to --task reflect only")
     if a.task == "prm" and a.steps < 2:
         fail("--task prm needs --steps of at least 2: the rollouts continue from an intermediate step")
-
 
 def curation_prompts(a) -> list[str]:
     """The prompts of a curate run: a file (test prompts left out) or the template generator."""
@@ -859,7 +775,6 @@ def curation_prompts(a) -> list[str]:
     if a.colors:
         kw["colors"] = data.read_prompts(a.colors)
     return data.training_prompts(a.num_prompts, exclude=exclude, seed=a.seed, **kw)
-
 
 def prm_rollouts(model, tok, prompt: str, main_generator, rollout_generators, *, steps: int, cfg: float,
                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -883,12 +798,10 @@ def prm_rollouts(model, tok, prompt: str, main_generator, rollout_generators, *,
                 paths.copy_state(0, 1 + i * R + r)     # copies "not stopped" too: it runs from the next step
     return torch.stack(history), paths.final_tokens()[1:].view(steps - 1, R, -1)
 
-
 def prm_labels(rollout_yes: torch.Tensor, final_yes: torch.Tensor) -> torch.Tensor:
     """Sec. 3.2: step i is "yes" if any of its continuations ends in a "yes" image ([S-1, R] bool); the last
     step has no continuation, so its label is the path's own final judgment. Returns [S] bool."""
     return torch.cat((rollout_yes.any(dim=1), final_yes.reshape(1)))
-
 
 def clarity_label(step: int, steps: int = 18) -> str | None:
     """Sec. 4, the static clarity rule for 1-based step `step` of `steps`: "yes" after step 11 of 18, "no"
@@ -898,7 +811,6 @@ def clarity_label(step: int, steps: int = 18) -> str | None:
     if step * 18 < 10 * steps:
         return "no"
     return None
-
 
 def judge_codes(magvit, score, codes: torch.Tensor, prompt: str, batch: int):
     """Decode codes [k, N] and judge them with `score` (dpo.Scorer) in batches. Returns (uint8 images
@@ -913,11 +825,9 @@ def judge_codes(magvit, score, codes: torch.Tensor, prompt: str, batch: int):
         yes.append(torch.as_tensor(y, dtype=torch.bool).cpu())
     return np.concatenate(pics), torch.cat(p_yes), torch.cat(yes)
 
-
 def strip_no(text: str) -> str:
     """The reason in a reflection answer: a leading "no" (and the punctuation after it) is dropped."""
     return re.sub(r"^\s*no\b[\s.,:;!-]*", "", text, flags=re.IGNORECASE).strip()
-
 
 class Curate:
     """One `train.py curate` invocation. Prompt j's records and images are made by `prompt_records` from seeds
@@ -1050,7 +960,6 @@ class Curate:
               file=sys.stderr)
         return target
 
-
 def curate_settings(a) -> dict:
     """What a resumed curate run must share with the interrupted one."""
     keys = ("task", "num_prompts", "samples", "temperature", "steps", "cfg", "rollouts", "judge", "orm_fraction",
@@ -1059,7 +968,6 @@ def curate_settings(a) -> dict:
             "colors": resolved(a.colors), "exclude": [resolved(e) for e in a.exclude],
             "reasons_file": a.reasons is not None, "models": [resolved(a.showo) or "tiny" * a.tiny,
                                                               resolved(a.verifier) or "tiny" * a.tiny]}
-
 
 def run_curate(a) -> int:
     check_curate_args(a)
@@ -1084,26 +992,17 @@ def run_curate(a) -> int:
     Curate(a, model, tok, magvit, verifier, score_for)(prompts)
     return 0
 
-
-
-
-# ==========================================================================================================
-# 6. orm, parm: supervised fine-tuning of the LLaVA-OneVision reward model (Sec. 3.2, 4, 5)
-# ==========================================================================================================
+# ---- 6. orm, parm: supervised fine-tuning of the LLaVA-OneVision reward model (Sec. 3.2, 4, 5) -----------
 
 SFT_DOC = """Fine-tune LLaVA-OneVision as a reward model on curated conversations (the released LLaVA-NeXT recipe).
 
     python train.py orm --data data/orm/orm.json --base weights/llava-onevision-qwen2-7b-ov --out weights/orm_ft
-    python train.py parm --data data/parm/parm.json --out weights/parm            # PARM (Sec. 4)
-    python train.py parm --data data/parm/parm.json --data data/reflect/reflect.json --out weights/parm++
-    python train.py orm --tiny --data outputs/orm-data/orm.json --out outputs/orm_ft
+    python train.py parm --data data/parm/parm.json [--data data/reflect/reflect.json] --out weights/parm
     python sample.py --parm --verifier weights/parm --prompt "a photo of two dogs"
 
-Loss: next-token cross-entropy on the assistant turns (--labels). AdamW, lr 1e-5 (2e-6 for the SigLIP tower),
-no weight decay, cosine schedule with 3% warm-up, gradient clipping at 1.0, one epoch. The released run used
-8 GPUs x 8 = 64 records per step; the paper text says batch 8. --out receives the model in the lmms-lab layout
-(bf16), which `--verifier OUT` loads; checkpoints keep fp32 weights, so --resume continues exactly."""
-
+Next-token cross-entropy on the assistant turns (--labels); AdamW, lr 1e-5 (2e-6 for the SigLIP tower), cosine
+with 3% warm-up, clipping at 1.0, one epoch. --out gets the lmms-lab layout (bf16) that `--verifier OUT` loads;
+checkpoints keep fp32 weights, so --resume continues exactly."""
 
 def add_sft_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     d = TrainConfig.preset("sft")
@@ -1133,7 +1032,6 @@ def add_sft_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
                        "checkpoint while training")
     return p
 
-
 def check_sft_args(a) -> None:
     check_optim_args(a)
     if not a.vision_lr > 0:
@@ -1142,7 +1040,6 @@ def check_sft_args(a) -> None:
         fail("--max-grad-norm and --weight-decay must not be negative")
     if not 0 < a.fraction <= 1:
         fail(f"--fraction must be in (0, 1] (got {a.fraction})")
-
 
 def sft_examples(a, tokenizer, cfg: TrainConfig) -> verifiers.SFTData:
     """Every --data file read, checked and tokenised before the first step (bad records stop the run here),
@@ -1162,7 +1059,6 @@ def sft_examples(a, tokenizer, cfg: TrainConfig) -> verifiers.SFTData:
         examples = verifiers.SFTData(*([getattr(examples, f)[i] for i in keep] for f in ("ids", "labels", "images", "source")))
     return examples
 
-
 def sft_trainer(verifier: verifiers.Verifier, examples: verifiers.SFTData, cfg: TrainConfig) -> Trainer:
     """Sec. 3.2 / 4 / 5: fine-tune the reward model on `verifiers.sft_loss`, the released parameter groups (the
     SigLIP tower at `vision_lr`, or frozen) and gradient clipping."""
@@ -1176,7 +1072,6 @@ def sft_trainer(verifier: verifiers.Verifier, examples: verifiers.SFTData, cfg: 
 
     vision_lr = lambda name: cfg.vision_lr if name.startswith("vision.") else cfg.lr  # noqa: E731
     return Trainer(model, objective, examples.source, cfg, lr_of=vision_lr)
-
 
 def run_sft(a, task: str) -> int:
     """`train.py orm` / `train.py parm`: the fine-tune, checkpoints, resume, and the saved verifier."""
@@ -1207,8 +1102,6 @@ def run_sft(a, task: str) -> int:
     finished, trainer = resume_and_fit(a, out, task, base, load, lambda v: sft_trainer(v, examples, cfg), write,
                                        budget=a.stop_after)
     if not finished:
-        print(f"stopped at step {trainer.step} with a checkpoint in {out}: continue with the same command and "
-              "--resume", file=sys.stderr)
         return 0
     trainer.model.gradient_checkpointing = False
     verifiers.save_verifier(trainer.model, verifier.tokenizer, out, base,
@@ -1217,18 +1110,13 @@ def run_sft(a, task: str) -> int:
     print(f"wrote {out} (lmms-lab layout): python sample.py --parm --verifier {out} --prompt ...", file=sys.stderr)
     return 0
 
-
 def run_orm(a) -> int:
     return run_sft(a, "orm")
-
 
 def run_parm(a) -> int:
     return run_sft(a, "parm")
 
-
-# ==========================================================================================================
-# the command line
-# ==========================================================================================================
+# ---- the command line ------------------------------------------------------------------------------------
 
 # one entry per subcommand: (adds its parser, runs it)
 COMMANDS = {"dpo": (add_dpo_parser, run_dpo), "selfcorrect": (add_selfcorrect_parser, run_selfcorrect),
@@ -1238,7 +1126,6 @@ COMMANDS = {"dpo": (add_dpo_parser, run_dpo), "selfcorrect": (add_selfcorrect_pa
             "parm": (lambda sub: add_sft_parser(sub, "parm", "fine-tune PARM, or PARM++ with reflect.json added "
                                                             "(Sec. 4, 5)"), run_parm)}
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -1246,14 +1133,12 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     return p
 
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
     except (DataError, CheckpointError) as e:
         fail(str(e))
-
 
 if __name__ == "__main__":
     sys.exit(main())
