@@ -97,8 +97,7 @@ class ShowoTokenizer:
             raise CheckpointError(f"the phi tokenizer already contains Show-o's tokens at other ids ({ids}): "
                                   "pass the original phi-1.5 tokenizer.json, not a modified copy")
         self.bos_id = self.eos_id = eot
-        self.pad_id = ids["[PAD]"]
-        self.soi_id, self.eoi_id, self.t2i_id = ids["<|soi|>"], ids["<|eoi|>"], ids["<|t2i|>"]
+        self.pad_id, self.soi_id, self.eoi_id, self.t2i_id = (ids[t] for t in ("[PAD]", "<|soi|>", "<|eoi|>", "<|t2i|>"))
 
     def text_ids(self, prompt: str) -> list[int]:
         """Prompt -> ids: the tokenizer adds no special tokens, then a bos is prepended."""
@@ -121,11 +120,9 @@ class ShowoTokenizer:
 
     def t2i_ids(self, prompts: Sequence[str], image_tokens: torch.Tensor | None = None,
                 condition: torch.Tensor | None = None) -> torch.Tensor:
-        """The t2i sequences [B, L]: text part + <|soi|> + N image ids + <|eoi|>. `image_tokens` [B, N] are
-        vocabulary ids (all [MASK] by default). `condition` [B, N] codes: PARM++'s self-correction format (ours),
-        the previous image as a second image segment before the one being generated."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        """The t2i sequences [B, L]: text part + <|soi|> + N image ids (vocabulary ids, all [MASK] by default) +
+        <|eoi|>. `condition` [B, N] codes: PARM++'s previous image, a second image segment before this one (ours)."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
         c = self.config
         text = torch.tensor([self.text_part(p) for p in prompts], dtype=torch.long)
         if image_tokens is None:
@@ -134,10 +131,9 @@ class ShowoTokenizer:
         return torch.cat([text, *previous, self.image_segment(image_tokens.cpu())], dim=1)
 
 def omni_attention_mask(ids: torch.Tensor, pad_id: int, soi_id: int, eoi_id: int) -> torch.Tensor:
-    """Show-o's omni-attention as a boolean "may attend" mask [B, 1, L, L] (`training/prompting_utils.py`,
-    create_attention_mask_predict_next). Text attends causally to non-pad text, the image segment (<|soi|> to
-    <|eoi|>) to every non-pad position, pads causally to pads (an empty row would give NaN). A later image
-    segment (PARM++'s self-correction format, ours) also sees earlier ones, but not the other way round."""
+    """Show-o's omni-attention as a "may attend" mask [B, 1, L, L] (`create_attention_mask_predict_next` of
+    `training/prompting_utils.py`): text attends causally to non-pad text, an image segment (<|soi|> to <|eoi|>)
+    to every non-pad position of the text, earlier segments and itself, pads causally to pads (no empty row: NaN)."""
     L = ids.shape[1]
     pad = ids == pad_id                                                           # [B, L]
     segment = torch.cumsum(ids == soi_id, 1)                                      # 0 = text before any image
@@ -183,27 +179,19 @@ class PhiAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)              # [B, nh, T, hd]
         return self.dense(y.transpose(1, 2).reshape(B, T, -1)), new_kv
 
-class PhiMLP(nn.Module):
-    def __init__(self, c: ShowoConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(c.n_embd, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, c.n_embd)
-
-    def forward(self, x):
-        return self.fc2(gelu_new(self.fc1(x)))
-
 class PhiBlock(nn.Module):
-    """Parallel block with one shared LayerNorm: x + attn(LN(x)) + mlp(LN(x))."""
+    """Parallel block with one shared LayerNorm: x + attn(LN(x)) + mlp(LN(x)), mlp = fc2(gelu_new(fc1))."""
     def __init__(self, c: ShowoConfig):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
         self.self_attn = PhiAttention(c)
-        self.mlp = PhiMLP(c)
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(c.n_embd, c.intermediate_size),
+                                  "fc2": nn.Linear(c.intermediate_size, c.n_embd)})
 
     def forward(self, x, cos, sin, allowed, past_kv=None):
         h = self.input_layernorm(x)
         a, kv = self.self_attn(h, cos, sin, allowed, past_kv)
-        return (a + self.mlp(h)) + x, kv
+        return (a + self.mlp.fc2(gelu_new(self.mlp.fc1(h)))) + x, kv
 
 @dataclass
 class TextPrefix:

@@ -312,8 +312,8 @@ def read_records(path: str | os.PathLike, what: str, expected: str, form: str = 
         raise DataError(f"{what} {p} not found{hint}")
     text = p.read_text(encoding="utf-8")
     if not text.strip():
-        raise DataError(f"{what} {p} is empty: it needs {'one JSON record per line' if form == 'lines' else 'a JSON list of records'}, "
-                        f"{expected}")
+        need = "one JSON record per line" if form == "lines" else "a JSON list of records"
+        raise DataError(f"{what} {p} is empty: it needs {need}, {expected}")
     lines = form == "lines" or (form == "auto" and p.suffix == ".jsonl")
     entries, problems = [], []
     if lines:
@@ -443,7 +443,8 @@ def read_reflect_records(path: str | os.PathLike) -> tuple[list[ReflectRecord], 
         image = p.parent / rec["image"]
         if not image.exists() and (p.parent / "images" / rec["image"]).exists():
             image = p.parent / "images" / rec["image"]
-        good.append(ReflectRecord(where, rec["id"], image, rec["prompt"], label, rec.get("reason") if label == "no" else None))
+        reason = rec.get("reason") if label == "no" else None
+        good.append(ReflectRecord(where, rec["id"], image, rec["prompt"], label, reason))
     return good, problems
 
 def correction_groups(records: Iterable[ReflectRecord]) -> tuple[list[CorrectionRecord], list[str]]:

@@ -37,7 +37,8 @@ def derive_seed(*parts) -> int:
 # ---- 1. Show-o's masked-token likelihood, and the DPO loss -----------------------------------------------
 
 def sample_masks(batch: int, n_tokens: int, generator: torch.Generator) -> torch.Tensor:
-    """Show-o's training masks (`training/utils.py` mask_or_random_replace_tokens, as `train_dpo.py` calls it): per row t ~ U[0,1), k = max(1, round(N·cos(πt/2))) image
+    """Show-o's training masks (`training/utils.py` mask_or_random_replace_tokens, as `train_dpo.py` calls it):
+    per row t ~ U[0,1), k = max(1, round(N·cos(πt/2))) image
     tokens masked, at positions drawn uniformly without replacement. [batch, N] bool, exactly k per row."""
     t = torch.rand(batch, generator=generator)
     k = torch.clamp(torch.round(n_tokens * torch.cos(t * math.pi / 2)), min=1).long()
@@ -47,7 +48,8 @@ def sample_masks(batch: int, n_tokens: int, generator: torch.Generator) -> torch
 def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes: torch.Tensor,
                        masked: torch.Tensor, drop_text: torch.Tensor,
                        condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One masked-prediction example per row (`train_dpo.py`, Show-o's `t2i_prompt`): the masked image slots hold [MASK]; a
+    """One masked-prediction example per row (`train_dpo.py`, Show-o's `t2i_prompt`): the masked image slots hold
+    [MASK]; a
     dropped text condition becomes the empty prompt. Returns ids [B, L] and labels [B, L]: the true code at
     every masked slot, the <|soi|>/<|eoi|> ids at their own positions (the released code scores them too),
     IGNORE elsewhere.
@@ -69,7 +71,8 @@ def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes
 def image_log_likelihood(model: cotgen.Showo, ids: torch.Tensor, labels: torch.Tensor,
                          allowed: torch.Tensor) -> torch.Tensor:
     """Sec. 3.3, log π(y|x) of an image under masked prediction (Show-o's mask-token-prediction objective,
-    as `train_dpo.py` computes it): Σ_{i ∈ masked ∪ {soi, eoi}} log softmax(logits_i)[y_i], with the softmax over the full vocabulary
+    as `train_dpo.py` computes it): Σ_{i ∈ masked ∪ {soi, eoi}} log softmax(logits_i)[y_i], with the softmax over
+    the full vocabulary
     and the logits of position i read at position i (no shift). A sum, not a mean. Returns [B]."""
     T = model.config.text_len
     logits = model(ids, allowed)[:, T:]                      # the text part is never scored
@@ -193,7 +196,8 @@ def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.Showo
         chunk, pixels = [], []
         for i in todo[start:start + batch]:
             try:
-                pixels.append(cotgen.image_to_pixels(data.load_image(root / images[i][1]), magvit_resolution(magvit, N)))
+                image = data.load_image(root / images[i][1])
+                pixels.append(cotgen.image_to_pixels(image, magvit_resolution(magvit, N)))
                 chunk.append(i)
             except (FileNotFoundError, ValueError) as e:
                 problems.append(f"{images[i][0]} {e}")
@@ -242,7 +246,8 @@ def encode_pairs(records: Sequence[data.PairRecord], config: cotgen.ShowoConfig,
                                     image_root, where, lambda r: f"{where} line {records[r].line}: 'chosen' and "
                                     "'rejected' are the same image tokens, so the pair carries no preference", progress)
     return PairData([records[r].prompt for r, _, _ in kept], _stack([w for _, w, _ in kept], config),
-                    _stack([l for _, _, l in kept], config), [f"{where}:{records[r].line}" for r, _, _ in kept]), problems
+                    _stack([l for _, _, l in kept], config),
+                    [f"{where}:{records[r].line}" for r, _, _ in kept]), problems
 
 def sample_images(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotgen.MAGVITv2, prompt: str, n: int,
                   seed: int, steps: int, cfg: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,7 +307,8 @@ def verifier_scorer(verifier, decide: str = "greedy", seed: int = 0) -> Scorer:
 # ---- 3. Reward-model guidance (Sec. 3.4) -----------------------------------------------------------------
 
 def online_pairs(policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotgen.MAGVITv2, score: Scorer,
-                 prompts: Sequence[str], samples: int, seed: int, steps: int, cfg: float) -> tuple[PairBatch | None, dict]:
+                 prompts: Sequence[str], samples: int, seed: int, steps: int,
+                 cfg: float) -> tuple[PairBatch | None, dict]:
     """Sec. 3.4, the online half of DPO with reward-model guidance: for each prompt-only prompt, sample
     `samples` images from the current policy, score them with the reward model, and keep the best as y_w and
     the worst as y_l (a prompt whose samples all score the same gives no pair)."""

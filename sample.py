@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- command-line helpers shared with train.py -----------------------------------------------------------
 
-def fail(msg: str) -> "NoReturn":  # noqa: F821
+def fail(msg: str) -> NoReturn:
     """The one way a user's mistake ends a command: one line on stderr, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
@@ -116,9 +117,9 @@ def add_model_args(p: argparse.ArgumentParser, *, verifier: str | None = None, g
     built-in tiny one (so a tiny model fine-tuned by train.py can be sampled with --tiny --showo OUT)."""
     g = p.add_argument_group("models")
     if generator:
-        g.add_argument("--showo", default=None, help="Show-o checkpoint folder (default weights/show-o: showlab/show-o)")
-        g.add_argument("--phi", default=None, help="folder with phi-1.5's tokenizer.json + config.json (default: the "
-                                                   "checkpoint's llm_model_path if it is a folder, else weights/phi-1_5)")
+        g.add_argument("--showo", default=None, help="Show-o checkpoint folder (default weights/show-o)")
+        g.add_argument("--phi", default=None, help="folder with phi-1.5's tokenizer.json + config.json (default: "
+                                                   "the checkpoint's llm_model_path if a folder, else weights/phi-1_5)")
         g.add_argument("--magvit", default=None, help="MAGVIT-v2 folder (default weights/magvitv2: showlab/magvitv2)")
     if verifier is not None:
         g.add_argument("--verifier", default=None,
@@ -267,7 +268,8 @@ def load_judge(args):
     if strategy_of(args) == "none":
         return None
     try:
-        verifier = verifiers.load_verifier(verifier_dir(args), dtype=data.parse_dtype(args.dtype), device=device_of(args))
+        verifier = verifiers.load_verifier(verifier_dir(args), dtype=data.parse_dtype(args.dtype),
+                                           device=device_of(args))
     except data.CheckpointError as e:
         fail(str(e))
     gen = torch.Generator(device=verifier.device).manual_seed(args.seed)

@@ -22,8 +22,9 @@ import math
 import re
 import shutil
 import sys
+from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -107,8 +108,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_of: Callable[[st
             lr = lr_of(name) if lr_of else cfg.lr
             wd = 0.0 if name.endswith("bias") else cfg.weight_decay
             groups.setdefault((lr != cfg.lr, wd != cfg.weight_decay, lr, wd), []).append(p)
-    return torch.optim.AdamW([{"params": ps, "base_lr": k[2], "weight_decay": k[3]} for k, ps in sorted(groups.items())],
-                             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    param_groups = [{"params": ps, "base_lr": k[2], "weight_decay": k[3]} for k, ps in sorted(groups.items())]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
@@ -322,7 +323,7 @@ def add_optim_args(p: argparse.ArgumentParser, title: str, d: TrainConfig):
 def add_output_args(p: argparse.ArgumentParser, out_help: str):
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", required=True, help=out_help)
-    g.add_argument("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps (default 100)")
+    g.add_argument("--save-every", type=int, default=100, help="a resumable checkpoint every N steps (default 100)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop with a checkpoint after N steps of this invocation (split a long run into jobs)")
@@ -373,6 +374,25 @@ def claim_out(out: Path, settings: dict) -> None:
     """Record the run's settings in --out before the first file of the run is written there."""
     if not (out / "run.json").is_file():
         data.write_json(settings, out / "run.json")
+
+def made_once(path: Path, make: Callable[[], list[dict]], read: Callable[[Path], tuple]):
+    """Training data as token lists in `path`: made once (`make()` gives the records), then read back with
+    `read` on every (re)start, so a resumed run trains on exactly the same examples."""
+    if not path.is_file():
+        data.write_jsonl(make(), path)
+    examples, problems = read(path)
+    if problems:
+        raise DataError(f"{path} was written by this run but no longer reads back ({problems[0]}): delete it to make "
+                        "it again")
+    return examples
+
+def begin(out: Path, settings: dict, resume: bool, what: str, done: str = "config.json") -> bool:
+    """Check --out against the run (`guard_out`); True when it already holds the finished result."""
+    guard_out(out, settings, resume, what)
+    if (out / "run.json").is_file() and (out / done).is_file():     # the result's last file is written last
+        print(f"{out} already holds the finished {what} run", file=sys.stderr)
+        return True
+    return False
 
 def showo_run(a) -> tuple[torch.device, Path, Path, Path]:
     """The device and the Show-o, phi and MAGVIT-v2 folders of a command that trains or samples Show-o."""
@@ -523,26 +543,26 @@ class DPORun:
         records, stats = dpo.curate_pairs(model, tok, self.magvit, score, prompts, a.curate_samples,
                                           seed=derive_seed(a.seed, r), steps=a.gen_steps, cfg=a.gen_cfg,
                                           progress=sample.Progress(f"round {r}", 1, seconds=2.0).note)
-        print(f"[round {r}] curated {stats['pairs']} pairs from {stats['prompts']} prompts ({stats['dropped']} dropped: "
-              "all images got the same label)", file=sys.stderr)
+        print(f"[round {r}] curated {stats['pairs']} pairs from {stats['prompts']} prompts ({stats['dropped']} "
+              "dropped: all images got the same label)", file=sys.stderr)
         if not records:
             raise DataError(f"curation gave no pair: for every prompt all {a.curate_samples} images got the same "
                             "label; use more --curate-samples or other prompts")
         return records
 
     def round_pairs(self, r: int, model: cotgen.Showo, tok) -> dpo.PairData:
-        """The round's pairs as token lists in round_R/pairs.jsonl: made once, read back on every (re)start."""
-        path = self.out / f"round_{r}" / "pairs.jsonl"
-        if not path.is_file():
+        """The round's pairs, kept as token lists in round_R/pairs.jsonl."""
+        def make() -> list[dict]:
             records = self.given_pairs(model.config) if r == 1 and self.a.data else self.curated_pairs(r, model, tok)
             claim_out(self.out, self.settings())
-            data.write_jsonl(records, path)
-        records, problems = data.read_pair_records(path)
-        pairs, more = dpo.encode_pairs(records, model.config, None, path.parent, where=str(path))
-        if problems or more:
-            raise DataError(f"{path} was written by this run but no longer reads back ({(problems + more)[0]}): "
-                            "delete it to make it again")
-        return pairs
+            return records
+
+        def read(path: Path):
+            records, problems = data.read_pair_records(path)
+            pairs, more = dpo.encode_pairs(records, model.config, None, path.parent, where=str(path))
+            return pairs, problems + more
+
+        return made_once(self.out / f"round_{r}" / "pairs.jsonl", make, read)
 
     def train_round(self, r: int, start: Path) -> bool:
         """Round r from the model in `start` (policy and reference). False: stopped with a checkpoint."""
@@ -551,8 +571,10 @@ class DPORun:
         pairs = self.round_pairs(r, reference, tok)
         score = dpo.verifier_scorer(self.verifier()) if self.cfg.reward_coef > 0 else None
         online = data.read_prompts(a.online_prompts) if a.online_prompts else None
-        make = lambda policy: Trainer(policy, dpo_objective(policy, reference, tok, pairs, self.cfg, r, self.magvit,  # noqa: E731
-                                                            score, online), pairs.source, self.cfg, round_index=r)
+        def make(policy: cotgen.Showo) -> Trainer:
+            objective = dpo_objective(policy, reference, tok, pairs, self.cfg, r, self.magvit, score, online)
+            return Trainer(policy, objective, pairs.source, self.cfg, round_index=r)
+
         write = lambda model, d: cotgen.save_showo(model, d, self.showo, self.phi)  # noqa: E731
         budget = None if a.stop_after is None else a.stop_after - self.steps_run
         finished, trainer = resume_and_fit(a, self.out, f"dpo round {r}/{a.rounds}", start,
@@ -656,28 +678,29 @@ def run_selfcorrect(a) -> int:
     settings = {"train": cfg.fingerprint(), "showo": "tiny" if a.tiny and not a.showo else resolved(showo),
                 "reflect": resolved(a.reflect), "data": resolved(a.data), "image_root": resolved(a.image_root),
                 "skip_bad": a.skip_bad}
-    guard_out(out, settings, a.resume, "self-correction")
-    if (out / "run.json").is_file() and (out / "config.json").is_file():   # config.json is written last
-        print(f"{out} already holds the finished model", file=sys.stderr)
+    if begin(out, settings, a.resume, "self-correction"):
         return 0
     base, tok = cotgen.load_showo(showo, phi, dtype=torch.float32, device=device)
-    path = out / "groups.jsonl"        # the groups as token lists: made once, read back on every (re)start
-    if not path.is_file():
+
+    def make() -> list[dict]:
         groups = correction_groups(a, base.config, cotgen.load_magvit(magvit_dir, device=device))
         claim_out(out, settings)
-        data.write_jsonl(groups.records(), path)
-    records, problems = data.read_correction_records(path)
-    groups, more = dpo.encode_groups(records, base.config, None, path.parent, str(path))
-    if problems or more:
-        raise DataError(f"{path} was written by this run but no longer reads back ({(problems + more)[0]}): "
-                        "delete it to make it again")
-    loss = lambda model: lambda step, index, g: dpo.self_correction_loss(model, tok, groups.batch(index), g,  # noqa: E731
-                                                                         cfg.cond_dropout)
+        return groups.records()
+
+    def read(path: Path):
+        records, problems = data.read_correction_records(path)
+        groups, more = dpo.encode_groups(records, base.config, None, path.parent, str(path))
+        return groups, problems + more
+
+    groups = made_once(out / "groups.jsonl", make, read)
+    def make(model: cotgen.Showo) -> Trainer:
+        return Trainer(model, lambda step, index, g: dpo.self_correction_loss(model, tok, groups.batch(index), g,
+                                                                              cfg.cond_dropout), groups.source, cfg)
+
     write = lambda model, d: cotgen.save_showo(model, d, showo, phi)  # noqa: E731
     load = lambda d: base if d == showo else load_generator(d, phi, device)  # noqa: E731
     finished, trainer = resume_and_fit(a, out, "selfcorrect", showo, load,
-                                       lambda m: Trainer(m, loss(m), groups.source, cfg), write,
-                                       budget=a.stop_after)
+                                       make, write, budget=a.stop_after)
     if not finished:
         return 0
     write(trainer.model, out)
@@ -843,64 +866,81 @@ class Curate:
     def gen(self, j: int, *parts) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(derive_seed(self.a.seed, j, *parts))
 
+    @staticmethod
+    def names(j: int):
+        """(image path, record id) makers for path k (and 1-based step) of prompt j."""
+        step_tag = lambda step: "" if step is None else f"-s{step:02d}"  # noqa: E731
+        return (lambda k, step=None: f"images/p{j:06d}/k{k:02d}{step_tag(step)}.png",
+                lambda task, k, step=None: f"{task}-p{j:06d}-k{k:02d}{step_tag(step)}")
+
     def prompt_records(self, j: int, prompt: str) -> tuple[list[dict], dict[str, np.ndarray]]:
         """Prompt j's records (LLaVA format plus prompt/label/task fields) and images {relative path: uint8}."""
+        if self.a.task == "prm":
+            return self.prm_records(j, prompt)
         a, K, S = self.a, self.samples, self.a.steps
-        kw = dict(steps=S, cfg=a.cfg, temperature=a.temperature)
-        score = self.score_for(j)
-        name = lambda k, step=None: f"images/p{j:06d}/k{k:02d}" + ("" if step is None else f"-s{step:02d}") + ".png"
-        rid = lambda task, k, step=None: f"{task}-p{j:06d}-k{k:02d}" + ("" if step is None else f"-s{step:02d}")
-        records, images = [], {}
-        if a.task == "prm":
-            for k in range(K):
-                rollout_gens = [[self.gen(j, k, "rollout", i, r) for r in range(a.rollouts)] for i in range(S - 1)]
-                history, finals = prm_rollouts(self.model, self.tok, prompt, self.gen(j, k), rollout_gens, **kw)
-                _, _, roll_yes = judge_codes(self.magvit, score, finals.flatten(0, 1), prompt, a.judge_batch)
-                _, _, final_yes = judge_codes(self.magvit, score, history[-1:], prompt, a.judge_batch)
-                labels = prm_labels(roll_yes.view(S - 1, a.rollouts), final_yes)
-                pics = sample.decode_images(self.magvit, history)
-                for i in range(S):
-                    label = "yes" if labels[i] else "no"
-                    images[name(k, i + 1)] = pics[i]
-                    records.append(data.llava_record(rid("prm", k, i + 1), name(k, i + 1),
-                                                     [verifiers.prm_question(prompt), label], prompt=prompt,
-                                                     label=label, task="prm", step=i + 1))
-            return records, images
+        name, rid = self.names(j)
         _, history = cotgen.generate(self.model, self.tok, prompt, K, generators=[self.gen(j, k) for k in range(K)],
-                                     history=True, **kw)
-        pics, p_yes, yes = judge_codes(self.magvit, score, history[:, -1], prompt, a.judge_batch)
+                                     history=True, steps=S, cfg=a.cfg, temperature=a.temperature)
+        pics, p_yes, yes = judge_codes(self.magvit, self.score_for(j), history[:, -1], prompt, a.judge_batch)
         reasons = [None] * K
         if a.task == "reflect" and a.reasons is None and not bool(yes.all()):
             no = [k for k in range(K) if not yes[k]]
             texts = self.verifier.reflect([pics[k] for k in no], [prompt] * len(no), a.max_reason_tokens)
             for k, t in zip(no, texts):
                 reasons[k] = strip_no(t)
+        records, images = [], {}
         for k in range(K):
             label = "yes" if yes[k] else "no"
             final = name(k, S) if a.task == "parm" else name(k)
             images[final] = pics[k]
             if a.task in ("orm", "parm"):
                 records.append(data.llava_record(rid("orm", k), final, [verifiers.orm_question(prompt), label],
-                                                 prompt=prompt, label=label, task="orm", p_yes=round(float(p_yes[k]), 6)))
+                                                 prompt=prompt, label=label, task="orm",
+                                                 p_yes=round(float(p_yes[k]), 6)))
             if a.task == "reflect":
-                records.append(data.llava_record(rid("reflect", k), final, [verifiers.reflection_question(prompt), label],
-                                                 prompt=prompt, label=label, reason=reasons[k], task="reflect"))
-            if a.task != "parm":
-                continue
-            labelled = [(i, clarity_label(i, S)) for i in range(1, S + 1) if clarity_label(i, S)]
-            earlier = [i for i, _ in labelled if i < S]     # the last step's image is the final one, saved above
-            if earlier:
-                for i, pic in zip(earlier, sample.decode_images(self.magvit, history[k, [i - 1 for i in earlier]])):
-                    images[name(k, i)] = pic
-            for i, clear in labelled:
-                records.append(data.llava_record(rid("clarity", k, i), name(k, i),
-                                                 [verifiers.clarity_question(prompt), clear], prompt=prompt,
-                                                 label=clear, task="clarity", step=i))
-                if clear == "yes":     # potential assessment follows a clear step, answered by the final label
-                    records.append(data.llava_record(rid("potential", k, i), name(k, i),
-                                                     [*verifiers.potential_question(prompt), label], prompt=prompt,
-                                                     label=label, task="potential", step=i))
+                question = verifiers.reflection_question(prompt)
+                records.append(data.llava_record(rid("reflect", k), final, [question, label], prompt=prompt,
+                                                 label=label, reason=reasons[k], task="reflect"))
+            if a.task == "parm":
+                self.clarity_records(j, k, prompt, history[k], label, records, images)
         return records, images
+
+    def prm_records(self, j: int, prompt: str) -> tuple[list[dict], dict[str, np.ndarray]]:
+        """Sec. 3.2, PRM: every step's image of each path, labelled by the Math-Shepherd rule over rollouts."""
+        a, S, score = self.a, self.a.steps, self.score_for(j)
+        name, rid = self.names(j)
+        records, images = [], {}
+        for k in range(self.samples):
+            rollout_gens = [[self.gen(j, k, "rollout", i, r) for r in range(a.rollouts)] for i in range(S - 1)]
+            history, finals = prm_rollouts(self.model, self.tok, prompt, self.gen(j, k), rollout_gens, steps=S,
+                                           cfg=a.cfg, temperature=a.temperature)
+            _, _, roll_yes = judge_codes(self.magvit, score, finals.flatten(0, 1), prompt, a.judge_batch)
+            _, _, final_yes = judge_codes(self.magvit, score, history[-1:], prompt, a.judge_batch)
+            labels = prm_labels(roll_yes.view(S - 1, a.rollouts), final_yes)
+            for i, pic in enumerate(sample.decode_images(self.magvit, history), 1):
+                label = "yes" if labels[i - 1] else "no"
+                images[name(k, i)] = pic
+                records.append(data.llava_record(rid("prm", k, i), name(k, i), [verifiers.prm_question(prompt), label],
+                                                 prompt=prompt, label=label, task="prm", step=i))
+        return records, images
+
+    def clarity_records(self, j: int, k: int, prompt: str, history: torch.Tensor, label: str, records: list,
+                        images: dict) -> None:
+        """Sec. 4, PARM: clarity records by the static rule, and a potential record (answered by the path's final
+        label) after each clear step; adds the step images not saved yet."""
+        S, (name, rid) = self.a.steps, self.names(j)
+        labelled = [(i, clarity_label(i, S)) for i in range(1, S + 1) if clarity_label(i, S)]
+        earlier = [i for i, _ in labelled if i < S]     # the last step's image is the final one, saved already
+        if earlier:
+            for i, pic in zip(earlier, sample.decode_images(self.magvit, history[[i - 1 for i in earlier]])):
+                images[name(k, i)] = pic
+        for i, clear in labelled:
+            records.append(data.llava_record(rid("clarity", k, i), name(k, i), [verifiers.clarity_question(prompt),
+                                             clear], prompt=prompt, label=clear, task="clarity", step=i))
+            if clear == "yes":
+                records.append(data.llava_record(rid("potential", k, i), name(k, i),
+                                                 [*verifiers.potential_question(prompt), label], prompt=prompt,
+                                                 label=label, task="potential", step=i))
 
     def finish(self, records: list[dict]) -> list[dict]:
         """The whole run's records as TASK.json holds them: parm mixes in --orm-fraction of its ORM records
@@ -929,10 +969,11 @@ class Curate:
             out.append(r)
         if missing:
             raise DataError(f"{a.reasons} has no reason for {len(missing)} \"no\" image(s): {', '.join(missing[:10])}"
-                            f"{' ...' if len(missing) > 10 else ''}; add lines {{\"id\": ..., \"reason\": ...}} for them "
-                            "and run again with --resume")
+                            f"{' ...' if len(missing) > 10 else ''}; add lines {{\"id\": ..., \"reason\": ...}} for "
+                            "them and run again with --resume")
         if dropped:
-            print(f"[curate reflect] dropped {dropped} \"no\" image(s) whose reflection gave no reason", file=sys.stderr)
+            print(f"[curate reflect] dropped {dropped} \"no\" image(s) whose reflection gave no reason",
+                  file=sys.stderr)
         return out
 
     def __call__(self, prompts: list[str]) -> Path:
@@ -952,9 +993,7 @@ class Curate:
         target = self.out / f"{a.task}.json"
         data.write_json(records, target, indent=1)
         shutil.rmtree(parts, ignore_errors=True)
-        counts = {}
-        for r in records:
-            counts[r["task"], r["label"]] = counts.get((r["task"], r["label"]), 0) + 1
+        counts = Counter((r["task"], r["label"]) for r in records)
         summary = ", ".join(f"{t} {l} {n}" for (t, l), n in sorted(counts.items()))
         print(f"[curate {a.task}] wrote {target}: {len(records)} records from {len(prompts)} prompts ({summary})",
               file=sys.stderr)
@@ -972,9 +1011,7 @@ def curate_settings(a) -> dict:
 def run_curate(a) -> int:
     check_curate_args(a)
     out = Path(a.out)
-    guard_out(out, curate_settings(a), a.resume, "curate")
-    if (out / f"{a.task}.json").is_file():
-        print(f"{out / (a.task + '.json')} is already complete", file=sys.stderr)
+    if begin(out, curate_settings(a), a.resume, "curate", done=f"{a.task}.json"):
         return 0
     prompts = curation_prompts(a)
     device, showo, phi, magvit_dir = showo_run(a)
@@ -1056,7 +1093,8 @@ def sft_examples(a, tokenizer, cfg: TrainConfig) -> verifiers.SFTData:
     if a.fraction < 1:
         g = torch.Generator().manual_seed(derive_seed(a.seed, "fraction"))
         keep = sorted(torch.randperm(len(examples), generator=g)[:math.ceil(a.fraction * len(examples))].tolist())
-        examples = verifiers.SFTData(*([getattr(examples, f)[i] for i in keep] for f in ("ids", "labels", "images", "source")))
+        fields = ("ids", "labels", "images", "source")
+        examples = verifiers.SFTData(*([getattr(examples, f)[i] for i in keep] for f in fields))
     return examples
 
 def sft_trainer(verifier: verifiers.Verifier, examples: verifiers.SFTData, cfg: TrainConfig) -> Trainer:
@@ -1087,9 +1125,7 @@ def run_sft(a, task: str) -> int:
     settings = {"task": task, "train": cfg.fingerprint(), "base": "tiny" if a.tiny else resolved(base),
                 "data": [resolved(f) for f in a.data], "image_root": resolved(a.image_root), "fraction": a.fraction,
                 "skip_bad": a.skip_bad}
-    guard_out(out, settings, a.resume, task)
-    if (out / "run.json").is_file() and (out / "config.json").is_file():    # config.json is written last
-        print(f"{out} already holds the finished verifier", file=sys.stderr)
+    if begin(out, settings, a.resume, task):
         return 0
     verifier = verifiers.load_verifier(base, dtype=torch.float32, device=device)    # fp32 master weights
     examples = sft_examples(a, verifier.tokenizer, cfg)
@@ -1098,7 +1134,9 @@ def run_sft(a, task: str) -> int:
     def load(folder: Path) -> verifiers.Verifier:
         return verifier if folder == base else verifiers.load_verifier(folder, dtype=torch.float32, device=device)
 
-    write = lambda model, d: verifiers.save_verifier(model, verifier.tokenizer, d, base, dtype=torch.float32)  # noqa: E731
+    def write(model: verifiers.LlavaOneVision, folder: Path) -> None:
+        verifiers.save_verifier(model, verifier.tokenizer, folder, base, dtype=torch.float32)
+
     finished, trainer = resume_and_fit(a, out, task, base, load, lambda v: sft_trainer(v, examples, cfg), write,
                                        budget=a.stop_after)
     if not finished:

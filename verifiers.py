@@ -1,22 +1,17 @@
-"""LLaVA-OneVision as the yes/no reward model behind ORM, PRM (Sec. 3.2), PARM (Sec. 4) and PARM++ (Sec. 5).
-
-The paper asks LLaVA-OneVision one question about one image and reads the probability of the first answer
-token being "yes" or "no". The whole model, written from scratch:
+"""LLaVA-OneVision as the yes/no reward model of ORM, PRM (Sec. 3.2), PARM (Sec. 4) and PARM++ (Sec. 5): one
+question about one image, scored by the probability that the first answer token is "yes" or "no".
 
     pixels [B,3,384,384] -> SigLIP (kept layers, no post-LN, no head) -> [B,729,Dv]
                          -> mlp2x_gelu projector -> [B,729,H] ++ image_newline -> [B,730,H]
     chat text split at <image>, each chunk tokenised on its own, the 730 rows spliced in
                          -> Qwen2 (GQA, q/k/v bias, RoPE, RMSNorm) -> logits at the answer position only
 
-  1. The model: SigLIP tower, projector, Qwen2 LM with a ragged KV cache.
-  2. The questions, the chat template and the "pad" image preprocessing.
-  3. `Verifier`: batched judgments, the PARM two-turn conversation on a reusable KV cache, PARM++ reflection.
-  4. `load_verifier` (lmms-lab and llava-hf layouts) and `save_verifier` (lmms-lab, as the paper's checkpoints).
-  5. The fine-tuning labels and loss of the reward models (`sft_tokens`, `sft_loss`; train.py holds the trainer).
-  6. The tiny random checkpoint of `--tiny`.
-
-Originals followed: the paper code's `selector.py` and the LLaVA-NeXT it vendors as `llava/` (each function
-names its file), on transformers 4.40's `modeling_qwen2.py`; for llava-hf, transformers'
+Sections: 1. the model, with a ragged KV cache; 2. the questions, chat template and "pad" preprocessing;
+3. `Verifier`: batched judgments, the cached PARM follow-up, PARM++ reflection; 4. `load_verifier` (lmms-lab and
+llava-hf layouts), `save_verifier` (lmms-lab, as the paper's checkpoints); 5. the fine-tuning labels and loss
+(train.py holds the trainer); 6. the tiny random checkpoint of `--tiny`.
+Originals followed: the paper code's `selector.py` and the LLaVA-NeXT it vendors as `llava/` (each function names
+its file), on transformers 4.40's `modeling_qwen2.py`; for llava-hf, transformers'
 `convert_llava_onevision_weights_to_hf.py` and `modeling_llava_onevision.py`.
 """
 from __future__ import annotations
@@ -48,9 +43,7 @@ PAD_FILL = (127, 127, 127)  # int(0.5 * 255): the grey `expand2square` (`llava/m
 # HF `GenerationConfig` defaults, which apply when a checkpoint ships no generation_config.json
 HF_DEFAULT_TOP_K, HF_DEFAULT_TOP_P = 50, 1.0
 
-
 # ---- 1. The model: SigLIP tower, projector and Qwen2 LM (`llava/model/llava_arch.py`) ------------------------
-
 
 @dataclass
 class VisionConfig:
@@ -68,7 +61,6 @@ class VisionConfig:
         # the patch conv is "valid": 384 = 27 * 14 + 6, the last 6 pixel rows/columns are never seen
         return (self.image_size // self.patch_size) ** 2
 
-
 @dataclass
 class LlavaConfig:
     hidden_size: int = 896
@@ -84,8 +76,6 @@ class LlavaConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self):
-        if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
         if self.n_vocab is None:
             self.n_vocab = self.vocab_size
 
@@ -118,8 +108,9 @@ class LlavaConfig:
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | os.PathLike) -> "LlavaConfig":
-        """The config of a checkpoint folder: lmms-lab config.json (model_type llava / llava_qwen, the LM fields
-        at top level) or llava-hf (model_type llava_onevision, `text_config` and `vision_config`)."""
+        """config.json of lmms-lab (model_type llava / llava_qwen, the LM fields at top level) or of llava-hf
+        (llava_onevision: `text_config` and `vision_config` over transformers' Qwen2Config and SiglipVisionConfig
+        defaults; the tower's layer count is already the kept one, vision_feature_layer -1)."""
         ckpt_dir = Path(ckpt_dir)
         cfg = data.read_config(ckpt_dir)
         kind = cfg.get("model_type")
@@ -127,7 +118,16 @@ class LlavaConfig:
             text, vision = cfg, _lmms_lab_vision(cfg, ckpt_dir)
             tie = text.get("tie_word_embeddings", False)
         elif kind == "llava_onevision":
-            text, vision = _llava_hf_parts(cfg, ckpt_dir)
+            layer, strategy = cfg.get("vision_feature_layer", -1), cfg.get("vision_feature_select_strategy", "full")
+            if layer != -1 or strategy != "full":
+                raise CheckpointError(f"{ckpt_dir}/config.json has vision_feature_layer={layer}, "
+                                      f"vision_feature_select_strategy={strategy!r}: only -1 / 'full' (what the "
+                                      "llava-hf LLaVA-OneVision conversion writes) is supported")
+            text = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "rope_theta": 10000.0, **dict(cfg.get("text_config") or {})}
+            vision = _vision_from_hf({"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                                      "num_attention_heads": 12, "image_size": 224, "patch_size": 16,
+                                      **dict(cfg.get("vision_config") or {})}, deleted=0)
             tie = text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
         else:
             raise CheckpointError(f"{ckpt_dir}/config.json has model_type {kind!r}: this is not a LLaVA-OneVision "
@@ -143,7 +143,6 @@ class LlavaConfig:
                    n_kv_head=text.get("num_key_value_heads") or n_head, vocab_size=text["vocab_size"],
                    rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
                    rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)), tie_word_embeddings=bool(tie), vision=vision)
-
 
 def _lmms_lab_vision(cfg: dict, ckpt_dir: Path) -> VisionConfig:
     """SigLIP so400m, hard-coded in `siglip_encoder.py`; a `vision_tower/config.json` (the hub copy, which
@@ -163,22 +162,6 @@ def _lmms_lab_vision(cfg: dict, ckpt_dir: Path) -> VisionConfig:
                               f"tower has hidden size {vision.hidden_size}: fix vision_tower/config.json")
     return vision
 
-
-def _llava_hf_parts(cfg: dict, ckpt_dir: Path) -> tuple[dict, VisionConfig]:
-    """The text fields over transformers' Qwen2Config defaults, and the tower over SiglipVisionConfig's; its
-    layer count is already the kept one (vision_feature_layer -1)."""
-    layer, strategy = cfg.get("vision_feature_layer", -1), cfg.get("vision_feature_select_strategy", "full")
-    if layer != -1 or strategy != "full":
-        raise CheckpointError(f"{ckpt_dir}/config.json has vision_feature_layer={layer}, "
-                              f"vision_feature_select_strategy={strategy!r}: only -1 / 'full' (what the "
-                              "llava-hf LLaVA-OneVision conversion writes) is supported")
-    vis = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-           "image_size": 224, "patch_size": 16, **dict(cfg.get("vision_config") or {})}
-    text = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "rope_theta": 10000.0, **dict(cfg.get("text_config") or {})}
-    return text, _vision_from_hf(vis, deleted=0)
-
-
 def _vision_from_hf(vis: dict, deleted: int) -> VisionConfig:
     """A SiglipVisionConfig dict (null fields take so400m's values) whose last `deleted` layers LLaVA drops."""
     vis = {k: v for k, v in vis.items() if v is not None}
@@ -190,10 +173,12 @@ def _vision_from_hf(vis: dict, deleted: int) -> VisionConfig:
                         image_size=vis.get("image_size", 384), patch_size=vis.get("patch_size", 14),
                         layer_norm_eps=float(vis.get("layer_norm_eps", 1e-6)))
 
-
 class Module(nn.Module):
     """A plain container, so parameter names follow the checkpoints' nesting (embeddings.patch_embedding...)."""
 
+def run_layer(layer: nn.Module, recompute: bool, *args):
+    """layer(*args), or with its activations recomputed in the backward pass (gradient checkpointing)."""
+    return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
 
 # SigLIP as LLaVA runs it (`llava/model/multimodal_encoder/siglip_encoder.py`)
 class SiglipAttention(nn.Module):
@@ -207,7 +192,6 @@ class SiglipAttention(nn.Module):
         B, P, D = x.shape
         q, k, v = (p(x).view(B, P, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, P, D))
-
 
 class SiglipLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
@@ -223,7 +207,6 @@ class SiglipLayer(nn.Module):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
 
-
 class SiglipTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -235,17 +218,13 @@ class SiglipTower(nn.Module):
         # stored in every checkpoint but never applied: LLaVA takes the last kept layer's raw output
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def embed(self, pixels):  # [B, 3, S, S] -> [B, P, D], patches in row-major order
-        x = self.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
-        return x + self.embeddings.position_embedding.weight
-
     def forward(self, pixels, checkpoint: bool = False):
-        """[B, 3, S, S] -> [B, P, D]. `checkpoint`: recompute each layer in the backward pass (when training)."""
-        x, recompute = self.embed(pixels), checkpoint and self.training
+        """[B, 3, S, S] -> [B, P, D], patches in row-major order. `checkpoint`: recompute layers when training."""
+        x = self.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        x = x + self.embeddings.position_embedding.weight
         for layer in self.encoder.layers:
-            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
+            x = run_layer(layer, checkpoint and self.training, x)
         return x
-
 
 # Qwen2 (`llava/model/language_model/llava_qwen.py` on transformers 4.40's `modeling_qwen2.py`)
 class RMSNorm(nn.Module):
@@ -260,7 +239,6 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-
 def rope(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin [B, 1, T, head_dim] for positions [B, T]; computed in fp32 and cast, as HF does."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
@@ -268,17 +246,14 @@ def rope(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     angle = torch.cat((angle, angle), dim=-1)[:, None]
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
-
 def rotate(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
 
 class KVCache:
     """Keys/values of every layer, [n_layer, B, n_kv, capacity, head_dim]. A forward writes T new columns for all
     rows, of which row b's first n_new[b] are real (right padding), so padding can sit mid-row after an
     extension: `valid` masks it out of attention and `next_pos` keeps each row's RoPE positions contiguous."""
-
     def __init__(self, n_layer, batch, n_kv, head_dim, capacity, dtype, device):
         shape = (n_layer, batch, n_kv, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -305,7 +280,6 @@ class KVCache:
         n = int(self.next_pos[b])
         return self.k[:, b, :, :n], self.v[:, b, :, :n]
 
-
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
@@ -327,7 +301,6 @@ class Qwen2Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-
 class Qwen2Block(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
@@ -344,7 +317,6 @@ class Qwen2Block(nn.Module):
         h = self.post_attention_layernorm(x)
         return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
 
-
 class Qwen2LM(nn.Module):
     def __init__(self, cfg: LlavaConfig, tied: bool | None = None):
         super().__init__()
@@ -359,7 +331,7 @@ class Qwen2LM(nn.Module):
     def forward(self, x, n_new: torch.Tensor, cache: KVCache | None = None, trace: list | None = None,
                 checkpoint: bool = False):
         """Run the new positions x [B, T, H]; row b's real ones are its first n_new[b]. Returns the final-normed
-        state at each row's last real position [B, H], the answer position: the only place the reward reads
+        state [B, H] at each row's last real position, the answer position: the only place the reward reads
         logits. `trace` receives every layer's residual stream in HF's hidden_states convention (embeddings,
         ..., norm(last layer)). `checkpoint`: recompute each layer in the backward pass (training, no cache)."""
         B, T, _ = x.shape
@@ -377,10 +349,7 @@ class Qwen2LM(nn.Module):
             trace.append(x)
         recompute = checkpoint and self.training and cache is None
         for i, layer in enumerate(self.layers):
-            if recompute:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, i)
+            x = run_layer(layer, recompute, x, cos, sin, mask, cache, i)
             if trace is not None:
                 trace.append(self.norm(x) if i == len(self.layers) - 1 else x)
         if cache is not None:
@@ -394,7 +363,6 @@ class Qwen2LM(nn.Module):
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         w = self.embed_tokens.weight
         return KVCache(len(self.layers), batch, self.cfg.n_kv_head, self.cfg.head_dim, capacity, w.dtype, w.device)
-
 
 class LlavaOneVision(nn.Module):
     def __init__(self, cfg: LlavaConfig, tied: bool | None = None):
@@ -431,22 +399,18 @@ class LlavaOneVision(nn.Module):
             x[b, p + n_img:lengths[b]] = e[p:]
         return x, torch.tensor(lengths, device=x.device)
 
-
 # ---- 2. The questions (Sec. 3.2, 4, 5), the qwen_1_5 chat template and the image preprocessing ---------------
-
 
 def orm_question(prompt: str) -> str:
     """Sec. 3.2, ORM: the outcome question, verbatim from the released `selector.orm` (= the paper's text)."""
     return (f"{IMAGE_TOKEN} This image is generated by a prompt: {prompt}. Does this image accurately represent "
             "the prompt? Please answer yes or no without explanation.")
 
-
 def prm_question(prompt: str) -> str:
     """Sec. 3.2, PRM: the step-wise question from the paper's text (the released code has no PRM)."""
     return (f"{IMAGE_TOKEN} This is an intermediate image in the generation process by a prompt: {prompt}. "
             "Does this intermediate image accurately represent the prompt? Please answer yes or no without "
             "explanation.")
-
 
 def clarity_question(prompt: str) -> str:
     """Sec. 4, PARM, task 1: clarity judgment, verbatim from the released `selector.clarity_judgement`
@@ -458,17 +422,14 @@ def clarity_question(prompt: str) -> str:
             "can be clear and basically judged the object, can be used to judge the potential)\n        Answer yes "
             "or no with no explanation.(yes or no in lowercase and no full point)")
 
-
 POTENTIAL_FOLLOW_UP = ("Do you think whether the image has the potential to iterate to the image satisfied the "
                        "prompt? Please answer yes or no with no explanation.(yes or no in lowercase and no full "
                        "point)")
-
 
 def potential_question(prompt: str) -> tuple[str, str, str]:
     """Sec. 4, PARM, task 2: potential assessment. As in the released `selector.potential_assessment` it is a
     two-turn conversation: the clarity question, the assistant's "yes", then the follow-up (no new image)."""
     return (clarity_question(prompt), "yes", POTENTIAL_FOLLOW_UP)
-
 
 def reflection_question(prompt: str) -> str:
     """Sec. 5, PARM++: reflection evaluation. This wording is ours: the released code has no PARM++ and the
@@ -477,9 +438,7 @@ def reflection_question(prompt: str) -> str:
             "the prompt? If it does, answer yes. If it does not, answer no and explain in one sentence which "
             "objects, counts, colors, positions or attributes in the image do not match the prompt.")
 
-
 Question = str | Sequence[str]
-
 
 def render_chat(turns: Question, system: str = SYSTEM_PROMPT) -> str:
     """The qwen_1_5 ChatML string (`conv_qwen` of `llava/conversation.py`), ending with the open assistant turn.
@@ -493,10 +452,8 @@ def render_chat(turns: Question, system: str = SYSTEM_PROMPT) -> str:
         out += f"<|im_start|>{('user', 'assistant')[i % 2]}\n{text}<|im_end|>\n"
     return out + "<|im_start|>assistant\n"
 
-
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
-
 
 def tokenize_chat(tokenizer, turns: Question, where: str = "question") -> list[int]:
     """Render, split at <image>, tokenise each chunk on its own (no BOS) and join with IMAGE_PLACEHOLDER, as
@@ -508,7 +465,6 @@ def tokenize_chat(tokenizer, turns: Question, where: str = "question") -> list[i
                          f"question, so put one {IMAGE_TOKEN} in the user text (e.g. orm_question(prompt))")
     before, after = text.split(IMAGE_TOKEN)
     return _encode(tokenizer, before) + [IMAGE_PLACEHOLDER] + _encode(tokenizer, after)
-
 
 def as_pil(image, where: str = "image") -> Image.Image:
     """A PIL RGB image from a PIL image, a float tensor [3,H,W] in [-1,1] (MAGVIT's decode; converted to uint8
@@ -528,7 +484,6 @@ def as_pil(image, where: str = "image") -> Image.Image:
     raise TypeError(f"{where} is a {type(image).__name__}, not an image: pass a PIL image, a float tensor "
                     "[3, H, W] in [-1, 1] or a uint8 array [H, W, 3] (use data.load_image for a file)")
 
-
 def preprocess(image, size: int = 384, where: str = "image") -> torch.Tensor:
     """The "pad" preprocessing `selector.py` forces (`process_images` of `llava/mm_utils.py`) -> float32
     [3, size, size] in [-1, 1]: `expand2square` onto grey 127 (centred), PIL BICUBIC on uint8, then x * (1/255)
@@ -544,9 +499,7 @@ def preprocess(image, size: int = 384, where: str = "image") -> torch.Tensor:
     x = (x - np.float32(0.5)) / np.float32(0.5)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
-
 # ---- 3. The reward model -----------------------------------------------------------------------------------
-
 
 def released_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """What `generate()` in the released `selector.py` does to the first token's logits: transformers 4.40's
@@ -563,7 +516,6 @@ def released_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None
         x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return x
 
-
 @dataclass
 class Judgment:
     """One yes/no judgment. `p_yes` / `p_no` come from the full softmax at the answer position, or from the
@@ -579,7 +531,6 @@ class Judgment:
     def is_yes(self) -> bool:
         return self.answer == "yes"
 
-
 @dataclass
 class TurnCache:
     """A judged conversation's KV cache for one image: reuse it to ask a follow-up about the same image."""
@@ -587,10 +538,8 @@ class TurnCache:
     keys: torch.Tensor    # [n_layer, n_kv, len, hd]
     values: torch.Tensor
 
-
 class Verifier:
     """LLaVA-OneVision turned into the paper's yes/no reward model (Sec. 3.2, 4, 5)."""
-
     def __init__(self, model: LlavaOneVision, tokenizer, generation: dict | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -598,8 +547,8 @@ class Verifier:
         self.top_k = generation.get("top_k", HF_DEFAULT_TOP_K)
         self.top_p = generation.get("top_p", HF_DEFAULT_TOP_P)
         self.yes_id, self.no_id = (tokenizer.token_to_id(t) for t in ("yes", "no"))
-        # work counters (tests, traces): LM positions run (image rows included, padding not), images, forwards
-        self.tokens_processed = self.images_encoded = self.forwards = 0
+        # work counters (tests, traces): LM positions run (image rows included, padding not) and LM forwards
+        self.tokens_processed = self.forwards = 0
 
     @property
     def device(self) -> torch.device:
@@ -624,6 +573,13 @@ class Verifier:
             raise TypeError(f"{what} must be a list with one entry per image, got a {type(x).__name__}")
         return list(x)
 
+    def _lm(self, x, n_new, cache: KVCache | None, trace: list | None = None):
+        """One counted LM forward: the answer-position states [B, H]."""
+        h = self.model.lm(x, n_new, cache, trace)
+        self.tokens_processed += int(n_new.sum())
+        self.forwards += 1
+        return h
+
     def _prefill(self, images, questions, cache_extra: int | None = 0, trace: list | None = None):
         """Encode the images and run the spliced conversations. Returns the answer-position states [B, H], the
         positions run per row, the KV cache (room for `cache_extra` more columns; None = no cache) and the ids."""
@@ -636,9 +592,7 @@ class Verifier:
         pixels = self.pixels(images).to(self.device, self.dtype)
         x, n_new = self.model.splice(ids, self.model.encode_images(pixels))
         cache = None if cache_extra is None else self.model.lm.new_cache(len(ids), x.shape[1] + cache_extra)
-        h = self.model.lm(x, n_new, cache, trace)
-        self._count(n_new, images=len(images))
-        return h, n_new, cache, ids
+        return self._lm(x, n_new, cache, trace), n_new, cache, ids
 
     def _extend(self, cache: KVCache, tokens: Sequence[Sequence[int]]):
         """Append text tokens (ragged, at least one per row) to every row of `cache`; the logits after them."""
@@ -646,14 +600,7 @@ class Verifier:
         pad = torch.zeros(len(tokens), int(n_new.max()), dtype=torch.long, device=self.device)
         for b, t in enumerate(tokens):
             pad[b, :len(t)] = torch.tensor(t, device=self.device)
-        h = self.model.lm(self.model.lm.embed_tokens(pad), n_new, cache)
-        self._count(n_new)
-        return self.model.lm.logits(h), n_new
-
-    def _count(self, n_new, images: int = 0):
-        self.tokens_processed += int(n_new.sum())
-        self.images_encoded += images
-        self.forwards += 1
+        return self.model.lm.logits(self._lm(self.model.lm.embed_tokens(pad), n_new, cache)), n_new
 
     @torch.inference_mode()
     def answer_logits(self, images, questions, trace: list | None = None) -> torch.Tensor:
@@ -766,9 +713,7 @@ class Verifier:
             logits, _ = self._extend(cache, tok[:, None].tolist())
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
 
-
 # ---- 4. Loading and saving checkpoints ---------------------------------------------------------------------
-
 
 # Each layout: where our module's tensors live in the checkpoint (first matching module prefix wins).
 LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -794,7 +739,6 @@ VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")  # the lmms-lab ten
 VERIFIER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                        "vocab.json", "merges.txt", "generation_config.json", "vision_tower/config.json")
 
-
 def key_map(module: nn.Module, prefixes: Sequence[tuple[str, str]]) -> dict[str, str]:
     """checkpoint key -> parameter name for every parameter of `module`, renamed by (module, checkpoint)
     prefix pairs; the first pair whose module prefix matches wins."""
@@ -803,7 +747,6 @@ def key_map(module: nn.Module, prefixes: Sequence[tuple[str, str]]) -> dict[str,
         mod, ckpt = next(((m, c) for m, c in prefixes if name.startswith(m)), ("", ""))
         out[ckpt + name[len(mod):]] = name
     return out
-
 
 def detect_layout(keys) -> str:
     keys = set(keys)
@@ -816,7 +759,6 @@ def detect_layout(keys) -> str:
                           "expected lmms-lab (model.embed_tokens, model.vision_tower.vision_tower...) or llava-hf "
                           "(language_model.model... / model.language_model...); point at a LLaVA-OneVision folder")
 
-
 def vocab_size_of(tokenizer) -> int:
     """len(tokenizer), which `llava/model/builder.py` truncates the LM vocabulary to. llava-hf tokenizers carry
     the converter's <image>/<video> after <|im_end|>; never LM rows, they are dropped."""
@@ -825,13 +767,11 @@ def vocab_size_of(tokenizer) -> int:
         n -= 1
     return n
 
-
 def check_tokenizer(tokenizer, where) -> None:
     missing = [t for t in CHAT_TOKENS + ("yes", "no") if tokenizer.token_to_id(t) is None]
     if missing:
         raise CheckpointError(f"the tokenizer in {where} lacks {', '.join(missing)}: LLaVA-OneVision needs Qwen2's "
                               "chat tokens and single-token 'yes'/'no'; use the tokenizer.json shipped with the model")
-
 
 def load_verifier(ckpt_dir: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                   device: torch.device | str = "cpu") -> Verifier:
@@ -861,11 +801,9 @@ def load_verifier(ckpt_dir: str | os.PathLike, dtype: torch.dtype | str = torch.
     gen = ckpt_dir / "generation_config.json"
     return Verifier(model, tokenizer, data.read_config(ckpt_dir, gen.name) if gen.is_file() else None)
 
-
 def lmms_lab_state(model: LlavaOneVision, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's tensors under their lmms-lab checkpoint keys, cast to `dtype`."""
     return {c: model.get_parameter(p).detach().to(dtype) for c, p in key_map(model, LAYOUTS["lmms-lab"]).items()}
-
 
 def save_shards(shards: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
     """Write {file name: tensors} as safetensors files, with model.safetensors.index.json when there are several."""
@@ -876,7 +814,6 @@ def save_shards(shards: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
                                                         for ts in shards.values() for v in ts.values())},
                          "weight_map": {k: n for n, ts in shards.items() for k in ts}},
                         out / "model.safetensors.index.json")
-
 
 def save_verifier(model: LlavaOneVision, tokenizer, out_dir: str | os.PathLike, like_dir: str | os.PathLike,
                   dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 4 * 2 ** 30) -> Path:
@@ -918,12 +855,9 @@ def save_verifier(model: LlavaOneVision, tokenizer, out_dir: str | os.PathLike, 
     data.write_json(config, out / "config.json")
     return out
 
-
 # ---- 5. Fine-tuning the reward models (Sec. 3.2, 4, 5): labels and loss of LLaVA-NeXT's recipe ---------------
 
-
 LABEL_RULES = ("released", "answer")
-
 
 def sft_tokens(tokenizer, turns: Sequence[str], rule: str = "released",
                where: str = "conversation") -> tuple[list[int], list[int]]:
@@ -959,7 +893,6 @@ def sft_tokens(tokenizer, turns: Sequence[str], rule: str = "released",
         labels = [t if t in always else y for t, y in zip(ids, labels)]
     return ids, labels
 
-
 @dataclass
 class SFTData:
     """Tokenised training records: ids and labels per record (`sft_tokens`), its image and where it came from."""
@@ -970,7 +903,6 @@ class SFTData:
 
     def __len__(self) -> int:
         return len(self.ids)
-
 
 def encode_conversations(tokenizer, records: Sequence[data.Conversation],
                          rule: str = "released") -> tuple[SFTData, list[str]]:
@@ -988,7 +920,6 @@ def encode_conversations(tokenizer, records: Sequence[data.Conversation],
         out.images.append(rec.image)
         out.source.append(rec.where)
     return out, problems
-
 
 def sft_loss(model: LlavaOneVision, pixels: torch.Tensor, ids: Sequence[Sequence[int]],
              labels: Sequence[Sequence[int]]) -> tuple[torch.Tensor, dict]:
@@ -1012,9 +943,7 @@ def sft_loss(model: LlavaOneVision, pixels: torch.Tensor, ids: Sequence[Sequence
     accuracy = (logits.argmax(-1) == target[scored]).float().mean()
     return loss, {"loss": loss.item(), "token_accuracy": accuracy.item(), "tokens": int(scored.sum())}
 
-
 # ---- 6. A tiny random checkpoint in the lmms-lab format (`--tiny`) -----------------------------------------
-
 
 def _tiny_tokenizer():
     corpus = data.tiny_corpus()
@@ -1026,7 +955,6 @@ def _tiny_tokenizer():
     tok.add_special_tokens(list(CHAT_TOKENS))
     check_tokenizer(tok, "the tiny tokenizer")
     return tok
-
 
 def _tiny_model(cfg: LlavaConfig, tok, gen: torch.Generator, std: float = 0.02) -> LlavaOneVision:
     """Random weights, rounded to what a bf16 checkpoint holds. The `yes`/`no` lm_head rows point along the
@@ -1052,7 +980,6 @@ def _tiny_model(cfg: LlavaConfig, tok, gen: torch.Generator, std: float = 0.02) 
     model.lm.lm_head.weight.data[verifier.yes_id] = m * (7.0 / m.dot(m))
     model.lm.lm_head.weight.data[verifier.no_id] = m * (6.3 / m.dot(m))
     return model
-
 
 def _tiny_configs(cfg: LlavaConfig, tok) -> dict[str, dict]:
     """config.json with the lmms-lab fields, vision_tower/config.json and generation_config.json."""
@@ -1081,7 +1008,6 @@ def _tiny_configs(cfg: LlavaConfig, tok) -> dict[str, dict]:
         "bos_token_id": eot, "do_sample": True, "eos_token_id": [im_end, eot], "pad_token_id": eot,
         "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
     }}
-
 
 def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a deterministic tiny random LLaVA-OneVision in the lmms-lab format: two bf16 safetensors shards
