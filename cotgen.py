@@ -1,11 +1,11 @@
-"""The paper's generator (Sec. 3.1), Show-o (Phi-1.5 with omni-attention) with MAGVIT-v2, its masked parallel
-decoding with classifier-free guidance, the searches ORM / PRM best-of-N (Sec. 3.2), PARM (Sec. 4), PARM++ (Sec. 5),
-and the `--tiny` checkpoints. Originals followed: Show-o's (showlab/Show-o) `models/modeling_showo.py`,
-`models/phi.py`, `training/prompting_utils.py`, `models/sampling.py`, `models/modeling_magvitv2.py`,
+"""The paper's generator (Sec. 3.1), Show-o (Phi-1.5, omni-attention) + MAGVIT-v2 with masked parallel decoding and
+CFG; the searches ORM / PRM best-of-N (Sec. 3.2), PARM (Sec. 4), PARM++ (Sec. 5); the `--tiny` checkpoints. Originals:
+Show-o's (showlab/Show-o) `models/{modeling_showo,phi,sampling,modeling_magvitv2}.py`, `training/prompting_utils.py`,
 `inference_t2i.py`; the paper code's (ZiyuGuo99/Image-Generation-CoT) `orm.py`, `parm.py`."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -24,7 +24,6 @@ import data
 from data import CheckpointError
 
 # ---- 1. Show-o ------------------------------------------------------------------------------------------
-
 # Show-o's nine new tokens, in the order UniversalPrompting (`training/prompting_utils.py`) adds them after [PAD]
 SHOWO_SPECIAL_TOKENS = tuple("<|soi|> <|eoi|> <|sov|> <|eov|> <|t2i|> <|mmu|> <|t2v|> <|v2v|> <|lvg|>".split())
 EOT_TOKEN = "<|endoftext|>"
@@ -47,25 +46,12 @@ class ShowoConfig:
     layer_norm_eps: float = 1e-5
     max_position_embeddings: int = 2048
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def image_offset(self) -> int:  # first image-token id = len(tokenizer) after Show-o's additions
-        return self.llm_vocab_size + self.num_new_special_tokens
-
-    @property
-    def mask_token_id(self) -> int:  # the original constructor recomputes it as vocab_size - 1
-        return self.vocab_size - 1
-
-    @property
-    def text_len(self) -> int:
-        return self.max_seq_length + 1
-
-    @property
-    def seq_len(self) -> int:  # text part + soi + N image tokens + eoi
-        return self.text_len + 1 + self.num_vq_tokens + 1
+    # derived sizes are properties: loading and `write_tiny_showo` set the fields after construction
+    head_dim = property(lambda self: self.n_embd // self.n_head)
+    image_offset = property(lambda self: self.llm_vocab_size + self.num_new_special_tokens)  # first image id
+    mask_token_id = property(lambda self: self.vocab_size - 1)   # as the original constructor recomputes it
+    text_len = property(lambda self: self.max_seq_length + 1)
+    seq_len = property(lambda self: self.text_len + 1 + self.num_vq_tokens + 1)   # text, soi, N image tokens, eoi
 
     @classmethod
     def preset(cls, name: str) -> "ShowoConfig":
@@ -97,18 +83,13 @@ class ShowoTokenizer:
             raise CheckpointError(f"the phi tokenizer already contains Show-o's tokens at other ids ({ids}): "
                                   "pass the original phi-1.5 tokenizer.json, not a modified copy")
         self.bos_id = self.eos_id = eot
-        self.pad_id, self.soi_id, self.eoi_id, self.t2i_id = (ids[t] for t in ("[PAD]", "<|soi|>", "<|eoi|>", "<|t2i|>"))
+        self.pad_id = ids["[PAD]"]
+        self.soi_id, self.eoi_id, self.t2i_id = ids["<|soi|>"], ids["<|eoi|>"], ids["<|t2i|>"]
 
     def text_ids(self, prompt: str) -> list[int]:
         """Prompt -> ids: the tokenizer adds no special tokens, then a bos is prepended."""
         ids = self.tok.encode(prompt, add_special_tokens=False).ids
         return ids if ids and ids[0] == self.bos_id else [self.bos_id] + ids
-
-    def text_part(self, prompt: str) -> list[int]:
-        """[<|t2i|>, bos, text, eos], left-padded with [PAD] to max_seq_length+1, or truncated (eos kept)."""
-        t = [self.t2i_id] + self.text_ids(prompt) + [self.eos_id]
-        n = self.config.text_len
-        return [self.pad_id] * (n - len(t)) + t if len(t) <= n else t[: n - 1] + [self.eos_id]
 
     def is_truncated(self, prompt: str) -> bool:
         return len(self.text_ids(prompt)) + 2 > self.config.text_len
@@ -122,18 +103,19 @@ class ShowoTokenizer:
                 condition: torch.Tensor | None = None) -> torch.Tensor:
         """The t2i sequences [B, L]: text part + <|soi|> + N image ids (vocabulary ids, all [MASK] by default) +
         <|eoi|>. `condition` [B, N] codes: PARM++'s previous image, a second image segment before this one (ours)."""
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        c = self.config
-        text = torch.tensor([self.text_part(p) for p in prompts], dtype=torch.long)
+        c, n, text = self.config, self.config.text_len, []
+        for prompt in [prompts] if isinstance(prompts, str) else prompts:
+            # [<|t2i|>, bos, text, eos], left-padded with [PAD] to max_seq_length+1, or truncated (eos kept)
+            t = [self.t2i_id] + self.text_ids(prompt) + [self.eos_id]
+            text.append([self.pad_id] * (n - len(t)) + t if len(t) <= n else t[: n - 1] + [self.eos_id])
         if image_tokens is None:
-            image_tokens = torch.full((len(prompts), c.num_vq_tokens), c.mask_token_id, dtype=torch.long)
+            image_tokens = torch.full((len(text), c.num_vq_tokens), c.mask_token_id, dtype=torch.long)
         previous = [] if condition is None else [self.image_segment(condition.cpu().long() + c.image_offset)]
-        return torch.cat([text, *previous, self.image_segment(image_tokens.cpu())], dim=1)
+        return torch.cat([torch.tensor(text, dtype=torch.long), *previous, self.image_segment(image_tokens.cpu())], 1)
 
 def omni_attention_mask(ids: torch.Tensor, pad_id: int, soi_id: int, eoi_id: int) -> torch.Tensor:
-    """Show-o's omni-attention as a "may attend" mask [B, 1, L, L] (`create_attention_mask_predict_next` of
-    `training/prompting_utils.py`): text attends causally to non-pad text, an image segment (<|soi|> to <|eoi|>)
-    to every non-pad position of the text, earlier segments and itself, pads causally to pads (no empty row: NaN)."""
+    """Show-o's omni-attention (`create_attention_mask_predict_next`) as a "may attend" mask [B, 1, L, L]: text attends
+    causally to non-pad text, an image segment to non-pad text, earlier segments and itself, pads causally to pads."""
     L = ids.shape[1]
     pad = ids == pad_id                                                           # [B, L]
     segment = torch.cumsum(ids == soi_id, 1)                                      # 0 = text before any image
@@ -142,8 +124,7 @@ def omni_attention_mask(ids: torch.Tensor, pad_id: int, soi_id: int, eoi_id: int
     key_ok = ~pad[:, None, :]                                                     # [B, 1(q), L(k)]
     text_rule = torch.where(pad[:, :, None], causal, causal & key_ok)
     image_rule = key_ok & (segment[:, None, :] <= segment[:, :, None])
-    allowed = torch.where(in_image[:, :, None], image_rule, text_rule)
-    return allowed[:, None]
+    return torch.where(in_image[:, :, None], image_rule, text_rule)[:, None]
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     # the explicit tanh formula of transformers' NewGELUActivation (not F.gelu(approximate="tanh")): bit parity
@@ -153,8 +134,7 @@ class PhiAttention(nn.Module):
     """Phi-1.5's attention as Show-o's `models/phi.py` modifies it: q/k LayerNorms, partial rotary embedding."""
     def __init__(self, c: ShowoConfig):
         super().__init__()
-        self.n_head, self.head_dim = c.n_head, c.head_dim
-        self.rot_dim = int(c.partial_rotary_factor * c.head_dim)
+        self.n_head, self.head_dim, self.rot_dim = c.n_head, c.head_dim, int(c.partial_rotary_factor * c.head_dim)
         self.q_proj, self.k_proj, self.v_proj, self.dense = (nn.Linear(c.n_embd, c.n_embd) for _ in range(4))
         # Show-o forces qk_layernorm on, whatever phi's config says
         self.q_layernorm, self.k_layernorm = (nn.LayerNorm(c.head_dim, eps=c.layer_norm_eps) for _ in range(2))
@@ -185,22 +165,16 @@ class PhiBlock(nn.Module):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
         self.self_attn = PhiAttention(c)
-        self.mlp = nn.ModuleDict({"fc1": nn.Linear(c.n_embd, c.intermediate_size),
-                                  "fc2": nn.Linear(c.intermediate_size, c.n_embd)})
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(c.n_embd, c.intermediate_size), nn.Linear(c.intermediate_size, c.n_embd)
 
     def forward(self, x, cos, sin, allowed, past_kv=None):
         h = self.input_layernorm(x)
         a, kv = self.self_attn(h, cos, sin, allowed, past_kv)
         return (a + self.mlp.fc2(gelu_new(self.mlp.fc1(h)))) + x, kv
 
-@dataclass
-class TextPrefix:
-    kv: list              # per layer (k, v), each [R, nh, T, hd]
-    key_ok: torch.Tensor  # [R, T] False at pads
-
 class Showo(nn.Module):
-    """Show-o's transformer (`models/modeling_showo.py` around `models/phi.py`): token embedding, Phi blocks,
-    final LayerNorm, lm_head with bias. Parameter names are the checkpoint's without `showo.model.`/`showo.`."""
+    """Show-o's transformer (`models/modeling_showo.py`, `models/phi.py`): checkpoint names less `showo.[model.]`."""
     def __init__(self, c: ShowoConfig):
         super().__init__()
         self.config = c
@@ -210,22 +184,20 @@ class Showo(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=True)
         self.gradient_checkpointing = False
 
-    def _rope(self, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [end - start, rot_dim] of positions start..end-1, in float32 computed on the CPU as the original."""
-        c = self.config
+    def _embed(self, ids: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings of `ids` at positions start.. with their RoPE cos/sin (float32 on the CPU, as the original)."""
+        c, end = self.config, start + ids.shape[1]
         if end > c.max_position_embeddings:
             raise ValueError(f"sequence of {end} positions exceeds Show-o's {c.max_position_embeddings}")
         rot_dim = int(c.partial_rotary_factor * c.head_dim)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
         angles = torch.outer(torch.arange(start, end).float(), inv_freq)
         emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos().to(device), emb.sin().to(device)
+        return self.embed_tokens(ids), emb.cos().to(ids.device), emb.sin().to(ids.device)
 
     def forward(self, ids: torch.Tensor, allowed: torch.Tensor, output_hidden_states: bool = False):
-        """The original full forward (positions 0..L-1, pads included): fp32 logits [B, L, V]. Decoding uses
-        `prefix` + `image_logits`: the same image logits without recomputing the text part or text columns."""
-        x = self.embed_tokens(ids)
-        cos, sin = self._rope(0, ids.shape[1], ids.device)
+        """The original full forward, positions 0..L-1 with pads: fp32 logits [B, L, V] (decoding uses `prefix`)."""
+        x, cos, sin = self._embed(ids)
         hidden = [x]                     # the embeddings, then each block's output; the last one after final LN
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -237,59 +209,48 @@ class Showo(nn.Module):
         logits = self.lm_head(x).float()
         return (logits, hidden) if output_hidden_states else logits
 
-    def prefix(self, text_ids: torch.Tensor, tok: ShowoTokenizer) -> TextPrefix:
-        """Every layer's keys/values of the part before the decoded image [R, T]: text (and a conditioning
-        image) never attends to the decoded image, so they do not change while it is decoded."""
+    def prefix(self, text_ids: torch.Tensor, tok: ShowoTokenizer) -> tuple[list, torch.Tensor]:
+        """(every layer's (k, v) [R, nh, T, hd], key_ok [R, T] False at pads) of the part before the decoded
+        image [R, T]: text (and a conditioning image) never attends to it, so they stay fixed while it is decoded."""
         allowed = omni_attention_mask(text_ids, tok.pad_id, tok.soi_id, tok.eoi_id)
-        x = self.embed_tokens(text_ids)
-        cos, sin = self._rope(0, text_ids.shape[1], text_ids.device)
+        x, cos, sin = self._embed(text_ids)
         kv = []
         for layer in self.layers:
             x, layer_kv = layer(x, cos, sin, allowed)
             kv.append(layer_kv)
-        return TextPrefix(kv=kv, key_ok=text_ids != tok.pad_id)
+        return kv, text_ids != tok.pad_id
 
-    def image_logits(self, image_ids: torch.Tensor, prefix: TextPrefix, rows: torch.Tensor) -> torch.Tensor:
-        """Codebook logits [B, N, K] of image segments [B, N+2] (soi, N, eoi); row b attends to prefix row
+    def image_logits(self, image_ids: torch.Tensor, prefix: tuple, rows: torch.Tensor) -> torch.Tensor:
+        """Codebook logits [B, N, K] of image segments [B, N+2] (soi, N, eoi); row b attends to `prefix` row
         `rows[b]` (no pads) and its own segment. Only lm_head's K code columns: the sampler reads no others."""
-        c = self.config
-        B, S = image_ids.shape
-        T = prefix.kv[0][0].shape[2]
-        x = self.embed_tokens(image_ids)
-        cos, sin = self._rope(T, T + S, image_ids.device)
-        key_ok = torch.cat([prefix.key_ok[rows], torch.ones(B, S, dtype=torch.bool, device=image_ids.device)], 1)
-        allowed = key_ok[:, None, None, :]                                           # [B, 1, 1, T+S]
-        for layer, (k, v) in zip(self.layers, prefix.kv):
-            x, _ = layer(x, cos, sin, allowed, past_kv=(k[rows], v[rows]))
+        c, (kv, key_ok) = self.config, prefix
+        (B, S), T = image_ids.shape, kv[0][0].shape[2]
+        x, cos, sin = self._embed(image_ids, T)
+        key_ok = torch.cat([key_ok[rows], torch.ones(B, S, dtype=torch.bool, device=image_ids.device)], 1)
+        for layer, (k, v) in zip(self.layers, kv):
+            x, _ = layer(x, cos, sin, key_ok[:, None, None, :], past_kv=(k[rows], v[rows]))   # mask [B, 1, 1, T+S]
         x = self.final_layernorm(x[:, 1:-1])                                         # the N image positions
-        off = c.image_offset
-        w, b = self.lm_head.weight[off:off + c.codebook_size], self.lm_head.bias[off:off + c.codebook_size]
-        return F.linear(x, w, b).float()
+        codes = slice(c.image_offset, c.image_offset + c.codebook_size)
+        return F.linear(x, self.lm_head.weight[codes], self.lm_head.bias[codes]).float()
 
-# Loading and saving in the released layout (Show-o's `models/modeling_utils.py` reads it).
-# ShowoConfig field <- phi-1.5 config.json key; a key phi's config lacks keeps phi-1.5's value
+# The released layout (Show-o's `models/modeling_utils.py`). ShowoConfig field <- phi config key (absent: phi-1.5's)
 PHI_CONFIG_KEYS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
                    **{k: k for k in ("intermediate_size", "partial_rotary_factor", "rope_theta", "layer_norm_eps",
                                      "max_position_embeddings")}}
 
-def _yaml_int(text: str, key: str) -> int | None:
-    # the inference yaml is only read for two integers; a full yaml parser is not worth a dependency
-    m = re.search(rf"^\s*{key}\s*:\s*(\d+)\s*$", text, flags=re.M)
-    return int(m.group(1)) if m else None
-
 def showo_config(ckpt_dir: str | Path, phi_config: dict | None) -> ShowoConfig:
     """Show-o's config.json + phi's config.json (+ `inference_config.yaml` if the folder has one)."""
     d = Path(ckpt_dir)
-    raw = data.read_config(d)
-    for k in ("vocab_size", "llm_vocab_size", "codebook_size", "num_vq_tokens"):
+    raw, keys = data.read_config(d), ("vocab_size", "llm_vocab_size", "codebook_size", "num_vq_tokens")
+    for k in keys:
         if k not in raw:
             raise CheckpointError(f"{d / 'config.json'} lacks {k!r}: is this a Show-o checkpoint?")
-    c = ShowoConfig(vocab_size=raw["vocab_size"], llm_vocab_size=raw["llm_vocab_size"],
-                    codebook_size=raw["codebook_size"], num_vq_tokens=raw["num_vq_tokens"])
-    if (d / "inference_config.yaml").is_file():
-        text = (d / "inference_config.yaml").read_text()
-        c.max_seq_length = _yaml_int(text, "max_seq_length") or c.max_seq_length
-        c.num_new_special_tokens = _yaml_int(text, "num_new_special_tokens") or c.num_new_special_tokens
+    c = ShowoConfig(**{k: raw[k] for k in keys})
+    yaml = (d / "inference_config.yaml").read_text() if (d / "inference_config.yaml").is_file() else ""
+    for k in ("max_seq_length", "num_new_special_tokens"):
+        # only these two integers are read from the yaml: a yaml parser is not worth a dependency (0: the default)
+        m = re.search(rf"^\s*{k}\s*:\s*(\d+)\s*$", yaml, flags=re.M)
+        setattr(c, k, (int(m.group(1)) if m else 0) or getattr(c, k))
     if phi_config is not None:
         for ours, theirs in PHI_CONFIG_KEYS.items():
             setattr(c, ours, phi_config.get(theirs, getattr(c, ours)))
@@ -305,16 +266,13 @@ def showo_config(ckpt_dir: str | Path, phi_config: dict | None) -> ShowoConfig:
 
 def resolve_phi_dir(ckpt_dir: str | Path, phi_dir: str | Path | None) -> Path:
     """Where phi-1.5's config + tokenizer are: `phi_dir`, else config.json's llm_model_path if it is a folder."""
-    if phi_dir is not None:
-        p = Path(phi_dir)
-    else:
-        llm = data.read_config(ckpt_dir).get("llm_model_path", "microsoft/phi-1_5")
-        p = Path(ckpt_dir) / llm
-        if not p.is_dir():
-            raise CheckpointError(
-                f"Show-o needs the phi-1.5 tokenizer ({llm!r} in {Path(ckpt_dir) / 'config.json'}): download it with "
-                "`hf download microsoft/phi-1_5 config.json tokenizer.json --local-dir weights/phi-1_5` "
-                "and pass --phi weights/phi-1_5")
+    llm = data.read_config(ckpt_dir).get("llm_model_path", "microsoft/phi-1_5") if phi_dir is None else None
+    p = Path(ckpt_dir) / llm if phi_dir is None else Path(phi_dir)
+    if phi_dir is None and not p.is_dir():
+        raise CheckpointError(
+            f"Show-o needs the phi-1.5 tokenizer ({llm!r} in {Path(ckpt_dir) / 'config.json'}): download it with "
+            "`hf download microsoft/phi-1_5 config.json tokenizer.json --local-dir weights/phi-1_5` "
+            "and pass --phi weights/phi-1_5")
     if not (p / "tokenizer.json").is_file():
         raise CheckpointError(f"{p / 'tokenizer.json'} not found: download it with "
                               f"`hf download microsoft/phi-1_5 config.json tokenizer.json --local-dir {p}`")
@@ -341,23 +299,24 @@ def load_showo(ckpt_dir: str | Path, phi_dir: str | Path | None = None, *, dtype
 
 def save_showo(model: Showo, out_dir: str | Path, like_dir: str | Path | None = None,
                phi_dir: str | Path | None = None) -> None:
-    """Write `model` in Show-o's layout, each file atomically: pytorch_model.safetensors, and with `like_dir`
-    its config.json and inference_config.yaml. With `phi_dir` too, config.json's llm_model_path becomes that
-    folder's absolute path (a copied relative one, "../phi" in the tiny model, would point elsewhere)."""
+    """Write `model` in Show-o's layout, atomically: the weights, with `like_dir` its config.json and inference yaml;
+    with `phi_dir` too, llm_model_path becomes that folder's absolute path (a copied "../phi" would point elsewhere),
+    or a relative one when the phi folder is inside `out_dir`."""
     out = Path(out_dir)
     inv = {v: k for k, v in showo_key_map(model.config).items()}
     data.save_state({inv[n]: p for n, p in model.state_dict().items()}, out / "pytorch_model.safetensors")
-    for name in ("config.json", "inference_config.yaml") if like_dir is not None else ():
+    for name in ("inference_config.yaml", "config.json") if like_dir is not None else ():     # config.json last
         src = Path(like_dir) / name
         if name == "config.json" and phi_dir is not None:
-            data.write_json({**data.read_config(like_dir), "llm_model_path": str(Path(phi_dir).resolve())},
-                            out / name)
+            phi = Path(phi_dir).resolve()
+            inside = phi.is_relative_to(out.resolve())      # a phi folder shipped inside the model stays relative
+            data.write_json({**data.read_config(like_dir), "llm_model_path": os.path.relpath(phi, out.resolve())
+                             if inside else str(phi)}, out / name)
         elif src.is_file() and src.resolve() != (out / name).resolve():
             with data.atomic_path(out / name) as tmp:
                 tmp.write_bytes(src.read_bytes())
 
 # ---- 2. MAGVIT-v2 (Show-o's `models/modeling_magvitv2.py`) ----------------------------------------------
-
 @dataclass
 class MagvitConfig:
     """Defaults are the released showlab/magvitv2 (its config.json has no architecture fields)."""
@@ -416,68 +375,25 @@ class AttnBlock(nn.Module):
 def mid_block(c: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c)))
 
-class Resample(nn.Module):
-    """Downsample: zero-pad right and bottom only, then a stride-2 3x3 conv. Upsample: nearest x2, 3x3 conv."""
-    def __init__(self, c: int, down: bool):
-        super().__init__()
-        self.down = down
-        self.conv = nn.Conv2d(c, c, 3, stride=2) if down else nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
 class Level(nn.Module):
-    """One resolution: resnet blocks, then a `downsample` or `upsample` (the checkpoint's names) if any."""
+    """One resolution: resnet blocks, then `downsample` (pad right/bottom, stride-2 conv) or `upsample` (nearest x2)."""
     def __init__(self, cin: int, cout: int, n_blocks: int, resample: str | None):
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(cin if b == 0 else cout, cout) for b in range(n_blocks))
         self.resample = resample
-        if resample is not None:
-            self.add_module(resample, Resample(cout, down=resample == "downsample"))
+        if resample is not None:             # a plain container: the checkpoint's `downsample.conv` / `upsample.conv`
+            self.add_module(resample, nn.Module())
+            down = resample == "downsample"
+            getattr(self, resample).conv = nn.Conv2d(cout, cout, 3, stride=2 if down else 1, padding=0 if down else 1)
 
     def forward(self, x):
         for block in self.block:
             x = block(x)
-        return getattr(self, self.resample)(x) if self.resample else x
-
-class Encoder(nn.Module):
-    def __init__(self, c: MagvitConfig):
-        super().__init__()
-        mult, last = (1,) + tuple(c.enc_ch_mult), len(c.enc_ch_mult) - 1
-        self.conv_in = nn.Conv2d(3, c.ch, 3, padding=1)
-        self.down = nn.ModuleList(Level(c.ch * mult[i], c.ch * mult[i + 1], k, "downsample" if i < last else None)
-                                  for i, k in enumerate(c.enc_num_res_blocks))
-        top = c.ch * c.enc_ch_mult[-1]
-        self.mid, self.norm_out = mid_block(top), group_norm(top)
-        self.conv_out = nn.Conv2d(top, c.z_channels, 3, padding=1)
-        self.quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        return self.quant_conv(self.conv_out(swish(self.norm_out(self.mid(h)))))
-
-class Decoder(nn.Module):
-    """Not the encoder's mirror (its own ch_mult and block counts); up[i] belongs to ch_mult[i], up[-1] runs first."""
-    def __init__(self, c: MagvitConfig):
-        super().__init__()
-        ch, mult = c.dec_ch, c.dec_ch_mult
-        cin = ch * mult[-1]
-        self.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
-        self.conv_in = nn.Conv2d(c.z_channels, cin, 3, padding=1)
-        self.mid = mid_block(cin)
-        m = tuple(mult) + (mult[-1],)           # level i: ch * m[i + 1] -> ch * m[i] channels
-        self.up = nn.ModuleList(Level(ch * m[i + 1], ch * m[i], k, "upsample" if i != 0 else None)
-                                for i, k in enumerate(c.dec_num_res_blocks))
-        self.norm_out = group_norm(ch * mult[0])
-        self.conv_out = nn.Conv2d(ch * mult[0], 3, 3, padding=1)
-
-    def forward(self, z):
-        h = self.mid(self.conv_in(self.post_quant_conv(z)))
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        if self.resample == "downsample":
+            x = self.downsample.conv(F.pad(x, (0, 1, 0, 1)))
+        elif self.resample == "upsample":
+            x = self.upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return x
 
 class LFQ(nn.Module):
     """Lookup-free quantiser: a code is `bits` signs, channel 0 the most significant bit."""
@@ -504,20 +420,46 @@ class LFQ(nn.Module):
         return (bits * self.power_vals).sum(-1)
 
 class MAGVITv2(nn.Module):
+    """Encoder -> LFQ -> decoder, plain containers named as the checkpoint; the decoder has its own ch_mult, blocks."""
     def __init__(self, c: MagvitConfig):
         super().__init__()
         self.config = c
-        self.encoder, self.decoder, self.quantize = Encoder(c), Decoder(c), LFQ(c.z_channels)
+        self.encoder = enc = nn.Module()
+        mult, last = (1,) + tuple(c.enc_ch_mult), len(c.enc_ch_mult) - 1
+        enc.conv_in = nn.Conv2d(3, c.ch, 3, padding=1)
+        enc.down = nn.ModuleList(Level(c.ch * mult[i], c.ch * mult[i + 1], k, "downsample" if i < last else None)
+                                 for i, k in enumerate(c.enc_num_res_blocks))
+        top = c.ch * c.enc_ch_mult[-1]
+        enc.mid, enc.norm_out = mid_block(top), group_norm(top)
+        enc.conv_out = nn.Conv2d(top, c.z_channels, 3, padding=1)
+        enc.quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
+        self.decoder = dec = nn.Module()
+        ch, m = c.dec_ch, tuple(c.dec_ch_mult) + (c.dec_ch_mult[-1],)   # up[i]: ch*m[i+1] -> ch*m[i]; up[-1] runs first
+        dec.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
+        dec.conv_in = nn.Conv2d(c.z_channels, ch * m[-1], 3, padding=1)
+        dec.mid = mid_block(ch * m[-1])
+        dec.up = nn.ModuleList(Level(ch * m[i + 1], ch * m[i], k, "upsample" if i != 0 else None)
+                               for i, k in enumerate(c.dec_num_res_blocks))
+        dec.norm_out, dec.conv_out = group_norm(ch * m[0]), nn.Conv2d(ch * m[0], 3, 3, padding=1)
+        self.quantize = LFQ(c.z_channels)
 
     def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         """Image tokens [B, N] -> image [B, 3, 16h, 16w] roughly in [-1, 1] (no final clamp)."""
         hw = hw or (math.isqrt(codes.shape[1]),) * 2
         z = self.quantize.codes_to_z(codes.clamp(0, 2 ** self.config.z_channels - 1), hw)
-        return self.decoder(z.to(self.decoder.conv_in.weight.dtype))
+        dec = self.decoder
+        h = dec.mid(dec.conv_in(dec.post_quant_conv(z.to(dec.conv_in.weight.dtype))))
+        for level in reversed(dec.up):
+            h = level(h)
+        return dec.conv_out(swish(dec.norm_out(h)))
 
     def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image [B, 3, H, W] in [-1, 1] -> image tokens [B, (H/f)*(W/f)]."""
-        return self.quantize.z_to_codes(self.encoder(pixels.to(self.encoder.conv_in.weight.dtype)))
+        enc = self.encoder
+        h = enc.conv_in(pixels.to(enc.conv_in.weight.dtype))
+        for level in enc.down:
+            h = level(h)
+        return self.quantize.z_to_codes(enc.quant_conv(enc.conv_out(swish(enc.norm_out(enc.mid(h))))))
 
 def load_magvit(ckpt_dir: str | Path, *, dtype=torch.float32, device="cpu") -> MAGVITv2:
     c = MagvitConfig.from_json(data.read_config(ckpt_dir))
@@ -544,10 +486,8 @@ def image_to_pixels(img, resolution: int) -> torch.Tensor:
     return ((x - 0.5) / 0.5)[None]
 
 # ---- 3. Masked parallel decoding (Sec. 3.1; `t2i_generate` of `models/modeling_showo.py`) -------------
-
 def cosine_schedule(r: float) -> torch.Tensor:
-    """Share of image tokens masked after a share r of the steps (`models/sampling.py`), in float32 as the
-    original: float64 would change mask_len at some steps."""
+    """Share of tokens masked after a share r of the steps (`models/sampling.py`); float32: float64 changes mask_len."""
     return torch.cos(torch.tensor(r) * math.pi * 0.5)
 
 @dataclass
@@ -562,14 +502,11 @@ class Step:
     probs: torch.Tensor | None = None  # [k, N, K] the CFG distribution sampled from (with keep_probs=True)
 
 class Paths:
-    """N decoding paths of one prompt, decoded as one batch (Sec. 3.1). Each path has its own generator, so
-    its result does not depend on the batch, and draws in the original order (per step a multinomial over every
-    image slot, then a uniform for the Gumbel noise). `step()` advances every live path and returns its x̂0;
-    `stop(i)` takes path i out (PARM's truncation), `resume(i)` puts it back. fast=True caches the text part's
-    keys/values; fast=False runs the original full forward every step (for checks and the benchmark)."""
+    """N decoding paths of one prompt as one batch (Sec. 3.1). Each path draws from its own generator in the original
+    order (per step a multinomial over every slot, then the Gumbel uniforms), so the batch changes nothing. `stop(i)` /
+    `resume(i)`: PARM's truncation. fast=True caches the text's keys/values; False runs the original full forward."""
     def __init__(self, model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
-                 cfg: float = 1.75, temperature: float | Sequence[float] = 1.0,
-                 generators: Sequence[torch.Generator] | None = None,
+                 cfg: float = 1.75, temperature: float | Sequence[float] = 1.0, generators: Sequence | None = None,
                  seed: int = 0, fast: bool = True, keep_probs: bool = False, condition: torch.Tensor | None = None):
         if n < 1:
             raise ValueError(f"number of paths must be at least 1 (got {n})")
@@ -592,8 +529,7 @@ class Paths:
         self.ids = tokenizer.t2i_ids([prompt, ""], condition=cond).to(device)      # [2, L]
         self.prefix_len = self.ids.shape[1] - (c.num_vq_tokens + 2)
         self.tokens = torch.full((n, c.num_vq_tokens), c.mask_token_id, dtype=torch.long, device=device)
-        self.x0: list[torch.Tensor | None] = [None] * n
-        self.step_of, self.stopped = [0] * n, [False] * n
+        self.x0, self.step_of, self.stopped = [None] * n, [0] * n, [False] * n      # x0: the last step's x̂0 [N]
         self.token_forwards = 0      # token positions run through the transformer (work counter)
         if fast:
             with torch.inference_mode():
@@ -620,14 +556,12 @@ class Paths:
         self.x0[dst], self.step_of[dst] = self.x0[src], self.step_of[src]
         self.temperature[dst], self.stopped[dst] = self.temperature[src], self.stopped[src]
 
-    def final_tokens_of(self, which: Sequence[int]) -> torch.Tensor:
+    def final_tokens(self, which: Sequence[int] | None = None) -> torch.Tensor:
+        """[n, N] codes of every path's (or `which` paths') last step (what the original t2i_generate returns)."""
+        which = range(self.n) if which is None else which
         if any(not self.finished(i) for i in which):
             raise RuntimeError("some paths have not finished: resume and step them first")
         return torch.stack([self.x0[i] for i in which])
-
-    def final_tokens(self) -> torch.Tensor:
-        """[n, N] codes of every path's last step (the return value of the original t2i_generate)."""
-        return self.final_tokens_of(range(self.n))
 
     def __iter__(self) -> Iterator[Step]:
         while self.live():
@@ -654,58 +588,46 @@ class Paths:
             logits = self.model(ids, allowed)[:, -(c.num_vq_tokens + 1):-1, off:off + c.codebook_size]
             self.token_forwards += ids.numel()
         if g:
-            # (1+g)·cond − g·uncond, in place: the same roundings as the original without two fresh
-            # [k, N, K] temporaries (this product is the largest tensor of a step)
+            # in place: the original's roundings without two fresh [k, N, K] temporaries, a step's largest tensors
             cond, uncond = logits.chunk(2)
             logits = cond.mul_(1 + g).sub_(uncond.mul_(g))
         return torch.softmax(logits, dim=-1)
 
     @torch.inference_mode()
     def step(self) -> Step:
-        """Advance every live path by one step (one pass of the original loop)."""
+        """One pass of the original loop per live path: sample, keep known codes, re-mask (`mask_by_random_topk`)."""
         live = self.live()
         if not live:
             raise RuntimeError("no live path to advance")
+        c, N, off = self.config, self.config.num_vq_tokens, self.config.image_offset
         probs = self.probs(self.tokens[live])
-        x0, masking, mask_len = zip(*(self._advance(i, probs[j]) for j, i in enumerate(live)))
-        return Step(paths=live, step=[self.step_of[i] - 1 for i in live], x0=torch.stack(x0),
-                    mask_len=list(mask_len), temperature=[self.temperature[i] for i in live],
+        mask_len, masking = [], []
+        for dist, i in zip(probs, live):          # dist: path i's [N, K] distribution
+            tokens, gen = self.tokens[i], self.generators[i]
+            unknown = tokens == c.mask_token_id
+            # every slot is sampled, known ones too: the original consumes the RNG that way
+            sampled = torch.where(unknown, torch.multinomial(dist, 1, generator=gen)[:, 0], tokens - off)
+            r = (self.step_of[i] + 1) / self.steps
+            conf = torch.where(unknown, torch.gather(dist, -1, sampled[:, None])[:, 0], torch.finfo(dist.dtype).max)
+            mask_len.append(int(max(1.0, min(float(unknown.sum() - 1), float(torch.floor(N * cosine_schedule(r)))))))
+            # the temperature anneals by compounding (1 - r) every step, starting again for each path
+            self.temperature[i] *= 1.0 - r
+            u = torch.zeros(1, N, device=dist.device).uniform_(0, 1, generator=gen)[0]
+            gumbel = -torch.log(torch.clamp(-torch.log(torch.clamp(u, min=1e-20)), min=1e-20))
+            confidence = torch.log(torch.clamp(conf, min=1e-20)) + self.temperature[i] * gumbel
+            masking.append(confidence < torch.sort(confidence).values[mask_len[-1]])
+            self.tokens[i] = torch.where(masking[-1], c.mask_token_id, sampled + off)
+            self.x0[i] = sampled
+            self.step_of[i] += 1
+        return Step(paths=live, step=[self.step_of[i] - 1 for i in live], x0=torch.stack([self.x0[i] for i in live]),
+                    mask_len=mask_len, temperature=[self.temperature[i] for i in live],
                     masking=torch.stack(masking), probs=probs if self.keep_probs else None)
 
-    def _advance(self, i: int, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One path, one step: sample every slot, keep known codes, re-mask the least confident
-        (`mask_by_random_topk` of `models/sampling.py`)."""
-        c, gen = self.config, self.generators[i]
-        N, off = c.num_vq_tokens, c.image_offset
-        tokens = self.tokens[i]
-        unknown = tokens == c.mask_token_id
-        # every slot is sampled, known ones too: the original consumes the RNG that way
-        draws = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        sampled = torch.where(unknown, draws, tokens - off)
-        r = (self.step_of[i] + 1) / self.steps
-        conf = torch.gather(probs, -1, sampled[:, None])[:, 0]
-        conf = torch.where(unknown, conf, torch.finfo(conf.dtype).max)
-        mask_len = int(max(1.0, min(float(unknown.sum() - 1), float(torch.floor(N * cosine_schedule(r))))))
-        # the temperature anneals by compounding (1 - r) every step, starting again for each path
-        self.temperature[i] *= 1.0 - r
-        u = torch.zeros(1, N, device=probs.device).uniform_(0, 1, generator=gen)[0]
-        gumbel = -torch.log(torch.clamp(-torch.log(torch.clamp(u, min=1e-20)), min=1e-20))
-        confidence = torch.log(torch.clamp(conf, min=1e-20)) + self.temperature[i] * gumbel
-        cut = torch.sort(confidence).values[mask_len]
-        remask = confidence < cut
-        self.tokens[i] = torch.where(remask, c.mask_token_id, sampled + off)
-        self.x0[i] = sampled
-        self.step_of[i] += 1
-        return sampled, remask, mask_len
-
-def generate(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
-             cfg: float = 1.75, seed: int = 0, temperature: float | Sequence[float] = 1.0, generators=None,
-             on_step=None, history: bool = False):
-    """Decode n paths of `prompt` to the end (Sec. 3.1): their codes [n, N], and with history=True also every
-    step's x̂0 [n, steps, N] (then no path may be stopped). `on_step(paths, step)` runs after every step and
-    may call `paths.stop(i)`."""
-    paths = Paths(model, tokenizer, prompt, n, steps=steps, cfg=cfg, seed=seed, temperature=temperature,
-                  generators=generators)
+def generate(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, on_step=None,
+             history: bool = False, **kw):
+    """Decode n paths to the end (Sec. 3.1; `kw` go to `Paths`): codes [n, N], with history=True also each step's x̂0
+    [n, steps, N] (then no path may be stopped). `on_step(paths, step)` runs after each step and may stop paths."""
+    paths = Paths(model, tokenizer, prompt, n, **kw)
     x0 = []
     for step in paths:
         if history:
@@ -716,10 +638,8 @@ def generate(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *
     return (codes, torch.stack(x0, 1)) if history else codes
 
 # ---- 4. Test-time verification: searches over the decoding paths (Sec. 3.2, 4, 5) -------------------
-
 class Judge:
-    """The searches' view of a verifier (verifiers.Verifier): each call judges the x̂0 images of some paths at
-    one step in one batched call. `who` names each image's (path, step), for the trace and scripted tests."""
+    """The searches' view of a verifier (verifiers.Verifier): a batched call per task and step; `who` = [(path, t)]."""
     def __init__(self, verifier, *, decide: str = "greedy", generator: torch.Generator | None = None,
                  released_scores: bool = False):
         if decide not in ("greedy", "sample"):
@@ -728,9 +648,7 @@ class Judge:
         self.kw = {"decide": decide, "generator": generator, "released_scores": released_scores}
         self._turns: dict[int, object] = {}   # path -> the cached clarity turn of its first clear step
 
-    @property
-    def tokens_processed(self) -> int:
-        return self.verifier.tokens_processed
+    tokens_processed = property(lambda self: self.verifier.tokens_processed)
 
     def orm(self, images, prompt: str, who) -> list:
         return self.verifier.judge_orm(images, [prompt] * len(who), **self.kw)
@@ -762,12 +680,10 @@ class SearchResult:
     history: torch.Tensor | None = None  # [n, S, N] every step's x̂0 (plain generation only)
 
 class Search:
-    """What the searches share: paths, x̂0 decoding, verifier calls, the JSON trace, work counters. With
-    released_temperature, as the paper code's loops (`baseline.py`, `orm.py`, `parm.py`), paths after the first
-    run at τ = 0: those loops never reset the annealed temperature."""
-    def __init__(self, model: Showo, tok: ShowoTokenizer, magvit: MAGVITv2, judge: Judge | None, prompt: str,
-                 n: int, *, steps: int = 18, cfg: float = 1.75, seed: int = 0, progress=None, strategy: str,
-                 released_temperature: bool = False):
+    """What the searches share: paths, x̂0 decoding, verifier calls, JSON trace, work counters. released_temperature:
+    paths after the first run at τ = 0, as the paper code's loops (`baseline.py`, `orm.py`, `parm.py`) keep τ."""
+    def __init__(self, model: Showo, tok: ShowoTokenizer, magvit: MAGVITv2, judge: Judge | None, prompt: str, n: int,
+                 *, strategy: str, steps=18, cfg=1.75, seed=0, progress=None, released_temperature=False):
         self.magvit, self.judge, self.prompt, self.strategy = magvit, judge, prompt, strategy
         temperature = [1.0] + [0.0] * (n - 1) if released_temperature else 1.0
         self.paths = Paths(model, tok, prompt, n, steps=steps, cfg=cfg, seed=seed, temperature=temperature)
@@ -790,8 +706,7 @@ class Search:
         return self.magvit.decode_code(codes)
 
     def ask(self, task: str, who: list[tuple[int, int]], codes: torch.Tensor | None = None) -> list:
-        """One batched verifier call of `task` (orm, prm, clarity, potential) on the x̂0 `codes` of the paths
-        `who` = [(path, step)], recorded in the trace. Potential assessment follows up clarity: no image."""
+        """A batched verifier call of `task` on the x̂0 `codes` of `who`, logged (potential, a follow-up: no image)."""
         judge = getattr(self.judge, task)
         judgments = judge(self.prompt, who) if codes is None else judge(self.decode(codes), self.prompt, who)
         for (i, t), j in zip(who, judgments):
@@ -817,53 +732,43 @@ def best_of(scores: Sequence[float]) -> int:
     """Index of the highest score; ties go to the lowest index (as the released code's strict '>')."""
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
-def decode_all(model, tok, magvit, prompt, n, *, steps=18, cfg=1.75, seed=0, progress=None,
-               released_temperature=False) -> SearchResult:
-    """Plain generation of n paths (Sec. 3.1, no verifier): the winner is path 0; keeps every step's x̂0."""
-    s = Search(model, tok, magvit, None, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
-               strategy="none", released_temperature=released_temperature)
+def decode_all(model, tok, magvit, prompt, n, **kw) -> SearchResult:
+    """Plain generation of n paths (Sec. 3.1, no verifier): the winner is path 0; keeps every step's x̂0. `kw`,
+    here and in every search: `Search`'s steps, cfg, seed, progress and released_temperature."""
+    s = Search(model, tok, magvit, None, prompt, n, strategy="none", **kw)
     history = torch.stack(s.finish(), 1)
     return replace(s.result(0, "no verifier: path 0"), history=history)
 
-def orm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
-               progress=None, released_temperature=False) -> SearchResult:
-    """Sec. 3.2, ORM best-of-N (the paper code's `orm.py`): decode N paths to the end, score the final images
-    with the ORM prompt, keep the highest p(yes)."""
-    s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
-               strategy="orm", released_temperature=released_temperature)
+def orm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, **kw) -> SearchResult:
+    """Sec. 3.2, ORM best-of-N (`orm.py`): decode N paths, score the final images by the ORM prompt, keep max p(yes)."""
+    s = Search(model, tok, magvit, judge, prompt, n, strategy="orm", **kw)
     s.finish()
-    judgments = s.ask("orm", [(i, steps) for i in range(n)], s.paths.final_tokens())
+    judgments = s.ask("orm", [(i, s.paths.steps) for i in range(n)], s.paths.final_tokens())
     winner = best_of([j.p_yes for j in judgments])
     return s.result(winner, f"best-of-{n}: highest ORM p(yes) = {judgments[winner].p_yes:.4f}")
 
-def prm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
-               progress=None, released_temperature=False) -> SearchResult:
+def prm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, **kw) -> SearchResult:
     """Sec. 3.2, PRM step-level best-of-N: after every step, score each path's x̂0 with the PRM prompt; all N
     paths re-branch from the most confident one (each keeps its own generator, so they diverge again)."""
-    s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
-               strategy="prm", released_temperature=released_temperature)
+    s = Search(model, tok, magvit, judge, prompt, n, strategy="prm", **kw)
     followed = []
     for step in s.paths:
         t = step.step[0]
         judgments = s.ask("prm", [(i, t) for i in step.paths], step.x0)
         best = step.paths[best_of([j.p_yes for j in judgments])]
         followed.append(best)
-        for i in (i for i in step.paths if i != best and t + 1 < steps):   # nothing re-branches after the last step
+        for i in (i for i in step.paths if i != best and t + 1 < s.paths.steps):   # none after the last step
             s.paths.copy_state(best, i)
         s.progress(t + 1, f"{n} paths, following path {best} (PRM p(yes) {max(j.p_yes for j in judgments):.3f})")
-    return s.result(followed[-1], f"step-level best-of-{n}: most confident path at the last step",
-                    followed=followed)
+    return s.result(followed[-1], f"step-level best-of-{n}: most confident path at the last step", followed=followed)
 
-def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
-                truncate: bool = True, progress=None, released_temperature=False) -> SearchResult:
-    """Sec. 4, PARM (the paper code's `parm.py`). Task 1, clarity judgment: at each step, every live path not
-    yet judged clear is asked whether its x̂0 is clear enough to judge. Task 2, potential assessment: at its
-    first clear step a path is asked, as a follow-up turn on that image, whether it can still satisfy the
-    prompt; "no" truncates it (`truncate=False` decodes it to the end, as the released code). Task 3,
-    best-of-N': the N' paths with potential are scored with the ORM prompt and the best is kept; if N' = 0 the
-    lowest p(no) wins (never clear: p(no) = 1), resumed and finished if truncated (the same image as uncut)."""
-    s = Search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, progress=progress,
-               strategy="parm", released_temperature=released_temperature)
+def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, truncate=True, **kw) -> SearchResult:
+    """Sec. 4, PARM (the paper code's `parm.py`). Task 1, clarity judgment: each step, every live path not yet judged
+    clear is asked whether its x̂0 is clear enough to judge. Task 2, potential assessment: at its first clear step, as
+    a follow-up turn on that image, whether it can still satisfy the prompt; "no" truncates it (`truncate=False`
+    decodes on, as the released code). Task 3, best-of-N': the N' paths with potential are scored with the ORM prompt,
+    the best kept; if N' = 0 the lowest p(no) wins (never clear: 1), resumed and finished if truncated (same image)."""
+    s = Search(model, tok, magvit, judge, prompt, n, strategy="parm", **kw)
     clear_at: dict[int, int] = {}             # path -> its first clear step
     potential, p_no = {}, [1.0] * n           # path -> "yes" of its potential assessment; p(no) of it
     for step in s.paths:
@@ -879,12 +784,11 @@ def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, s
                     if not jd.is_yes and truncate:
                         s.paths.stop(i)
                         s.log[i]["ended"] = f"truncated after step {t + 1}: potential assessment said no"
-        s.progress(t + 1, f"{len(s.paths.live())} alive, {len(clear_at)} judged clear, "
-                          f"{sum(s.paths.stopped)} pruned")
+        s.progress(t + 1, f"{len(s.paths.live())} alive, {len(clear_at)} judged clear, {sum(s.paths.stopped)} pruned")
     pruned = list(s.paths.stopped)              # only truncation stops a path here
     keep = [i for i in range(n) if potential.get(i)]
     if keep:
-        judgments = s.ask("orm", [(i, steps) for i in keep], s.paths.final_tokens_of(keep))
+        judgments = s.ask("orm", [(i, s.paths.steps) for i in keep], s.paths.final_tokens(keep))
         winner = keep[best_of([jd.p_yes for jd in judgments])]
         why = f"best-of-N' with N' = {len(keep)}: highest ORM p(yes) among the paths with potential"
     else:
@@ -896,19 +800,14 @@ def parm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, s
             why += f"; path {winner} was resumed from step {clear_at[winner] + 1} and finished"
     return s.result(winner, why, pruned, clear_at=clear_at, n_prime=len(keep))
 
-# PARM++'s self-correction input (ours; the released code has no PARM++): the reason follows the prompt in the
-# text part and the previous image is a second image segment before the one being generated.
-SELF_CORRECTION_TEXT = "{prompt}\nCorrection: {reason}"
-
 def self_correction_text(prompt: str, reason: str) -> str:
-    return SELF_CORRECTION_TEXT.format(prompt=prompt, reason=" ".join(reason.split()))
+    """PARM++'s self-correction text (ours, no released PARM++): the reason after the prompt; the image: `t2i_ids`."""
+    return f"{prompt}\nCorrection: {' '.join(reason.split())}"
 
 def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
-                   truncate: bool = True, rounds: int = 3, max_reason_tokens: int = 64,
-                   progress=None, released_temperature=False) -> SearchResult:
-    """Sec. 5, PARM++: PARM's choice, then up to `rounds` reflection rounds. Reflection evaluation asks
-    whether the image matches the prompt; on "no" the verifier writes the reason, and Show-o regenerates from
-    the prompt, the previous image's tokens and the reason; it stops at the first "yes"."""
+                   truncate=True, rounds=3, max_reason_tokens=64, progress=None, released_temperature=False):
+    """Sec. 5, PARM++: PARM's choice, then up to `rounds` reflection rounds: reflection evaluation asks if the image
+    matches the prompt; on "no" the verifier writes the reason and Show-o regenerates from prompt, image and reason."""
     result = parm_search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, truncate=truncate,
                          progress=progress, released_temperature=released_temperature)
     codes, reflections, work, tokens0 = result.codes, [], result.trace["work"], judge.tokens_processed
@@ -921,8 +820,7 @@ def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *
         if verdict.is_yes or r == rounds:
             entry["stopped"] = "reflection evaluation said yes" if verdict.is_yes else f"{rounds} rounds done"
             break
-        reason = judge.reflect(image, prompt, max_reason_tokens)[0]
-        entry["reason"] = reason
+        entry["reason"] = reason = judge.reflect(image, prompt, max_reason_tokens)[0]
         paths = Paths(model, tok, self_correction_text(prompt, reason), 1, steps=steps, cfg=cfg,
                       seed=seed + 1000 * (r + 1), condition=codes)
         for step in paths:
@@ -936,10 +834,8 @@ def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *
     return result
 
 # ---- 5. Built-in tiny checkpoints (`--tiny`): random weights written in the released formats ----------
-
-TINY_MAGVIT = {"encoder": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": [1, 1, 1, 1], "z_channels": 6},
-               "decoder": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": [1, 1, 1, 1], "z_channels": 6},
-               "quantizer": {"codebook_dim": 6}}
+TINY_LEVELS = {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": [1, 1, 1, 1], "z_channels": 6}
+TINY_MAGVIT = {"encoder": TINY_LEVELS, "decoder": TINY_LEVELS, "quantizer": {"codebook_dim": 6}}
 
 def _random_fill(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic random weights: norms at 1/0, other weights ~ N(0, 1/fan_in), biases small."""
@@ -954,32 +850,43 @@ def _random_fill(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
             out[name] = torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
     return out
 
-def write_tiny_showo(root: str | Path, seed: int = 0) -> None:
-    """Write `phi/`, `showo/` and `magvitv2/` under `root` as the released repos lay them out."""
-    root = Path(root)
-    tok = data.train_tiny_bpe(data.tiny_corpus(), 400)
-    # phi-1.5 puts <|endoftext|> right after the BPE vocabulary, then whitespace-run tokens
+def phi_style_tokenizer(corpus: Sequence[str], vocab_size: int):
+    """A byte-level BPE tokenizer laid out like phi-1.5's: the BPE vocabulary, then <|endoftext|>, then the
+    whitespace-run tokens (the tiny checkpoints' and the miniature worlds' text tokenizer)."""
+    tok = data.train_tiny_bpe(corpus, vocab_size)
     tok.add_special_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)])
     tok.add_tokens([AddedToken("   ", normalized=True), AddedToken("  ", normalized=True)])
-    (root / "phi").mkdir(parents=True, exist_ok=True)
-    tok.save(str(root / "phi" / "tokenizer.json"))
-    c = ShowoConfig.preset("tiny")
+    return tok
+
+def write_showo(showo_dir: str | Path, phi_dir: str | Path, tok, c: ShowoConfig, seed: int = 0) -> None:
+    """A new Show-o with random weights in the released layout: `phi_dir` (tokenizer.json, phi's config.json)
+    and `showo_dir` (config.json pointing at `phi_dir`, inference_config.yaml, pytorch_model.safetensors).
+    `c`'s vocabulary sizes are set from `tok`."""
+    showo_dir, phi_dir = Path(showo_dir), Path(phi_dir)
     c.llm_vocab_size = tok.get_vocab_size(with_added_tokens=True)
     c.vocab_size = c.image_offset + c.codebook_size + 1
+    phi_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(phi_dir / "tokenizer.json"))
     data.write_json({"architectures": ["PhiForCausalLM"], "model_type": "phi",
                      **{theirs: getattr(c, ours) for ours, theirs in PHI_CONFIG_KEYS.items()},
                      "num_key_value_heads": c.n_head, "hidden_act": "gelu_new", "qk_layernorm": False,
-                     "tie_word_embeddings": False, "vocab_size": c.vocab_size + 7}, root / "phi" / "config.json")
+                     "tie_word_embeddings": False, "vocab_size": c.vocab_size + 7}, phi_dir / "config.json")
     data.write_json({"_class_name": "Showo", "_diffusers_version": "0.30.1", "codebook_size": c.codebook_size,
-                     "llm_model_path": "../phi", "llm_vocab_size": c.llm_vocab_size, "mask_token_id": c.mask_token_id,
-                     "num_vq_tokens": c.num_vq_tokens, "vocab_size": c.vocab_size, "w_clip_vit": False},
-                    root / "showo" / "config.json")
-    (root / "showo" / "inference_config.yaml").write_text(
+                     "llm_model_path": os.path.relpath(phi_dir, showo_dir), "llm_vocab_size": c.llm_vocab_size,
+                     "mask_token_id": c.mask_token_id, "num_vq_tokens": c.num_vq_tokens, "vocab_size": c.vocab_size,
+                     "w_clip_vit": False}, showo_dir / "config.json")
+    (showo_dir / "inference_config.yaml").write_text(
         f"model:\n  showo:\n    num_new_special_tokens: {c.num_new_special_tokens}\n"
         f"dataset:\n  preprocessing:\n    max_seq_length: {c.max_seq_length}\n")
     showo = Showo(c)
     showo.load_state_dict(_random_fill(showo, seed))
-    save_showo(showo, root / "showo")
+    save_showo(showo, showo_dir)
+
+def write_tiny_showo(root: str | Path, seed: int = 0) -> None:
+    """Write `phi/`, `showo/` and `magvitv2/` under `root` as the released repos lay them out."""
+    root = Path(root)
+    write_showo(root / "showo", root / "phi", phi_style_tokenizer(data.tiny_corpus(), 400), ShowoConfig.preset("tiny"),
+                seed)
     mc = MagvitConfig.from_json({"architecture": TINY_MAGVIT})
     weights = _random_fill(MAGVITv2(mc), seed + 1)
     weights["quantize.embedding"], weights["quantize.power_vals"] = LFQ.tables(mc.z_channels)

@@ -9,17 +9,19 @@ old file (or folder) or the complete new one, never half of one.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -648,3 +650,526 @@ def training_prompts(n: int | None = None, *, objects=GENEVAL_OBJECTS, colors=GE
                         f"and {len(colors)} colours (after excluding the test prompts): ask for fewer, or give "
                         "longer --objects / --colors lists")
     return out
+
+
+# ---- the shapes world: a GenEval you can train on a laptop -----------------------------------------------
+
+# A scene is 1-4 objects on a GRID x GRID cell grid; an object is a shape class drawn at cell resolution in one of
+# GenEval's ten colours, on a grey background no object uses; an image is the grid upsampled to CELL_PX pixels
+# per cell. Prompts and specs follow GenEval's six templates, wording and metadata; the evaluator reads pixels
+# only (colour snapping, connected components, template matching) and applies GenEval's rules; CellCodec is
+# the image tokenizer, one code per cell colour, with MAGVIT-v2's interface.
+
+GRID = 10          # cells per side: 100 image tokens
+CELL_PX = 8        # pixels per cell: 80 x 80 images
+GAP = 1            # free cells between any two objects' boxes (diagonals included), so components stay apart
+
+BACKGROUND = "background"
+# code 0 = background, codes 1..10 = GenEval's colours in GenEval's order (GenEval's prompts/create_prompts.py)
+PALETTE_NAMES = (BACKGROUND,) + GENEVAL_COLORS
+PALETTE = np.array([
+    (150, 150, 150),   # background: a mid grey, far from black and white
+    (220, 40, 40),     # red
+    (245, 140, 20),    # orange
+    (245, 225, 40),    # yellow
+    (40, 170, 60),     # green
+    (40, 80, 220),     # blue
+    (140, 50, 180),    # purple
+    (250, 150, 200),   # pink
+    (125, 75, 30),     # brown
+    (20, 20, 20),      # black
+    (250, 250, 250),   # white
+], dtype=np.uint8)
+COLOR_CODE = {name: i for i, name in enumerate(PALETTE_NAMES)}
+
+def _template(rows: Sequence[str]) -> np.ndarray:
+    return np.array([[ch == "#" for ch in r] for r in rows], dtype=bool)
+
+# Seven shapes, each at most 4x4 cells (so four objects always fit a 10x10 grid with gaps); pairwise template
+# IoU at its best shift is at most 0.75 (test_shapes checks it), and every shape is one 8-connected piece
+SHAPES = {
+    "square": _template(["###", "###", "###"]),
+    "circle": _template([".##.", "####", "####", ".##."]),            # a 4x4 square with the corners cut
+    "triangle": _template(["#...", "##..", "###.", "####"]),
+    "cross": _template([".#.", "###", ".#."]),
+    "bar": _template(["####"]),
+    "ring": _template(["####", "#..#", "#..#", "####"]),
+    "arch": _template(["####", "#..#", "#..#"]),
+}
+SHAPE_NAMES = tuple(SHAPES)
+
+@dataclass(frozen=True)
+class Obj:
+    """One object: a shape in a colour with its top-left cell at (row, col)."""
+    shape: str
+    color: str
+    row: int
+    col: int
+
+    def box(self) -> tuple[int, int, int, int]:
+        """Cell box (r0, c0, r1, c1), end exclusive."""
+        h, w = SHAPES[self.shape].shape
+        return self.row, self.col, self.row + h, self.col + w
+
+def paint(objects: Iterable[Obj], grid: int = GRID) -> np.ndarray:
+    """Objects -> the [grid, grid] map of palette codes (0 = background)."""
+    cells = np.zeros((grid, grid), dtype=np.int64)
+    for o in objects:
+        r0, c0, r1, c1 = o.box()
+        cells[r0:r1, c0:c1][SHAPES[o.shape]] = COLOR_CODE[o.color]
+    return cells
+
+def cells_to_image(cells: np.ndarray, cell_px: int = CELL_PX) -> np.ndarray:
+    """[G, G] codes -> [G*px, G*px, 3] uint8: every cell a px x px block of its palette colour."""
+    return np.repeat(np.repeat(PALETTE[cells], cell_px, axis=0), cell_px, axis=1)
+
+def render(objects: Iterable[Obj], grid: int = GRID, cell_px: int = CELL_PX) -> np.ndarray:
+    return cells_to_image(paint(objects, grid), cell_px)
+
+# ---- 2. Prompts, specs, evaluation and training sets, scene sampling -------------------------------------
+
+# GenEval's prompt counts per tag (GenEval's prompts/create_prompts.py); single_object is every class once, the rest scale with it
+GENEVAL_COUNTS = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
+                  "color_attr": 100}
+NUMBER = {w: i + 2 for i, w in enumerate(COUNT_WORDS)}
+
+def _item(cls: str, count: int = 1, color: str | None = None, position=None) -> dict:
+    item = {"class": cls, "count": count}
+    if color is not None:
+        item["color"] = color
+    if position is not None:
+        item["position"] = list(position)
+    return item
+
+def make_spec(tag: str, classes: Sequence[str], colors: Sequence[str] = (), count: int = 1,
+              relation: str | None = None) -> dict:
+    """A spec in GenEval's metadata form (GenEval's evaluation_metadata.jsonl): keys tag, include, exclude (counting only), prompt.
+
+    `classes` are in prompt order; for position the FIRST-named class is the placed one, and GenEval lists the
+    reference (second-named) first in `include`, the placed one second with "position": [relation, 0]."""
+    if tag == "single_object":
+        include = [_item(classes[0])]
+    elif tag == "two_object":
+        include = [_item(classes[0]), _item(classes[1])]
+    elif tag == "counting":
+        include = [_item(classes[0], count)]
+    elif tag == "colors":
+        include = [_item(classes[0], color=colors[0])]
+    elif tag == "position":
+        include = [_item(classes[1]), _item(classes[0], position=(relation, 0))]
+    elif tag == "color_attr":
+        include = [_item(classes[0], color=colors[0]), _item(classes[1], color=colors[1])]
+    else:
+        raise ValueError(f"unknown GenEval tag {tag!r}: use one of {', '.join(PROMPT_TEMPLATES)}")
+    spec = {"tag": tag, "include": include}
+    if tag == "counting":
+        spec["exclude"] = [_item(classes[0], count + 1)]
+    spec["prompt"] = prompt_of(spec)
+    return spec
+
+def prompt_of(spec: dict) -> str:
+    """GenEval's wording (GenEval's prompts/create_prompts.py): "a photo of " + the template, articles and plurals by GenEval's naive
+    rules (data.with_article / data.plural), counts as words, relations as bare "left of" etc."""
+    tag, inc = spec["tag"], spec["include"]
+    if tag == "single_object":
+        return f"a photo of {with_article(inc[0]['class'])}"
+    if tag == "two_object":
+        return f"a photo of {with_article(inc[0]['class'])} and {with_article(inc[1]['class'])}"
+    if tag == "counting":
+        return f"a photo of {COUNT_WORDS[inc[0]['count'] - 2]} {plural(inc[0]['class'])}"
+    if tag == "colors":
+        return f"a photo of {with_article(inc[0]['color'])} {inc[0]['class']}"
+    if tag == "position":
+        placed, ref = inc[1], inc[0]
+        return f"a photo of {with_article(placed['class'])} {placed['position'][0]} {with_article(ref['class'])}"
+    a, b = inc
+    return f"a photo of {with_article(a['color'])} {a['class']} and {with_article(b['color'])} {b['class']}"
+
+def _alternation(words: Iterable[str]) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+def parse_prompt(prompt: str, shapes: Sequence[str] = SHAPE_NAMES) -> dict:
+    """The spec of a prompt written in GenEval's wording (the inverse of `prompt_of`); ValueError otherwise."""
+    s, c = _alternation(shapes), _alternation(GENEVAL_COLORS)
+    o, r, n = f"an? ({s})", _alternation(GENEVAL_RELATIONS), _alternation(COUNT_WORDS)
+    body = prompt.removeprefix("a photo of ")
+    forms = [("color_attr", rf"an? ({c}) ({s}) and an? ({c}) ({s})"), ("colors", rf"an? ({c}) ({s})"),
+             ("position", rf"{o} ({r}) {o}"), ("two_object", rf"{o} and {o}"), ("single_object", o),
+             ("counting", rf"({n}) (\S.*)")]
+    for tag, pattern in forms:
+        m = re.fullmatch(pattern, body)
+        if not m:
+            continue
+        g = m.groups()
+        if tag == "counting":
+            cls = next((x for x in shapes if plural(x) == g[1]), None)
+            spec = make_spec(tag, [cls], count=NUMBER[g[0]]) if cls else None
+        elif tag == "color_attr":
+            spec = make_spec(tag, [g[1], g[3]], [g[0], g[2]])
+        elif tag == "colors":
+            spec = make_spec(tag, [g[1]], [g[0]])
+        elif tag == "position":
+            spec = make_spec(tag, [g[0], g[2]], relation=g[1])
+        else:
+            spec = make_spec(tag, list(g))
+        if spec is not None and spec["prompt"] == prompt:
+            return spec
+    raise ValueError(f"{prompt!r} is not a GenEval-style prompt over the shapes {', '.join(shapes)}")
+
+def _random_spec(tag: str, rng: np.random.Generator, shapes: Sequence[str]) -> dict:
+    pick = lambda k, pool: [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
+    if tag == "counting":
+        return make_spec(tag, pick(1, shapes), count=int(rng.integers(2, 5)))
+    if tag == "colors":
+        return make_spec(tag, pick(1, shapes), pick(1, GENEVAL_COLORS))
+    if tag == "position":
+        return make_spec(tag, pick(2, shapes), relation=GENEVAL_RELATIONS[int(rng.integers(4))])
+    if tag == "color_attr":
+        return make_spec(tag, pick(2, shapes), pick(2, GENEVAL_COLORS))
+    return make_spec(tag, pick(2, shapes))
+
+def eval_specs(seed: int = 43, shapes: Sequence[str] = SHAPE_NAMES) -> list[dict]:
+    """The held-out evaluation prompts, balanced like GenEval's 553 (GenEval's prompts/create_prompts.py): single_object is every class
+    once in random order; every other tag gets round(|classes| * GenEval's count / 80) distinct prompts, drawn
+    at random (duplicates redrawn). With 7 shapes: 7 / 9 / 7 / 8 / 9 / 9 = 49 prompts."""
+    rng = np.random.default_rng(seed)
+    out = [make_spec("single_object", [shapes[i]]) for i in rng.permutation(len(shapes))]
+    for tag in PROMPT_TEMPLATES[1:]:
+        want, seen = round(len(shapes) * GENEVAL_COUNTS[tag] / 80), set()
+        while len(seen) < want:
+            spec = _random_spec(tag, rng, shapes)
+            if spec["prompt"] not in seen:
+                seen.add(spec["prompt"])
+                out.append(spec)
+    return out
+
+def train_specs(exclude: Iterable[dict], shapes: Sequence[str] = SHAPE_NAMES) -> list[dict]:
+    """Every GenEval-style prompt over the shapes except the evaluation prompts, with their specs. The wording
+    comes from the project's one prompt generator (data.training_prompts), which drops the excluded prompts."""
+    prompts = training_prompts(None, objects=list(shapes), exclude=[s["prompt"] for s in exclude])
+    return [parse_prompt(p, shapes) for p in prompts]
+
+def scene_objects(spec: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """The (shape, colour) of every object a correct image of `spec` shows: the named objects only, in the
+    named colour or a random one; for position the placed object comes first."""
+    color = lambda item: item.get("color") or GENEVAL_COLORS[int(rng.integers(len(GENEVAL_COLORS)))]
+    inc = spec["include"]
+    if spec["tag"] == "position":
+        inc = [inc[1], inc[0]]
+    return [(item["class"], color(item)) for item in inc for _ in range(item["count"])]
+
+def _free(box, taken: list, grid: int) -> bool:
+    r0, c0, r1, c1 = box
+    if r1 > grid or c1 > grid:
+        return False
+    return all(r1 + GAP <= t[0] or t[2] + GAP <= r0 or c1 + GAP <= t[1] or t[3] + GAP <= c0 for t in taken)
+
+def place(items: Sequence[tuple[str, str]], rng: np.random.Generator, grid: int = GRID,
+          tries: int = 200) -> list[Obj] | None:
+    """Random placement with at least GAP free cells between any two boxes; None if it does not fit."""
+    objs, taken = [], []
+    for shape, color in items:
+        h, w = SHAPES[shape].shape
+        for _ in range(tries):
+            o = Obj(shape, color, int(rng.integers(grid - h + 1)), int(rng.integers(grid - w + 1)))
+            if _free(o.box(), taken, grid):
+                objs.append(o)
+                taken.append(o.box())
+                break
+        else:
+            return None
+    return objs
+
+def sample_scene(spec: dict, rng: np.random.Generator, grid: int = GRID, cell_px: int = CELL_PX) -> list[Obj]:
+    """A random correct scene for `spec`: its objects placed at random until the evaluator accepts the image
+    (this only rejects position scenes whose relation does not hold, and the rare crowded placement). The
+    cell map is judged directly: rendering then snapping gives the same cells (test_shapes checks it)."""
+    for _ in range(1000):
+        objs = place(scene_objects(spec, rng), rng, grid)
+        if objs is not None and judge_cells(paint(objs, grid), spec, cell_px)[0]:
+            return objs
+    raise RuntimeError(f"no scene found for {spec['prompt']!r}")
+
+def training_scenes(specs: Sequence[dict], n: int, seed: int, grid: int = GRID,
+                    progress=None) -> tuple[list[str], torch.Tensor]:
+    """The pretraining set: n (prompt, scene) examples, the template uniform over the tags present, then the
+    prompt uniform within it, then a random correct scene (`sample_scene`). Returns the prompts and the scenes
+    as cell codes [n, grid * grid] (CellCodec's codes). Deterministic in `seed`."""
+    by_tag: dict[str, list[dict]] = {}
+    for spec in specs:
+        by_tag.setdefault(spec["tag"], []).append(spec)
+    tags, rng = sorted(by_tag), np.random.default_rng(seed)
+    prompts, codes = [], []
+    for _ in range(n):
+        pool = by_tag[tags[rng.integers(len(tags))]]
+        spec = pool[rng.integers(len(pool))]
+        prompts.append(spec["prompt"])
+        codes.append(paint(sample_scene(spec, rng, grid), grid).reshape(-1))
+        if progress is not None:
+            progress(len(codes))
+    return prompts, torch.from_numpy(np.stack(codes)).long()
+
+# ---- 3. The evaluator (pixels only) ----------------------------------------------------------------------
+
+DETECT_IOU = 0.6   # a component is an object when its best template IoU exceeds this (GenEval's 0.3 score cut)
+COUNT_IOU = 0.9    # the stricter cut for the counting tag (GenEval's 0.9): with these sizes, an exact shape
+POSITION_MARGIN = 0.1  # GenEval's position_threshold (GenEval's evaluation/evaluate_images.py)
+
+@dataclass(frozen=True)
+class Detection:
+    """One object found in an image: its class, colour, score (template IoU), pixel box (x1, y1, x2, y2)."""
+    shape: str
+    color: str
+    score: float
+    box: tuple[float, float, float, float]
+    cells: int
+
+def snap_cells(image: np.ndarray, grid: int = GRID) -> np.ndarray:
+    """[H, W, 3] uint8 -> [grid, grid] palette codes: every pixel snaps to the nearest palette colour, then
+    every cell takes its most common code (ties to the lower code)."""
+    h, w, _ = image.shape
+    if h % grid or w % grid:
+        raise ValueError(f"image {h}x{w} is not a whole number of cells on a {grid}x{grid} grid")
+    d = ((image[:, :, None, :].astype(np.int32) - PALETTE[None, None].astype(np.int32)) ** 2).sum(-1)
+    codes = d.argmin(-1)                                                          # [H, W]
+    blocks = codes.reshape(grid, h // grid, grid, w // grid).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
+    votes = (blocks[..., None] == np.arange(len(PALETTE))).sum(2)                # [grid, grid, codes]
+    return votes.argmax(-1)
+
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """8-connected components of a boolean cell mask, each as a boolean mask, in raster order of first cell."""
+    seen, out = np.zeros_like(mask), []
+    for r, c in zip(*np.nonzero(mask)):
+        if seen[r, c]:
+            continue
+        comp, stack = np.zeros_like(mask), [(r, c)]
+        seen[r, c] = True
+        while stack:
+            y, x = stack.pop()
+            comp[y, x] = True
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    v, u = y + dy, x + dx
+                    if 0 <= v < mask.shape[0] and 0 <= u < mask.shape[1] and mask[v, u] and not seen[v, u]:
+                        seen[v, u] = True
+                        stack.append((v, u))
+        out.append(comp)
+    return out
+
+def best_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two cropped masks at their best relative shift (so one stray cell does not misalign them)."""
+    (ha, wa), (hb, wb) = a.shape, b.shape
+    canvas = np.zeros((ha + 2 * hb, wa + 2 * wb), dtype=bool)
+    canvas[hb:hb + ha, wb:wb + wa] = a
+    windows = np.lib.stride_tricks.sliding_window_view(canvas, b.shape)          # every shift of b over a
+    best = int((windows & b).sum(axis=(2, 3)).max())
+    n = int(a.sum() + b.sum())
+    return best / (n - best)
+
+def classify(comp: np.ndarray) -> tuple[str, float]:
+    """The best-matching shape class of a component and its IoU (the stand-in for a detector's score)."""
+    rows, cols = np.nonzero(comp)
+    crop = comp[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    scores = {name: best_iou(crop, t) for name, t in SHAPES.items()}
+    name = max(scores, key=scores.get)      # ties: the earlier class in SHAPES
+    return name, scores[name]
+
+def detect(cells: np.ndarray, threshold: float = DETECT_IOU, cell_px: float = CELL_PX) -> dict[str, list[Detection]]:
+    """Per class, the objects of an image ranked like GenEval's detections (GenEval's evaluation/evaluate_images.py): score (template IoU)
+    descending, then more cells, then raster order of the box. Each component gets its one best class (a
+    stand-in for a detector, which GenEval filters per class: one blob never counts as two classes here);
+    only scores strictly above `threshold` are kept. `cells` are snapped palette codes (`snap_cells`); boxes
+    are in pixels, end exclusive."""
+    px = cell_px
+    found: dict[str, list[Detection]] = {}
+    for code in range(1, len(PALETTE)):
+        for comp in components(cells == code):
+            name, score = classify(comp)
+            if score <= threshold:
+                continue
+            rows, cols = np.nonzero(comp)
+            box = (cols.min() * px, rows.min() * px, (cols.max() + 1) * px, (rows.max() + 1) * px)
+            found.setdefault(name, []).append(Detection(name, PALETTE_NAMES[code], score, box, int(comp.sum())))
+    for dets in found.values():
+        dets.sort(key=lambda d: (-d.score, -d.cells, d.box[1], d.box[0]))
+    return found
+
+def relations(a: Detection, b: Detection, margin: float = POSITION_MARGIN) -> list[str]:
+    """GenEval's relative_position of placed object a to reference b (GenEval's evaluation/evaluate_images.py): box centres, per axis |d|
+    shrunk by margin x (the two boxes' sizes on that axis summed), clamped at 0; no relation if both shrunk
+    components are below 1e-3; else u = shrunk / |unshrunk| and left of u_x < -0.5, right of u_x > 0.5,
+    above u_y < -0.5, below u_y > 0.5 (y grows downward). Several may hold."""
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = a.box, b.box
+    d = np.array([(ax1 + ax2 - bx1 - bx2) / 2, (ay1 + ay2 - by1 - by2) / 2])
+    size = np.array([(ax2 - ax1) + (bx2 - bx1), (ay2 - ay1) + (by2 - by1)])
+    shrunk = np.sign(d) * np.maximum(np.abs(d) - margin * size, 0)
+    if np.all(np.abs(shrunk) < 1e-3):
+        return []
+    u = shrunk / np.linalg.norm(d)
+    out = []
+    for name, holds in (("left of", u[0] < -0.5), ("right of", u[0] > 0.5), ("above", u[1] < -0.5),
+                        ("below", u[1] > 0.5)):
+        if holds:
+            out.append(name)
+    return out
+
+def _n_objects(n: int, cls: str) -> str:
+    return f"no {cls}" if n == 0 else f"{n} {cls if n == 1 else plural(cls)}"
+
+def _check_include(item: dict, found: dict, passed: list[bool], inc: list[dict]) -> str:
+    """GenEval's include rule for one item (GenEval's evaluation/evaluate_images.py); returns "" when it holds, else the reason."""
+    cls, n = item["class"], item["count"]
+    dets = found.get(cls, [])
+    if len(dets) < n:
+        return f"no {cls}" if n == 1 else f"{_n_objects(len(dets), cls)} instead of {n}"
+    color = item.get("color")
+    if color is not None:
+        wrong = [d.color for d in dets[:n] if d.color != color]
+        if wrong:
+            return f"the {cls} is {wrong[0]}, not {color}"
+    if "position" in item:
+        relation, ref = item["position"]
+        if not passed[ref]:
+            return ""       # the reference's own failure is already reported
+        ref_cls = inc[ref]["class"]
+        held = relations(dets[0], found[ref_cls][0])
+        if relation not in held:
+            if not held:
+                return f"the {cls} is too close to the {ref_cls} to be {relation} it"
+            return f"the {cls} is {' and '.join(held)} the {ref_cls}"
+    return ""
+
+def evaluate(image: np.ndarray, spec: dict, grid: int = GRID) -> tuple[bool, str]:
+    """Judge an [H, W, 3] uint8 image against a GenEval spec from its pixels only (GenEval's evaluation/evaluate_images.py).
+
+    Every include item must hold: at least `count` detections of its class; with a colour, each of the top
+    `count` detections has that colour (for colors / color_attr: the top-ranked instance, see `detect`); with a
+    position, the top placed object vs the top reference object has the relation. An exclude item fails when
+    there are at least `count` detections (so counting is exact N). The counting tag uses the stricter
+    COUNT_IOU cut. Objects not named are ignored. Returns (correct, reason), reason "" when correct."""
+    return judge_cells(snap_cells(image, grid), spec, image.shape[0] / grid)
+
+def judge_cells(cells: np.ndarray, spec: dict, cell_px: float = CELL_PX) -> tuple[bool, str]:
+    """`evaluate` after the pixels are snapped to cells (scene sampling uses it to skip the rendering)."""
+    threshold = COUNT_IOU if spec["tag"] == "counting" else DETECT_IOU
+    found = detect(cells, threshold, cell_px)
+    inc, passed, reasons = spec["include"], [], []
+    for item in inc:
+        reason = _check_include(item, found, passed, inc)
+        passed.append(not reason)
+        if reason:
+            reasons.append(reason)
+    for item in spec.get("exclude", []):
+        n = len(found.get(item["class"], []))
+        if n >= item["count"]:
+            reasons.append(f"{_n_objects(n, item['class'])} instead of {item['count'] - 1}")
+    return not reasons, "; ".join(reasons)
+
+# ---- 4. GenEval's table ----------------------------------------------------------------------------------
+
+Z95 = 1.959963984540054
+
+@dataclass(frozen=True)
+class Score:
+    """An accuracy with its 95% interval."""
+    correct: float
+    total: int
+    accuracy: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.accuracy:.3f} [{self.low:.3f}, {self.high:.3f}] (n={self.total})"
+
+def wilson(correct: int, total: int, z: float = Z95) -> Score:
+    """Wilson score interval of a binomial proportion."""
+    if total == 0:
+        return Score(0, 0, float("nan"), 0.0, 1.0)
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return Score(correct, total, p, max(0.0, centre - half), min(1.0, centre + half))
+
+def geneval_table(results: Iterable[tuple[str, bool]]) -> dict[str, Score]:
+    """GenEval's summary (GenEval's evaluation/summary_scores.py): per tag, correct images / images (Wilson 95% interval); "overall" =
+    the unweighted mean of the six task accuracies, with a normal interval from the tasks' binomial variances
+    (Agresti-Coull adjusted, so an all-correct task still has some width). Tags without images are left out
+    of the table and of the mean."""
+    counts: dict[str, list[int]] = {t: [0, 0] for t in PROMPT_TEMPLATES}
+    for tag, ok in results:
+        counts[tag][0] += bool(ok)
+        counts[tag][1] += 1
+    table = {t: wilson(c, n) for t, (c, n) in counts.items() if n}
+    if table:
+        k = len(table)
+        mean = sum(s.accuracy for s in table.values()) / k
+        var = sum((c + 2) / (n + 4) * (1 - (c + 2) / (n + 4)) / (n + 4) for c, n in counts.values() if n) / k ** 2
+        half = Z95 * math.sqrt(var)
+        total = sum(s.total for s in table.values())
+        table["overall"] = Score(mean * total, total, mean, max(0.0, mean - half), min(1.0, mean + half))
+    return table
+
+def format_table(table: dict[str, Score]) -> str:
+    return "\n".join(f"{tag:14s} {score}" for tag, score in table.items())
+
+def markdown_table(rows: dict[str, dict[str, Score]]) -> str:
+    """GenEval's table in Markdown: one row per method, the six tasks and overall as columns, each cell the
+    accuracy with its 95% interval, then the images scored."""
+    cols = [*PROMPT_TEMPLATES, "overall"]
+    cell = lambda s: f"{s.accuracy:.2f} [{s.low:.2f}, {s.high:.2f}]" if s is not None else "-"  # noqa: E731
+    lines = ["| | " + " | ".join(cols) + " | images |", "|---" * (len(cols) + 2) + "|"]
+    for name, table in rows.items():
+        n = table["overall"].total if "overall" in table else 0
+        lines.append(f"| {name} | " + " | ".join(cell(table.get(c)) for c in cols) + f" | {n} |")
+    return "\n".join(lines)
+
+def verdict_grid(items: Sequence[tuple[np.ndarray, str, bool, str]], cols: int = 6, scale: int = 2) -> np.ndarray:
+    """A picture of judged images: each (image, prompt, correct, reason) shown `scale` times larger above its
+    prompt and the evaluator's verdict, in green when correct and in red with the reason when not."""
+    font = ImageFont.load_default()
+    h, w = items[0][0].shape[0] * scale, items[0][0].shape[1] * scale
+    cell_w, cell_h = max(w, 200) + 8, h + 48
+    rows = (len(items) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, prompt, correct, reason) in enumerate(items):
+        x, y = (i % cols) * cell_w + 4, (i // cols) * cell_h + 4
+        canvas.paste(Image.fromarray(image).resize((w, h), Image.NEAREST), (x, y))
+        colour = (20, 140, 40) if correct else (200, 30, 30)
+        draw.rectangle((x - 2, y - 2, x + w + 1, y + h + 1), outline=colour, width=2)
+        draw.text((x, y + h + 4), prompt.removeprefix("a photo of "), fill=(0, 0, 0), font=font)
+        draw.text((x, y + h + 18), "yes" if correct else f"no: {reason}"[:36], fill=colour, font=font)
+    return np.asarray(canvas)
+
+# ---- 5. The image tokenizer: one code per cell colour ----------------------------------------------------
+
+class CellCodec:
+    """The exact per-cell image tokenizer with MAGVIT-v2's interface (cotgen.MAGVITv2): code = the cell's
+    palette index (0 = background, 1..10 = GenEval's colours), raster order, GRID*GRID codes per image.
+    decode_code(get_code(x)) == x for every rendered image and get_code(decode_code(c)) == c for every c."""
+
+    def __init__(self, grid: int = GRID, cell_px: int = CELL_PX):
+        self.grid, self.cell_px = grid, cell_px
+        # decoded values sit half a level above the palette, so Show-o's truncating uint8 conversion
+        # ((x + 1) / 2 * 255, floored; data.to_uint8_image) gives the palette exactly
+        self.levels = torch.from_numpy((PALETTE.astype(np.float32) + 0.5) / 127.5 - 1.0)
+
+    @property
+    def codebook_size(self) -> int:
+        return len(PALETTE)
+
+    def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> codes [B, grid*grid] (nearest palette colour, cell majority)."""
+        x = torch.clamp((pixels.detach().float().cpu() + 1.0) / 2.0, 0.0, 1.0) * 255.0
+        imgs = x.permute(0, 2, 3, 1).numpy().astype(np.uint8)
+        codes = np.stack([snap_cells(im, self.grid).reshape(-1) for im in imgs])
+        return torch.from_numpy(codes).long().to(pixels.device)
+
+    def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """Codes [B, N] -> images [B, 3, grid*px, grid*px] in [-1, 1]; codes outside the codebook are clamped."""
+        g = self.grid
+        if codes.shape[1] != g * g:
+            raise ValueError(f"{codes.shape[1]} codes per image, expected {g * g} for a {g}x{g} grid")
+        x = self.levels.to(codes.device)[codes.long().clamp(0, self.codebook_size - 1)]   # [B, N, 3]
+        x = x.view(-1, g, g, 3).permute(0, 3, 1, 2)
+        return x.repeat_interleave(self.cell_px, 2).repeat_interleave(self.cell_px, 3)

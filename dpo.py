@@ -146,6 +146,22 @@ def preference_loss(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.S
     stats["loss"] = loss.item()
     return loss, stats
 
+def masked_token_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes: torch.Tensor,
+                      generator: torch.Generator, cond_dropout: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """Show-o's own objective (its `training/train.py`), for pretraining the generator: a cosine-schedule
+    fraction of each image's tokens is masked, the loss is the cross-entropy per scored token (the masked ones
+    and <|soi|>/<|eoi|>), and the prompt is dropped with probability `cond_dropout` so that classifier-free
+    guidance has an unconditional model to subtract."""
+    B, N = codes.shape
+    masked = sample_masks(B, N, generator)
+    drop = torch.rand(B, generator=generator) < cond_dropout
+    ids, labels = training_sequences(tok, prompts, codes, masked, drop)
+    device = model.embed_tokens.weight.device
+    ids, labels = ids.to(device), labels.to(device)
+    logp = image_log_likelihood(model, ids, labels, cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id))
+    loss = -logp.sum() / (labels != IGNORE).sum()
+    return loss, {"loss": loss.item()}
+
 # ---- 2. Preference pairs ---------------------------------------------------------------------------------
 
 @dataclass

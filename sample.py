@@ -42,12 +42,21 @@ Download the released weights (about 6 GB) with the Hugging Face CLI:
 then run with --showo weights/show-o --magvit weights/magvitv2 --phi weights/phi-1_5 (these are the defaults),
 or try everything on built-in tiny random checkpoints with --tiny."""
 
+WORLDS = ("shapes",)
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text prompt to generate an image for")
     src.add_argument("--prompts", help="file with one prompt per line (writes GenEval's folder layout)")
     src.add_argument("--metadata", help="GenEval's evaluation_metadata.jsonl: prompts and metadata per line")
+    src.add_argument("--eval", action="store_true",
+                     help="with --world: generate the world's held-out evaluation prompts in GenEval's layout and "
+                          "score them with the world's evaluator (scores.json, scores.md, grid.png)")
+    p.add_argument("--world", choices=WORLDS, default=None,
+                   help="a miniature world (the shapes world of README's 'The paper in miniature'): images are "
+                        "tokenized by its exact cell codec instead of MAGVIT-v2, and --showo is the generator "
+                        "`train.py pretrain --world shapes` wrote")
     p.add_argument("--check-prompts", default=None,
                    help="with --metadata: a prompts file (GenEval's generation_prompts.txt) that must match it "
                         "line by line, as the paper's evaluation script checks")
@@ -191,12 +200,18 @@ def load_models(args):
     except ValueError as e:
         fail(str(e))
     device = device_of(args)
-    showo_dir, phi_dir, magvit_dir = resolve_weights(args)
+    if args.world:
+        showo_dir, phi_dir = Path(args.showo), Path(args.phi) if args.phi else None
+    else:
+        showo_dir, phi_dir, magvit_dir = resolve_weights(args)
     try:
         model, tok = cotgen.load_showo(showo_dir, phi_dir, dtype=dtype, device=device)
-        magvit = cotgen.load_magvit(magvit_dir, dtype=dtype, device=device)
+        magvit = data.CellCodec() if args.world else cotgen.load_magvit(magvit_dir, dtype=dtype, device=device)
     except data.CheckpointError as e:
         fail(str(e))
+    if args.world and model.config.num_vq_tokens != magvit.grid ** 2:
+        fail(f"{showo_dir} makes {model.config.num_vq_tokens} image tokens, not the {args.world} world's "
+             f"{magvit.grid ** 2}: pass a generator that `train.py pretrain --world {args.world}` wrote")
     return model, tok, magvit
 
 def decode_images(magvit, codes: torch.Tensor, batch: int = 16) -> np.ndarray:
@@ -220,6 +235,11 @@ def check_common(args) -> None:
         fail("--no-truncate only applies to --parm and --parm++")
     if args.check_prompts and not args.metadata:
         fail("--check-prompts needs --metadata")
+    if args.eval and not args.world:
+        fail("--eval scores a world's evaluation prompts: add --world shapes")
+    if args.world and not args.showo:
+        fail(f"--world {args.world} needs its generator: --showo DIR, as written by `python train.py pretrain "
+             f"--world {args.world} --out DIR`")
     if args.prompt is not None and not args.prompt.strip():
         fail("--prompt is empty: give the text to generate an image for")
     if search and not verifier_dir(args).is_dir():
@@ -234,6 +254,8 @@ def read_jobs(args) -> list[tuple[str, dict]]:
     """(prompt, GenEval metadata) pairs from --prompt, --prompts or --metadata, checked before any work."""
     if args.prompt is not None:
         return [(args.prompt, {"prompt": args.prompt})]
+    if args.eval:
+        return [(spec["prompt"], spec) for spec in data.eval_specs()]
     path = Path(args.prompts or args.metadata)
     if not path.is_file():
         fail(f"{path} not found")
@@ -275,8 +297,8 @@ def load_judge(args):
     gen = torch.Generator(device=verifier.device).manual_seed(args.seed)
     return cotgen.Judge(verifier, decide=args.judge, generator=gen, released_scores=args.released_scores)
 
-def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, label: str) -> cotgen.SearchResult:
-    progress = Progress(label if label != "none" else "decode", args.steps)
+def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, label: str, progress=None) -> cotgen.SearchResult:
+    progress = progress or Progress(label if label != "none" else "decode", args.steps)
     kw = dict(steps=args.steps, cfg=args.cfg, seed=seed, progress=progress,
               released_temperature=args.released_temperature)
     strategy = strategy_of(args)
@@ -320,20 +342,46 @@ def main(argv=None) -> int:
         write_outputs(out, result_files(args, magvit, result))
         print(f"wrote {out}/: image.png (path {result.winner}: {result.trace['why']})", file=sys.stderr)
         return 0
-    files = {}
+    files, quiet = {}, lambda *_: None
+    progress = Progress(strategy_of(args).replace("none", "generate"), len(jobs) * args.samples, unit="image",
+                        seconds=2.0)
     for k, (prompt, meta) in enumerate(jobs):
         folder = f"{k:05d}/"
         files[folder + "metadata.jsonl"] = json.dumps(meta, indent=4) + "\n"
         for j in range(args.samples):
             seed = args.seed + (k * args.samples + j) * args.n
-            result = run_one(args, model, tok, magvit, judge, prompt, seed, f"prompt {k + 1}/{len(jobs)} sample {j}")
+            result = run_one(args, model, tok, magvit, judge, prompt, seed, "", quiet)
+            progress(k * args.samples + j + 1, f"prompt {k + 1}/{len(jobs)}")
             chosen = decode_images(magvit, result.codes[None])[0]
             files[f"{folder}samples/{j:04d}.png"] = chosen
             if strategy_of(args) != "none":
                 files[f"{folder}traces/{j:04d}.json"] = json.dumps(result.trace, indent=2) + "\n"
+    if args.eval:
+        files.update(score_files(files, jobs, args.samples, f"{args.world} world, {strategy_of(args)}"))
     write_outputs(out, files)
     print(f"wrote {len(jobs)} prompt folder(s) under {out}/ in GenEval's layout", file=sys.stderr)
+    if args.eval:
+        print(files["scores.md"], file=sys.stderr)
     return 0
+
+def score_files(files: dict, jobs: list[tuple[str, dict]], samples: int, name: str) -> dict:
+    """GenEval's scoring of the world's images, from their pixels (data.evaluate): results.jsonl (one row per
+    image, as GenEval's evaluate_images.py writes), scores.json and scores.md (six tasks and overall, with 95%
+    intervals) and grid.png (the first image of each prompt with its verdict)."""
+    rows, firsts = [], []
+    for k, (prompt, spec) in enumerate(jobs):
+        for j in range(samples):
+            name_j = f"{k:05d}/samples/{j:04d}.png"
+            correct, reason = data.evaluate(files[name_j], spec)
+            rows.append({"filename": name_j, "tag": spec["tag"], "prompt": prompt, "correct": correct,
+                         "reason": reason})
+            if j == 0:
+                firsts.append((files[name_j], prompt, correct, reason))
+    table = data.geneval_table((r["tag"], r["correct"]) for r in rows)
+    return {"results.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+            "scores.json": json.dumps({k: vars(v) for k, v in table.items()}, indent=1) + "\n",
+            "scores.md": data.markdown_table({name: table}) + "\n",
+            "grid.png": data.verdict_grid(firsts)}
 
 def write_outputs(out: Path, files: dict) -> None:
     """Write every output into a temporary folder, then publish it as `out` in one rename, so a failure or an

@@ -79,6 +79,8 @@ class TrainConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":
         presets = {"dpo": {}, "selfcorrect": {},   # the paper gives no recipe for Sec. 5: DPO's is kept
+                   "pretrain": dict(lr=1e-3, batch_size=32, warmup_ratio=0.08, max_grad_norm=1.0, shuffle=True,
+                                    betas=(0.9, 0.99), seed=0),
                    "sft": dict(batch_size=8, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, shuffle=True,
                                seed=0)}
         if name not in presets:
@@ -1154,11 +1156,91 @@ def run_orm(a) -> int:
 def run_parm(a) -> int:
     return run_sft(a, "parm")
 
+# ---- 7. pretrain: a Show-o that learns a miniature world (README: The paper in miniature) -----------------
+
+PRETRAIN_DOC = """Pretrain Show-o from scratch on a miniature world, with Show-o's own objective.
+
+    python train.py pretrain --world shapes --out runs/shapes/showo
+    python sample.py --world shapes --eval --showo runs/shapes/showo --out runs/shapes/eval/baseline
+
+The same `Showo` class and t2i sequence layout as the released model, at a small width; the text tokenizer is
+trained on the world's prompts and the image tokenizer is the world's exact cell codec (data.CellCodec). The
+objective masks a cosine-schedule fraction of the image tokens, takes the cross-entropy on them, and drops the
+prompt 10% of the time so classifier-free guidance works. --out is a Show-o folder that sample.py loads."""
+
+def add_pretrain_parser(sub) -> argparse.ArgumentParser:
+    d = TrainConfig.preset("pretrain")
+    p = sub.add_parser("pretrain", help="pretrain Show-o from scratch on a miniature world (the shapes world)",
+                       description=PRETRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", required=True, choices=sample.WORLDS, help="which miniature world")
+    g = p.add_argument_group("model (Show-o's architecture at a small size)")
+    g.add_argument("--n-embd", type=int, default=192, help="width (default 192)")
+    g.add_argument("--n-layer", type=int, default=4, help="Phi blocks (default 4)")
+    g.add_argument("--n-head", type=int, default=4, help="attention heads (default 4)")
+    g.add_argument("--vocab", type=int, default=300, help="BPE vocabulary of the world's text tokenizer (default 300)")
+    g.add_argument("--scenes", type=int, default=19200,
+                   help="training examples, each a prompt and a random correct scene of it (default 19200)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    g = add_optim_args(p, "optimisation", d)
+    add_config_flags(g, d, {"cond_dropout": "probability of dropping the prompt (classifier-free guidance)"})
+    add_output_args(p, "output folder: the trained Show-o, init/ (the untrained one, with the tokenizer in "
+                       "init/phi) and the last checkpoint")
+    return p
+
+def world_generator(out: Path, a, prompts: Sequence[str]) -> Path:
+    """The untrained generator of a world run, written once as OUT/init in Show-o's layout, with its tokenizer in
+    OUT/init/phi: the world's prompts fix the text vocabulary and the longest text part."""
+    init = out / "init"
+    if not (init / "pytorch_model.safetensors").is_file():
+        tok = cotgen.phi_style_tokenizer(prompts, a.vocab)
+        longest = max(len(tok.encode(p, add_special_tokens=False).ids) for p in prompts)
+        config = cotgen.ShowoConfig(codebook_size=data.CellCodec().codebook_size, num_vq_tokens=data.GRID ** 2,
+                                    max_seq_length=longest + 2, n_layer=a.n_layer, n_head=a.n_head,
+                                    n_embd=a.n_embd, intermediate_size=4 * a.n_embd)
+        with data.atomic_path(init, directory=True) as d:
+            cotgen.write_showo(d, d / "phi", tok, config, seed=a.seed)
+    return init
+
+def run_pretrain(a) -> int:
+    check_optim_args(a)
+    at_least(a, 1, "n_embd", "n_layer", "n_head", "vocab", "scenes")
+    if a.n_embd % a.n_head or (a.n_embd // a.n_head) % 4:
+        fail(f"--n-embd {a.n_embd} must be a multiple of 4 x --n-head {a.n_head} (Phi's rotary half of each head)")
+    device, out = sample.device_of(a), Path(a.out)
+    cfg = train_config(a, device, "pretrain")
+    settings = {"world": a.world, "train": cfg.fingerprint(), "scenes": a.scenes,
+                "model": {k: getattr(a, k) for k in ("n_embd", "n_layer", "n_head", "vocab")}}
+    if begin(out, settings, a.resume, f"{a.world} pretraining"):
+        return 0
+    evaluation = data.eval_specs()
+    specs = data.train_specs(evaluation)
+    claim_out(out, settings)
+    init = world_generator(out, a, [s["prompt"] for s in specs + evaluation])
+    progress = sample.Progress("scenes", a.scenes, unit="scene", seconds=5.0)
+    prompts, codes = data.training_scenes(specs, a.scenes, derive_seed(a.seed, "scenes"), progress=progress)
+    tok = cotgen.load_showo(init, dtype=torch.float32, device=device)[1]
+
+    def make(model: cotgen.Showo) -> Trainer:
+        loss = lambda step, index, g: dpo.masked_token_loss(model, tok, [prompts[i] for i in index],  # noqa: E731
+                                                            codes[index], g, cfg.cond_dropout)
+        return Trainer(model, loss, [f"scene {i}" for i in range(len(prompts))], cfg)
+
+    write = lambda model, d: cotgen.save_showo(model, d, init, init / "phi")  # noqa: E731
+    finished, trainer = resume_and_fit(a, out, f"pretrain {a.world}", init, lambda d: load_generator(d, None, device),
+                                       make, write, budget=a.stop_after)
+    if not finished:
+        return 0
+    cotgen.save_showo(trainer.model, out, init, init / "phi")
+    clear_checkpoints(out)
+    print(f"wrote {out} (Show-o layout): python sample.py --world {a.world} --eval --showo {out} --out EVAL_DIR",
+          file=sys.stderr)
+    return 0
+
 # ---- the command line ------------------------------------------------------------------------------------
 
 # one entry per subcommand: (adds its parser, runs it)
 COMMANDS = {"dpo": (add_dpo_parser, run_dpo), "selfcorrect": (add_selfcorrect_parser, run_selfcorrect),
-            "curate": (add_curate_parser, run_curate),
+            "curate": (add_curate_parser, run_curate), "pretrain": (add_pretrain_parser, run_pretrain),
             "orm": (lambda sub: add_sft_parser(sub, "orm", "fine-tune the ORM (or PRM) on curated yes/no data "
                                                           "(Sec. 3.2)"), run_orm),
             "parm": (lambda sub: add_sft_parser(sub, "parm", "fine-tune PARM, or PARM++ with reflect.json added "

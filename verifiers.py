@@ -6,13 +6,8 @@ question about one image, scored by the probability that the first answer token 
     chat text split at <image>, each chunk tokenised on its own, the 730 rows spliced in
                          -> Qwen2 (GQA, q/k/v bias, RoPE, RMSNorm) -> logits at the answer position only
 
-Sections: 1. the model, with a ragged KV cache; 2. the questions, chat template and "pad" preprocessing;
-3. `Verifier`: batched judgments, the cached PARM follow-up, PARM++ reflection; 4. `load_verifier` (lmms-lab and
-llava-hf layouts), `save_verifier` (lmms-lab, as the paper's checkpoints); 5. the fine-tuning labels and loss
-(train.py holds the trainer); 6. the tiny random checkpoint of `--tiny`.
 Originals followed: the paper code's `selector.py` and the LLaVA-NeXT it vendors as `llava/` (each function names
-its file), on transformers 4.40's `modeling_qwen2.py`; for llava-hf, transformers'
-`convert_llava_onevision_weights_to_hf.py` and `modeling_llava_onevision.py`.
+its file) on transformers 4.40's `modeling_qwen2.py`; for llava-hf, `modeling_llava_onevision.py` and its converter.
 """
 from __future__ import annotations
 
@@ -38,10 +33,8 @@ IMAGE_PLACEHOLDER = -200  # IMAGE_TOKEN_INDEX of `llava/constants.py`: where the
 IGNORE = -100             # IGNORE_INDEX of `llava/constants.py`: a label that takes no loss
 SYSTEM_PROMPT = "You are a helpful assistant."
 CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 PAD_FILL = (127, 127, 127)  # int(0.5 * 255): the grey `expand2square` (`llava/mm_utils.py`) pads with
-# HF `GenerationConfig` defaults, which apply when a checkpoint ships no generation_config.json
-HF_DEFAULT_TOP_K, HF_DEFAULT_TOP_P = 50, 1.0
+HF_DEFAULT_TOP_K, HF_DEFAULT_TOP_P = 50, 1.0  # HF GenerationConfig's, for a checkpoint without generation_config.json
 
 # ---- 1. The model: SigLIP tower, projector and Qwen2 LM (`llava/model/llava_arch.py`) ------------------------
 
@@ -90,14 +83,12 @@ class LlavaConfig:
     @staticmethod
     def presets() -> dict[str, "LlavaConfig"]:
         """lmms-lab llava-onevision-qwen2-{0.5b,7b}-ov, and the tiny model `write_tiny_llava` writes."""
-        return {
-            "0.5b": LlavaConfig(),
-            "7b": LlavaConfig(hidden_size=3584, intermediate_size=18944, n_layer=28, n_head=28, n_kv_head=4,
-                              vocab_size=152064, tie_word_embeddings=False),
-            "tiny": LlavaConfig(hidden_size=64, intermediate_size=128, n_layer=2, n_head=4, n_kv_head=2,
-                                vocab_size=448, tie_word_embeddings=False,
-                                vision=VisionConfig(hidden_size=32, intermediate_size=64, n_layer=2, n_head=2)),
-        }
+        return {"0.5b": LlavaConfig(),
+                "7b": LlavaConfig(hidden_size=3584, intermediate_size=18944, n_layer=28, n_head=28, n_kv_head=4,
+                                  vocab_size=152064, tie_word_embeddings=False),
+                "tiny": LlavaConfig(hidden_size=64, intermediate_size=128, n_layer=2, n_head=4, n_kv_head=2,
+                                    vocab_size=448, tie_word_embeddings=False,
+                                    vision=VisionConfig(hidden_size=32, intermediate_size=64, n_layer=2, n_head=2))}
 
     @classmethod
     def from_preset(cls, name: str) -> "LlavaConfig":
@@ -108,31 +99,40 @@ class LlavaConfig:
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | os.PathLike) -> "LlavaConfig":
-        """config.json of lmms-lab (model_type llava / llava_qwen, the LM fields at top level) or of llava-hf
-        (llava_onevision: `text_config` and `vision_config` over transformers' Qwen2Config and SiglipVisionConfig
-        defaults; the tower's layer count is already the kept one, vision_feature_layer -1)."""
+        """config.json of lmms-lab (model_type llava / llava_qwen, LM fields at top level) or llava-hf
+        (llava_onevision: `text_config`, `vision_config` over transformers' Qwen2Config, SiglipVisionConfig)."""
         ckpt_dir = Path(ckpt_dir)
         cfg = data.read_config(ckpt_dir)
         kind = cfg.get("model_type")
         if kind in ("llava", "llava_qwen"):
-            text, vision = cfg, _lmms_lab_vision(cfg, ckpt_dir)
-            tie = text.get("tie_word_embeddings", False)
+            tower = str(cfg.get("mm_vision_tower") or "siglip")
+            if "siglip" not in tower.lower():
+                raise CheckpointError(f"{ckpt_dir}/config.json names vision tower {tower!r}: only the SigLIP tower "
+                                      "of LLaVA-OneVision is supported")
+            if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+                raise CheckpointError(f"{ckpt_dir}/config.json has mm_projector_type {cfg['mm_projector_type']!r}: "
+                                      "only mlp2x_gelu (LLaVA-OneVision) is supported")
+            vision = VisionConfig()  # so400m, hard-coded in `siglip_encoder.py`
+            if (ckpt_dir / "vision_tower" / "config.json").is_file():  # the hub's, counting the deleted layer
+                vision = _vision_from_hf(data.read_config(ckpt_dir / "vision_tower"), deleted=1)
+            if "mm_hidden_size" in cfg and cfg["mm_hidden_size"] != vision.hidden_size:
+                raise CheckpointError(f"{ckpt_dir}/config.json has mm_hidden_size {cfg['mm_hidden_size']} but the "
+                                      f"tower has hidden size {vision.hidden_size}: fix vision_tower/config.json")
+            text, tie = cfg, cfg.get("tie_word_embeddings", False)
         elif kind == "llava_onevision":
             layer, strategy = cfg.get("vision_feature_layer", -1), cfg.get("vision_feature_select_strategy", "full")
             if layer != -1 or strategy != "full":
                 raise CheckpointError(f"{ckpt_dir}/config.json has vision_feature_layer={layer}, "
-                                      f"vision_feature_select_strategy={strategy!r}: only -1 / 'full' (what the "
-                                      "llava-hf LLaVA-OneVision conversion writes) is supported")
+                                      f"vision_feature_select_strategy={strategy!r}: only -1 / 'full' is supported")
             text = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
                     "num_attention_heads": 32, "rope_theta": 10000.0, **dict(cfg.get("text_config") or {})}
             vision = _vision_from_hf({"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                                       "num_attention_heads": 12, "image_size": 224, "patch_size": 16,
-                                      **dict(cfg.get("vision_config") or {})}, deleted=0)
+                                      **dict(cfg.get("vision_config") or {})}, deleted=0)  # only kept layers
             tie = text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
         else:
             raise CheckpointError(f"{ckpt_dir}/config.json has model_type {kind!r}: this is not a LLaVA-OneVision "
-                                  "checkpoint (expected 'llava' or 'llava_qwen' from lmms-lab, or "
-                                  "'llava_onevision' from llava-hf)")
+                                  "checkpoint (lmms-lab: 'llava' or 'llava_qwen'; llava-hf: 'llava_onevision')")
         if text.get("use_sliding_window", False):
             raise CheckpointError(f"{ckpt_dir}/config.json enables sliding-window attention, which LLaVA-OneVision "
                                   "does not use: set use_sliding_window to false")
@@ -143,24 +143,6 @@ class LlavaConfig:
                    n_kv_head=text.get("num_key_value_heads") or n_head, vocab_size=text["vocab_size"],
                    rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
                    rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)), tie_word_embeddings=bool(tie), vision=vision)
-
-def _lmms_lab_vision(cfg: dict, ckpt_dir: Path) -> VisionConfig:
-    """SigLIP so400m, hard-coded in `siglip_encoder.py`; a `vision_tower/config.json` (the hub copy, which
-    still counts the deleted last layer) overrides it."""
-    tower = str(cfg.get("mm_vision_tower") or "siglip")
-    if "siglip" not in tower.lower():
-        raise CheckpointError(f"{ckpt_dir}/config.json names vision tower {tower!r}: only the SigLIP tower of "
-                              "LLaVA-OneVision is supported")
-    if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise CheckpointError(f"{ckpt_dir}/config.json has mm_projector_type {cfg['mm_projector_type']!r}: only "
-                              "mlp2x_gelu (LLaVA-OneVision) is supported")
-    vision = VisionConfig()
-    if (ckpt_dir / "vision_tower" / "config.json").is_file():
-        vision = _vision_from_hf(data.read_config(ckpt_dir / "vision_tower"), deleted=1)
-    if "mm_hidden_size" in cfg and cfg["mm_hidden_size"] != vision.hidden_size:
-        raise CheckpointError(f"{ckpt_dir}/config.json has mm_hidden_size {cfg['mm_hidden_size']} but the vision "
-                              f"tower has hidden size {vision.hidden_size}: fix vision_tower/config.json")
-    return vision
 
 def _vision_from_hf(vis: dict, deleted: int) -> VisionConfig:
     """A SiglipVisionConfig dict (null fields take so400m's values) whose last `deleted` layers LLaVA drops."""
@@ -173,9 +155,6 @@ def _vision_from_hf(vis: dict, deleted: int) -> VisionConfig:
                         image_size=vis.get("image_size", 384), patch_size=vis.get("patch_size", 14),
                         layer_norm_eps=float(vis.get("layer_norm_eps", 1e-6)))
 
-class Module(nn.Module):
-    """A plain container, so parameter names follow the checkpoints' nesting (embeddings.patch_embedding...)."""
-
 def run_layer(layer: nn.Module, recompute: bool, *args):
     """layer(*args), or with its activations recomputed in the backward pass (gradient checkpointing)."""
     return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
@@ -184,8 +163,7 @@ def run_layer(layer: nn.Module, recompute: bool, *args):
 class SiglipAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        d = cfg.hidden_size
-        self.n_head = cfg.n_head
+        d, self.n_head = cfg.hidden_size, cfg.n_head
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x):  # [B, P, D], full (unmasked) attention over the patches
@@ -199,7 +177,7 @@ class SiglipLayer(nn.Module):
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = SiglipAttention(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = Module()
+        self.mlp = nn.Module()  # a plain container, so parameter names follow the checkpoints' nesting
         self.mlp.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.mlp.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
@@ -210,18 +188,21 @@ class SiglipLayer(nn.Module):
 class SiglipTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.embeddings = Module()
+        self.embeddings = nn.Module()
         self.embeddings.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         self.embeddings.position_embedding = nn.Embedding(cfg.n_patches, cfg.hidden_size)
-        self.encoder = Module()
+        self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(SiglipLayer(cfg) for _ in range(cfg.n_layer))
         # stored in every checkpoint but never applied: LLaVA takes the last kept layer's raw output
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, pixels, checkpoint: bool = False):
-        """[B, 3, S, S] -> [B, P, D], patches in row-major order. `checkpoint`: recompute layers when training."""
+    def embed(self, pixels):  # [B, 3, S, S] -> [B, P, D], patches in row-major order
         x = self.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
-        x = x + self.embeddings.position_embedding.weight
+        return x + self.embeddings.position_embedding.weight
+
+    def forward(self, pixels, checkpoint: bool = False):
+        """[B, 3, S, S] -> [B, P, D]. `checkpoint`: recompute each layer in the backward pass (when training)."""
+        x = self.embed(pixels)
         for layer in self.encoder.layers:
             x = run_layer(layer, checkpoint and self.training, x)
         return x
@@ -251,13 +232,11 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 class KVCache:
-    """Keys/values of every layer, [n_layer, B, n_kv, capacity, head_dim]. A forward writes T new columns for all
-    rows, of which row b's first n_new[b] are real (right padding), so padding can sit mid-row after an
-    extension: `valid` masks it out of attention and `next_pos` keeps each row's RoPE positions contiguous."""
+    """Keys/values [n_layer, B, n_kv, capacity, hd]. A forward writes T columns, row b's first n_new[b] real, so
+    padding sits mid-row after an extension: `valid` masks it out, `next_pos` keeps RoPE positions contiguous."""
     def __init__(self, n_layer, batch, n_kv, head_dim, capacity, dtype, device):
         shape = (n_layer, batch, n_kv, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0  # columns in use
@@ -275,26 +254,17 @@ class KVCache:
         self.length += T
         self.next_pos += n_new
 
-    def row(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row b's keys/values as views [n_layer, n_kv, len, hd]; valid only for a cache holding one prefill."""
-        n = int(self.next_pos[b])
-        return self.k[:, b, :, :n], self.v[:, b, :, :n]
-
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
-        H, hd = cfg.hidden_size, cfg.head_dim
-        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
-        self.q_proj = nn.Linear(H, cfg.n_head * hd)
-        self.k_proj = nn.Linear(H, cfg.n_kv_head * hd)
-        self.v_proj = nn.Linear(H, cfg.n_kv_head * hd)
-        self.o_proj = nn.Linear(cfg.n_head * hd, H, bias=False)
+        H, self.head_dim = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(H, cfg.n_head * cfg.head_dim)
+        self.k_proj, self.v_proj = (nn.Linear(H, cfg.n_kv_head * cfg.head_dim) for _ in range(2))
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, H, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)     # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)  # [B, nkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv_head, -1).transpose(1, 2)
+        B, T, _ = x.shape  # q: [B, n_head, T, hd], k and v: [B, n_kv_head, T, hd]
+        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # [B, nkv, past + T, hd]
@@ -307,7 +277,7 @@ class Qwen2Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Qwen2Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Module()
+        self.mlp = nn.Module()
         self.mlp.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.mlp.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.mlp.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
@@ -330,10 +300,8 @@ class Qwen2LM(nn.Module):
 
     def forward(self, x, n_new: torch.Tensor, cache: KVCache | None = None, trace: list | None = None,
                 checkpoint: bool = False):
-        """Run the new positions x [B, T, H]; row b's real ones are its first n_new[b]. Returns the final-normed
-        state [B, H] at each row's last real position, the answer position: the only place the reward reads
-        logits. `trace` receives every layer's residual stream in HF's hidden_states convention (embeddings,
-        ..., norm(last layer)). `checkpoint`: recompute each layer in the backward pass (training, no cache)."""
+        """New positions x [B, T, H], row b's first n_new[b] real -> final-normed state [B, H] at each row's last,
+        the answer position. `trace`: HF's hidden_states; `checkpoint`: recompute layers (training, no cache)."""
         B, T, _ = x.shape
         past = 0 if cache is None else cache.length
         start = torch.zeros(B, dtype=torch.long, device=x.device) if cache is None else cache.next_pos
@@ -369,14 +337,12 @@ class LlavaOneVision(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = SiglipTower(cfg.vision)
-        self.projector = Module()  # mlp2x_gelu of `llava/model/multimodal_projector/builder.py`
+        self.projector = nn.Module()  # mlp2x_gelu of `llava/model/multimodal_projector/builder.py`
         self.projector.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.hidden_size)
         self.projector.linear_2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.image_newline = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.lm = Qwen2LM(cfg, tied)
-        # True: recompute every SigLIP and Qwen2 layer in the backward pass when training (less activation
-        # memory, the same numbers), as the released LLaVA-NeXT fine-tune does
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # True: recompute layers in the backward pass, as the released fine-tune
 
     def encode_images(self, pixels):
         """[B, 3, S, S] -> the spliced image rows [B, P + 1, H] (`encode_images` of `llava_arch.py`)."""
@@ -386,8 +352,7 @@ class LlavaOneVision(nn.Module):
         return torch.cat((x, self.image_newline.expand(x.shape[0], 1, -1).to(x.dtype)), dim=1)
 
     def splice(self, ids: Sequence[Sequence[int]], images: torch.Tensor):
-        """Token lists (one IMAGE_PLACEHOLDER each) + image rows [B, P+1, H] -> right-padded embeddings [B, T, H]
-        and the real lengths [B] (`prepare_inputs_labels_for_multimodal` of `llava_arch.py`)."""
+        """`prepare_inputs_labels_for_multimodal` of `llava_arch.py`: right-padded embeddings and real lengths."""
         n_img = images.shape[1]
         lengths = [len(t) - 1 + n_img for t in ids]
         x = images.new_zeros(len(ids), max(lengths), self.cfg.hidden_size)
@@ -427,13 +392,11 @@ POTENTIAL_FOLLOW_UP = ("Do you think whether the image has the potential to iter
                        "point)")
 
 def potential_question(prompt: str) -> tuple[str, str, str]:
-    """Sec. 4, PARM, task 2: potential assessment. As in the released `selector.potential_assessment` it is a
-    two-turn conversation: the clarity question, the assistant's "yes", then the follow-up (no new image)."""
+    """Sec. 4, PARM, task 2: potential assessment, two turns as in the released `selector.potential_assessment`."""
     return (clarity_question(prompt), "yes", POTENTIAL_FOLLOW_UP)
 
 def reflection_question(prompt: str) -> str:
-    """Sec. 5, PARM++: reflection evaluation. This wording is ours: the released code has no PARM++ and the
-    paper prints no prompt. It asks for "yes" when the image passes, otherwise "no" plus the reason."""
+    """Sec. 5, PARM++: reflection evaluation, in our words (the released code has no PARM++, the paper no prompt)."""
     return (f"{IMAGE_TOKEN} This image is generated by a prompt: {prompt}. Does this image accurately represent "
             "the prompt? If it does, answer yes. If it does not, answer no and explain in one sentence which "
             "objects, counts, colors, positions or attributes in the image do not match the prompt.")
@@ -441,23 +404,18 @@ def reflection_question(prompt: str) -> str:
 Question = str | Sequence[str]
 
 def render_chat(turns: Question, system: str = SYSTEM_PROMPT) -> str:
-    """The qwen_1_5 ChatML string (`conv_qwen` of `llava/conversation.py`), ending with the open assistant turn.
-    `turns` is one user message, or messages alternating user, assistant, ..., user."""
+    """The qwen_1_5 ChatML (`conv_qwen` of `llava/conversation.py`) of turns user, assistant, ..., user; open end."""
     turns = [turns] if isinstance(turns, str) else list(turns)
     if len(turns) % 2 == 0 or not all(isinstance(t, str) for t in turns):
-        raise ValueError(f"a conversation must be strings alternating user, assistant, ..., user (an odd count), "
-                         f"got {len(turns)} turn(s)")
-    out = f"<|im_start|>system\n{system}<|im_end|>\n"
-    for i, text in enumerate(turns):
-        out += f"<|im_start|>{('user', 'assistant')[i % 2]}\n{text}<|im_end|>\n"
-    return out + "<|im_start|>assistant\n"
+        raise ValueError(f"turns alternate user, assistant, ..., user (an odd count of strings), got {len(turns)}")
+    body = "".join(f"<|im_start|>{('user', 'assistant')[i % 2]}\n{text}<|im_end|>\n" for i, text in enumerate(turns))
+    return f"<|im_start|>system\n{system}<|im_end|>\n{body}<|im_start|>assistant\n"
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 def tokenize_chat(tokenizer, turns: Question, where: str = "question") -> list[int]:
-    """Render, split at <image>, tokenise each chunk on its own (no BOS) and join with IMAGE_PLACEHOLDER, as
-    `tokenizer_image_token` of `llava/mm_utils.py` does."""
+    """`tokenizer_image_token` of `llava/mm_utils.py`: the chunks around <image> tokenised alone, no BOS."""
     text = render_chat(turns)
     n = text.count(IMAGE_TOKEN)
     if n != 1:
@@ -466,29 +424,24 @@ def tokenize_chat(tokenizer, turns: Question, where: str = "question") -> list[i
     before, after = text.split(IMAGE_TOKEN)
     return _encode(tokenizer, before) + [IMAGE_PLACEHOLDER] + _encode(tokenizer, after)
 
-def as_pil(image, where: str = "image") -> Image.Image:
-    """A PIL RGB image from a PIL image, a float tensor [3,H,W] in [-1,1] (MAGVIT's decode; converted to uint8
-    by clamping and truncating as Show-o saves its PNGs, which is lossless to round-trip) or uint8 [H,W,3]."""
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+def preprocess(image, size: int = 384, where: str = "image") -> torch.Tensor:
+    """The "pad" preprocessing `selector.py` forces (`process_images` of `llava/mm_utils.py`) of a PIL image, uint8
+    [H,W,3] or float [3,H,W] in [-1,1] (MAGVIT's decode, truncated as Show-o saves PNGs) -> float32 [3, size, size]:
+    `expand2square` onto grey 127, PIL BICUBIC, x * (1/255) in float64, (x - 0.5) / 0.5 in float32 (SigLIP's)."""
     if isinstance(image, torch.Tensor) and image.is_floating_point():
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"{where} is a float tensor of shape {list(image.shape)}: pass [3, H, W] in [-1, 1]")
-        return Image.fromarray(data.to_uint8_image(image[None].detach())[0])
-    if isinstance(image, (torch.Tensor, np.ndarray)):
+        image = Image.fromarray(data.to_uint8_image(image[None].detach())[0])
+    elif isinstance(image, (torch.Tensor, np.ndarray)):
         arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
             raise ValueError(f"{where} is an array of dtype {arr.dtype} and shape {list(arr.shape)}: pass uint8 "
                              "[H, W, 3], a float tensor [3, H, W] in [-1, 1], or a PIL image")
-        return Image.fromarray(np.ascontiguousarray(arr))
-    raise TypeError(f"{where} is a {type(image).__name__}, not an image: pass a PIL image, a float tensor "
-                    "[3, H, W] in [-1, 1] or a uint8 array [H, W, 3] (use data.load_image for a file)")
-
-def preprocess(image, size: int = 384, where: str = "image") -> torch.Tensor:
-    """The "pad" preprocessing `selector.py` forces (`process_images` of `llava/mm_utils.py`) -> float32
-    [3, size, size] in [-1, 1]: `expand2square` onto grey 127 (centred), PIL BICUBIC on uint8, then x * (1/255)
-    in float64 -> float32 and (x - 0.5) / 0.5 in float32, the exact arithmetic of SigLipImageProcessor."""
-    im = as_pil(image, where)
+        image = Image.fromarray(np.ascontiguousarray(arr))
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"{where} is a {type(image).__name__}, not an image: pass a PIL image, a float tensor "
+                        "[3, H, W] in [-1, 1] or a uint8 array [H, W, 3] (use data.load_image for a file)")
+    im = image if image.mode == "RGB" else image.convert("RGB")
     w, h = im.size
     if w != h:
         canvas = Image.new("RGB", (max(w, h),) * 2, PAD_FILL)
@@ -502,9 +455,9 @@ def preprocess(image, size: int = 384, where: str = "image") -> torch.Tensor:
 # ---- 3. The reward model -----------------------------------------------------------------------------------
 
 def released_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """What `generate()` in the released `selector.py` does to the first token's logits: transformers 4.40's
-    TopK then TopP warpers with generation_config.json's values; the rest becomes -inf. Temperature is 1.0
-    there and the repetition penalty has no history at the first token, so neither applies."""
+    """What `generate()` of the released `selector.py` does to the first token's logits: transformers 4.40's TopK
+    then TopP warpers (generation_config.json's values) set the rest to -inf; temperature 1.0 and the repetition
+    penalty (no history yet) change nothing."""
     x = logits
     if top_k:
         kth = torch.topk(x, min(top_k, x.shape[-1])).values[..., -1:]
@@ -518,9 +471,7 @@ def released_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None
 
 @dataclass
 class Judgment:
-    """One yes/no judgment. `p_yes` / `p_no` come from the full softmax at the answer position, or from the
-    released code's top-k/top-p-filtered distribution when asked for. `answer` is the decided first token,
-    lower-cased as the released code compares it ("yes", "no", or whatever other token won)."""
+    """A yes/no judgment: p_yes / p_no of the full (or released, filtered) softmax; `answer` lower-cased as released."""
     p_yes: float
     p_no: float
     answer: str
@@ -544,11 +495,9 @@ class Verifier:
         self.model = model.eval()
         self.tokenizer = tokenizer
         generation = generation or {}
-        self.top_k = generation.get("top_k", HF_DEFAULT_TOP_K)
-        self.top_p = generation.get("top_p", HF_DEFAULT_TOP_P)
+        self.top_k, self.top_p = generation.get("top_k", HF_DEFAULT_TOP_K), generation.get("top_p", HF_DEFAULT_TOP_P)
         self.yes_id, self.no_id = (tokenizer.token_to_id(t) for t in ("yes", "no"))
-        # work counters (tests, traces): LM positions run (image rows included, padding not) and LM forwards
-        self.tokens_processed = self.forwards = 0
+        self.tokens_processed = self.forwards = 0  # work counters: LM positions run (padding not) and LM forwards
 
     @property
     def device(self) -> torch.device:
@@ -574,15 +523,13 @@ class Verifier:
         return list(x)
 
     def _lm(self, x, n_new, cache: KVCache | None, trace: list | None = None):
-        """One counted LM forward: the answer-position states [B, H]."""
         h = self.model.lm(x, n_new, cache, trace)
         self.tokens_processed += int(n_new.sum())
         self.forwards += 1
         return h
 
     def _prefill(self, images, questions, cache_extra: int | None = 0, trace: list | None = None):
-        """Encode the images and run the spliced conversations. Returns the answer-position states [B, H], the
-        positions run per row, the KV cache (room for `cache_extra` more columns; None = no cache) and the ids."""
+        """-> answer-position states [B, H], positions run [B], KV cache (`cache_extra` spare columns) and ids."""
         images, questions = self._as_list(images, "images"), self._as_list(questions, "questions")
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images and {len(questions)} questions: pass one question per image")
@@ -596,10 +543,9 @@ class Verifier:
 
     def _extend(self, cache: KVCache, tokens: Sequence[Sequence[int]]):
         """Append text tokens (ragged, at least one per row) to every row of `cache`; the logits after them."""
+        width = max(len(t) for t in tokens)
+        pad = torch.tensor([list(t) + [0] * (width - len(t)) for t in tokens], device=self.device)
         n_new = torch.tensor([len(t) for t in tokens], device=self.device)
-        pad = torch.zeros(len(tokens), int(n_new.max()), dtype=torch.long, device=self.device)
-        for b, t in enumerate(tokens):
-            pad[b, :len(t)] = torch.tensor(t, device=self.device)
         return self.model.lm.logits(self._lm(self.model.lm.embed_tokens(pad), n_new, cache)), n_new
 
     @torch.inference_mode()
@@ -607,8 +553,7 @@ class Verifier:
         """Raw next-token logits at the answer position [B, n_vocab] (fp32), one batched forward."""
         return self.model.lm.logits(self._prefill(images, questions, None, trace)[0])
 
-    def _decide(self, logits, n_new, decide: str = "greedy", generator: torch.Generator | None = None,
-                released_scores: bool = False) -> list[Judgment]:
+    def _decide(self, logits, n_new, decide="greedy", generator=None, released_scores=False) -> list[Judgment]:
         if decide not in ("greedy", "sample"):
             raise ValueError(f"decide={decide!r}: use 'greedy' (deterministic) or 'sample' (the released code's "
                              "draw from the top-k/top-p-filtered distribution)")
@@ -626,12 +571,9 @@ class Verifier:
     @torch.inference_mode()
     def judge(self, images, questions, *, decide: str = "greedy", generator: torch.Generator | None = None,
               released_scores: bool = False) -> list[Judgment]:
-        """Sec. 3.2 / 4: one yes/no judgment per (image, question), all in one forward. `images`: PIL images,
-        float tensors [3,H,W] in [-1,1] or uint8 [H,W,3] arrays. `questions`: user texts with one <image> (see
-        orm_question & co.) or multi-turn conversations (see potential_question). `decide="greedy"` takes the
-        most likely first token; `"sample"` draws it from the top-k/top-p-filtered distribution with
-        `generator`, as the released code does. `released_scores=True` reports the filtered probabilities the
-        released code reads (they saturate at 1.0), not the full softmax. The other judge_* take these keywords."""
+        """Sec. 3.2 / 4: one yes/no judgment per (image, question with one <image>, or conversation) in one forward.
+        `decide`: "greedy", or "sample" from the released top-k/top-p filter with `generator`; `released_scores`:
+        those filtered probabilities (they saturate at 1.0), not the full softmax. The other judge_* take these."""
         h, n_new, _, _ = self._prefill(images, questions, None)
         return self._decide(self.model.lm.logits(h), n_new, decide, generator, released_scores)
 
@@ -645,17 +587,16 @@ class Verifier:
 
     @torch.inference_mode()
     def judge_clarity(self, images, prompts: Sequence[str], **kw) -> tuple[list[Judgment], list[TurnCache]]:
-        """Sec. 4, PARM, task 1: clarity judgment of a step's image. Returns the judgments and one TurnCache per
-        image, which `judge_potential` extends so that the image and the first turn are not run again."""
+        """Sec. 4, PARM, task 1: clarity judgment, and per image a TurnCache that `judge_potential` extends."""
         questions = [clarity_question(p) for p in self._as_list(prompts, "prompts")]
         h, n_new, cache, ids = self._prefill(images, questions)
-        handles = [TurnCache(tuple(t), *cache.row(b)) for b, t in enumerate(ids)]
+        handles = [TurnCache(tuple(t), cache.k[:, b, :, :n], cache.v[:, b, :, :n])  # views of row b's n columns
+                   for b, (t, n) in enumerate(zip(ids, n_new.tolist()))]
         return self._decide(self.model.lm.logits(h), n_new, **kw), handles
 
     @torch.inference_mode()
     def judge_potential(self, handles: Sequence[TurnCache], prompts: Sequence[str], **kw) -> list[Judgment]:
-        """Sec. 4, PARM, task 2: potential assessment, the follow-up turn after the clarity "yes". Only the new
-        tokens (the assistant's "yes" and the second user turn) are run, on top of each image's cached turn."""
+        """Sec. 4, PARM, task 2: potential assessment; only its new tokens are run, on each image's cached turn."""
         return self.judge_followup(handles, [potential_question(p) for p in self._as_list(prompts, "prompts")], **kw)
 
     @torch.inference_mode()
@@ -663,13 +604,11 @@ class Verifier:
         """Judge conversations that extend cached ones: the longest shared token prefix is reused, the rest run."""
         handles, conversations = list(handles), self._as_list(conversations, "conversations")
         if len(handles) != len(conversations):
-            raise ValueError(f"got {len(handles)} cache handles and {len(conversations)} conversations: pass one "
-                             "per handle")
+            raise ValueError(f"got {len(handles)} cache handles and {len(conversations)} conversations: pass one each")
         reuse, tails = [], []
         for i, (hnd, conv) in enumerate(zip(handles, conversations)):
             if not isinstance(hnd, TurnCache):
-                raise TypeError(f"handle {i} is a {type(hnd).__name__}: pass the TurnCache objects judge_clarity "
-                                "returned")
+                raise TypeError(f"handle {i} is a {type(hnd).__name__}: pass the TurnCache that judge_clarity returned")
             ids = self.tokenize(conv, f"conversation {i}")
             c = next((j for j, (a, b) in enumerate(zip(hnd.ids, ids)) if a != b), min(len(hnd.ids), len(ids)))
             c = min(c, len(ids) - 1)  # the answer position must be run to get its logits
@@ -690,40 +629,35 @@ class Verifier:
 
     @torch.inference_mode()
     def reflect(self, images, prompts: Sequence[str], max_new_tokens: int = 64,
-                stop_tokens: Sequence[str] = STOP_TOKENS) -> list[str]:
-        """Sec. 5, PARM++: reflection evaluation. Greedy, KV-cached text generation answering
-        `reflection_question(prompt)`: "yes" when the image passes, otherwise the reason it fails. Generation
-        stops at a stop token or after `max_new_tokens`."""
+                stop_tokens: Sequence[str] = ("<|im_end|>", "<|endoftext|>")) -> list[str]:
+        """Sec. 5, PARM++: reflection evaluation: greedy KV-cached text for `reflection_question`, "yes" or why not."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least one token")
         stop = {self.tokenizer.token_to_id(t) for t in stop_tokens} - {None}
         questions = [reflection_question(p) for p in self._as_list(prompts, "prompts")]
         h, _, cache, _ = self._prefill(images, questions, max_new_tokens - 1)
         logits = self.model.lm.logits(h)
-        out: list[list[int]] = [[] for _ in questions]
-        done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
+        out, done = [[] for _ in questions], [False] * len(questions)
         for step in range(max_new_tokens):
-            tok = logits.argmax(-1)
-            for b, t in enumerate(tok.tolist()):
-                if not done[b] and t not in stop:
+            tokens = logits.argmax(-1).tolist()
+            for b, t in enumerate(tokens):
+                done[b] = done[b] or t in stop
+                if not done[b]:
                     out[b].append(t)
-            done |= torch.isin(tok, torch.tensor(sorted(stop), device=self.device, dtype=tok.dtype))
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if all(done) or step == max_new_tokens - 1:
                 break
-            logits, _ = self._extend(cache, tok[:, None].tolist())
+            logits, _ = self._extend(cache, [[t] for t in tokens])
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
 
 # ---- 4. Loading and saving checkpoints ---------------------------------------------------------------------
 
-# Each layout: where our module's tensors live in the checkpoint (first matching module prefix wins).
-LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
+LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {  # (our module prefix, checkpoint prefix), first match wins
     # lmms-lab (LlavaQwenForCausalLM of `llava_qwen.py`): the paper's orm_ft and parm, lmms-lab/llava-onevision-*
     "lmms-lab": (("lm.lm_head.", "lm_head."), ("lm.", "model."),
                  ("vision.", "model.vision_tower.vision_tower.vision_model."),
                  ("projector.linear_1.", "model.mm_projector.0."), ("projector.linear_2.", "model.mm_projector.2."),
                  ("image_newline", "model.image_newline")),
-    # llava-hf/llava-onevision-qwen2-*-ov-hf as `convert_llava_onevision_weights_to_hf.py` wrote them (and
-    # transformers 4.45-4.51 save them)
+    # llava-hf/llava-onevision-qwen2-*-ov-hf (`convert_llava_onevision_weights_to_hf.py`; transformers 4.45-4.51)
     "llava-hf": (("lm.lm_head.", "language_model.lm_head."), ("lm.", "language_model.model."),
                  ("vision.", "vision_tower.vision_model."), ("projector.", "multi_modal_projector."),
                  ("image_newline", "image_newline")),
@@ -735,13 +669,11 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
 # transformers 5.x saves the hub names again, but without SigLIP's `vision_model.` level
 LAYOUTS["llava-hf-5"] = tuple((m, c.replace("vision_model.", "")) for m, c in LAYOUTS["llava-hf"])
 VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")  # the lmms-lab tensors with one row per token
-# files of an lmms-lab checkpoint folder that a fine-tune keeps as they are
 VERIFIER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                        "vocab.json", "merges.txt", "generation_config.json", "vision_tower/config.json")
 
 def key_map(module: nn.Module, prefixes: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """checkpoint key -> parameter name for every parameter of `module`, renamed by (module, checkpoint)
-    prefix pairs; the first pair whose module prefix matches wins."""
+    """checkpoint key -> parameter name of `module`, by (module, checkpoint) prefix pairs, the first match wins."""
     out = {}
     for name, _ in module.named_parameters():
         mod, ckpt = next(((m, c) for m, c in prefixes if name.startswith(m)), ("", ""))
@@ -756,34 +688,28 @@ def detect_layout(keys) -> str:
             return name
     sample = ", ".join(sorted(keys)[:4])
     raise CheckpointError(f"the weights are in no LLaVA-OneVision layout this loader knows (keys like {sample}): "
-                          "expected lmms-lab (model.embed_tokens, model.vision_tower.vision_tower...) or llava-hf "
-                          "(language_model.model... / model.language_model...); point at a LLaVA-OneVision folder")
+                          "expected lmms-lab (model.vision_tower.vision_tower...) or llava-hf (language_model...)")
 
-def vocab_size_of(tokenizer) -> int:
-    """len(tokenizer), which `llava/model/builder.py` truncates the LM vocabulary to. llava-hf tokenizers carry
-    the converter's <image>/<video> after <|im_end|>; never LM rows, they are dropped."""
+def check_tokenizer(tokenizer, where) -> int:
+    """Check the chat and yes/no tokens; return len(tokenizer), the LM rows `llava/model/builder.py` keeps, less
+    the <image>/<video> that llava-hf's converter appends after <|im_end|> (never LM rows)."""
+    missing = [t for t in CHAT_TOKENS + ("yes", "no") if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise CheckpointError(f"the tokenizer in {where} lacks {', '.join(missing)}: LLaVA-OneVision needs Qwen2's "
+                              "chat tokens and single-token 'yes'/'no'; use the tokenizer.json shipped with the model")
     n = tokenizer.get_vocab_size(with_added_tokens=True)
     while n and tokenizer.id_to_token(n - 1) in ("<image>", "<video>"):
         n -= 1
     return n
 
-def check_tokenizer(tokenizer, where) -> None:
-    missing = [t for t in CHAT_TOKENS + ("yes", "no") if tokenizer.token_to_id(t) is None]
-    if missing:
-        raise CheckpointError(f"the tokenizer in {where} lacks {', '.join(missing)}: LLaVA-OneVision needs Qwen2's "
-                              "chat tokens and single-token 'yes'/'no'; use the tokenizer.json shipped with the model")
-
 def load_verifier(ckpt_dir: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                   device: torch.device | str = "cpu") -> Verifier:
-    """Load a LLaVA-OneVision checkpoint folder (layout auto-detected) as a reward model: config.json, the
-    safetensors weights (one file, or shards with an index), tokenizer.json and optionally
-    generation_config.json (its top_k/top_p feed the released-score option)."""
+    """A LLaVA-OneVision checkpoint folder in any of the `LAYOUTS` (auto-detected) as a reward model."""
     ckpt_dir = Path(ckpt_dir)
     dtype, device = data.parse_dtype(dtype), data.parse_device(device)
     cfg = LlavaConfig.from_checkpoint(ckpt_dir)
     tokenizer = data.load_tokenizer(ckpt_dir)
-    check_tokenizer(tokenizer, ckpt_dir)
-    n_vocab = vocab_size_of(tokenizer)
+    n_vocab = check_tokenizer(tokenizer, ckpt_dir)
     if n_vocab > cfg.vocab_size:
         raise CheckpointError(f"the tokenizer in {ckpt_dir} has {n_vocab} tokens but the model only {cfg.vocab_size} "
                               "embedding rows: the tokenizer belongs to another model")
@@ -805,8 +731,10 @@ def lmms_lab_state(model: LlavaOneVision, dtype: torch.dtype) -> dict[str, torch
     """The model's tensors under their lmms-lab checkpoint keys, cast to `dtype`."""
     return {c: model.get_parameter(p).detach().to(dtype) for c, p in key_map(model, LAYOUTS["lmms-lab"]).items()}
 
-def save_shards(shards: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
-    """Write {file name: tensors} as safetensors files, with model.safetensors.index.json when there are several."""
+def save_shards(shards: list[dict[str, torch.Tensor]], out: Path) -> None:
+    """Write model.safetensors, or model-0000i-of-0000n.safetensors with model.safetensors.index.json."""
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    shards = dict(zip(["model.safetensors"] if len(shards) == 1 else names, shards))
     for name, tensors in shards.items():
         data.save_state(tensors, out / name)
     if len(shards) > 1:
@@ -817,35 +745,27 @@ def save_shards(shards: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
 
 def save_verifier(model: LlavaOneVision, tokenizer, out_dir: str | os.PathLike, like_dir: str | os.PathLike,
                   dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 4 * 2 ** 30) -> Path:
-    """Write `model` as an lmms-lab folder, the layout of the paper's orm_ft/parm checkpoints (what
-    `safe_save_model_for_hf_trainer` of `llava/train/train.py` wrote), so that `load_verifier(out_dir)` reads it:
-    model.safetensors (or shards of at most `shard_bytes` with an index), config.json, and the tokenizer,
-    generation and vision_tower files of `like_dir`, the lmms-lab checkpoint the model was fine-tuned from.
-    Vocabulary rows past len(tokenizer), which the model never uses, are copied from `like_dir` too, so every
-    tensor keeps its stored shape. config.json goes last: a folder without it is incomplete and does not load."""
+    """The lmms-lab layout of the paper's checkpoints (`safe_save_model_for_hf_trainer` of `llava/train/train.py`),
+    side files and rows past len(tokenizer) from `like_dir`; config.json goes last, as without it nothing loads."""
     like, out = Path(like_dir), Path(out_dir)
     files = data.find_weight_files(like)
     if detect_layout(files) != "lmms-lab":
-        raise CheckpointError(f"{like} is not in the lmms-lab layout: fine-tune from an lmms-lab LLaVA-OneVision "
-                              "checkpoint (e.g. lmms-lab/llava-onevision-qwen2-7b-ov), whose layout the paper's "
-                              "checkpoints use")
+        raise CheckpointError(f"{like} is not in the lmms-lab layout of the paper's checkpoints: fine-tune from an "
+                              "lmms-lab LLaVA-OneVision checkpoint (e.g. lmms-lab/llava-onevision-qwen2-7b-ov)")
     state = lmms_lab_state(model, dtype)
     for key in VOCAB_KEYS:
         if key in state and key in files:
             with safe_open(files[key], framework="pt") as f:
                 unused = f.get_slice(key)[state[key].shape[0]:]
             state[key] = torch.cat((state[key].cpu(), unused.to(dtype)))
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    shards, size = [{}], 0
     for k, v in state.items():  # a new shard whenever the next tensor would overflow this one
         nbytes = v.numel() * v.element_size()
         if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
+            shards, size = shards + [{}], 0
         shards[-1][k] = v
         size += nbytes
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    save_shards(dict(zip(["model.safetensors"] if len(shards) == 1 else names, shards)), out)
+    save_shards(shards, out)
     for name in VERIFIER_SIDE_FILES:
         if (like / name).is_file():
             with data.atomic_path(out / name) as tmp:
@@ -859,16 +779,11 @@ def save_verifier(model: LlavaOneVision, tokenizer, out_dir: str | os.PathLike, 
 
 LABEL_RULES = ("released", "answer")
 
-def sft_tokens(tokenizer, turns: Sequence[str], rule: str = "released",
-               where: str = "conversation") -> tuple[list[int], list[int]]:
-    """Fine-tuning data of the reward models (Sec. 3.2, 4, 5): a conversation (user, assistant, ..., user,
-    assistant) -> token ids (IMAGE_PLACEHOLDER for the image) and labels aligned with them (IGNORE where no loss
-    is taken; `sft_loss` shifts them). The ids are those the verifier reads (`tokenize_chat`), then the last
-    answer and its "<|im_end|>\\n". Labels, by `rule`:
-      "released": preprocess_qwen of `llava/train/train.py`: every token of each assistant turn
-                  ("<|im_start|>assistant\\n" + answer + "<|im_end|>\\n"), plus every "\\n", <|im_start|> and
-                  <|im_end|> token anywhere, system and user turns included (a quirk of the released code).
-      "answer":   only each answer's tokens and the <|im_end|> that closes it."""
+def sft_tokens(tokenizer, turns: Sequence[str], rule="released", where="conversation") -> tuple[list[int], list[int]]:
+    """Fine-tuning data of the reward models (Sec. 3.2, 4, 5): a conversation (user, assistant, ..., assistant)
+    -> the ids the verifier reads + the last answer and "<|im_end|>\\n", and labels (IGNORE: no loss; `sft_loss`
+    shifts them). `rule` "answer" labels each answer and its <|im_end|>; "released" (preprocess_qwen of
+    `llava/train/train.py`) each whole assistant turn and, a quirk, every "\\n", <|im_start|>, <|im_end|> anywhere."""
     if rule not in LABEL_RULES:
         raise ValueError(f"label rule {rule!r}: use one of {', '.join(LABEL_RULES)}")
     turns = list(turns)
@@ -906,35 +821,26 @@ class SFTData:
 
 def encode_conversations(tokenizer, records: Sequence[data.Conversation],
                          rule: str = "released") -> tuple[SFTData, list[str]]:
-    """data.read_conversations' records -> (SFTData, problems: one "where: why" per record that does not
-    tokenise)."""
-    out, problems = SFTData([], [], [], []), []
+    """data.read_conversations' records -> (SFTData, one "where: why" per record that does not tokenise)."""
+    rows, problems = [], []
     for rec in records:
         try:
-            ids, labels = sft_tokens(tokenizer, rec.turns, rule, rec.where)
+            rows.append((*sft_tokens(tokenizer, rec.turns, rule, rec.where), rec.image, rec.where))
         except ValueError as e:
             problems.append(str(e) if str(e).startswith(rec.where) else f"{rec.where}: {e}")
-            continue
-        out.ids.append(ids)
-        out.labels.append(labels)
-        out.images.append(rec.image)
-        out.source.append(rec.where)
-    return out, problems
+    return SFTData(*([row[column] for row in rows] for column in range(4))), problems
 
 def sft_loss(model: LlavaOneVision, pixels: torch.Tensor, ids: Sequence[Sequence[int]],
              labels: Sequence[Sequence[int]]) -> tuple[torch.Tensor, dict]:
-    """The fine-tuning loss of the reward models (Sec. 3.2, 4, 5): next-token cross-entropy on the labelled
-    tokens of a batch, averaged over them (HF's causal-LM loss, which the released fine-tune uses). The image
-    rows are never labelled; logits are computed only where a label is, so the vocabulary-wide matrix stays
-    small. Honours `model.gradient_checkpointing`. Returns (loss, stats)."""
+    """The fine-tuning loss of the reward models (Sec. 3.2, 4, 5), HF's causal-LM loss as in the released fine-tune:
+    mean next-token cross-entropy over the labelled tokens, the only logits computed. Returns (loss, stats)."""
     x, lengths = model.splice(ids, model.encode_images(pixels))
     states: list[torch.Tensor] = []
     model.lm(x, lengths, None, states, model.gradient_checkpointing)  # states[-1]: final-normed, every position
-    n_img = model.cfg.n_image_tokens
     target = torch.full(x.shape[:2], IGNORE, dtype=torch.long)
     for b, (t, y) in enumerate(zip(ids, labels)):
         p = list(t).index(IMAGE_PLACEHOLDER)
-        row = list(y[:p]) + [IGNORE] * n_img + list(y[p + 1:])
+        row = list(y[:p]) + [IGNORE] * model.cfg.n_image_tokens + list(y[p + 1:])
         target[b, :len(row)] = torch.tensor(row)
     target = target[:, 1:].to(x.device)             # the state at position t predicts token t + 1
     scored = target != IGNORE
@@ -957,20 +863,18 @@ def _tiny_tokenizer():
     return tok
 
 def _tiny_model(cfg: LlavaConfig, tok, gen: torch.Generator, std: float = 0.02) -> LlavaOneVision:
-    """Random weights, rounded to what a bf16 checkpoint holds. The `yes`/`no` lm_head rows point along the
-    mean answer-position state of a few calibration judgments, so that yes/no dominate at the answer position
-    like the fixtures (random weights put ~0 probability on them)."""
+    """Random weights, rounded to bf16. The `yes`/`no` lm_head rows point along the mean answer-position state
+    of a few judgments, so that yes/no dominate there as in the fixtures (random weights give them ~0)."""
     model = LlavaOneVision(cfg)
     for name, p in model.named_parameters():
         if "norm" in name and name.endswith("weight"):
-            p.data = 1 + 0.1 * torch.randn(p.shape, generator=gen)
+            w = 1 + 0.1 * torch.randn(p.shape, generator=gen)
         else:
             # larger query/key weights give peaked attention, so that positions and masks change the output
             # (with std 0.02 attention is nearly uniform and a wrong position or cache row would go unnoticed)
             scale = 12 if name.endswith(("q_proj.weight", "k_proj.weight")) or name == "image_newline" else 1
-            p.data = std * scale * torch.randn(p.shape, generator=gen)
-    for p in model.parameters():
-        p.data = p.data.bfloat16().float()
+            w = std * scale * torch.randn(p.shape, generator=gen)
+        p.data = w.bfloat16().float()
     verifier = Verifier(model, tok)
     images = [torch.rand(3, 64, 64, generator=gen) * 2 - 1 for _ in range(3)]
     qs = [orm_question("a photo of a red apple"), clarity_question("a photo of two dogs"),
@@ -981,10 +885,20 @@ def _tiny_model(cfg: LlavaConfig, tok, gen: torch.Generator, std: float = 0.02) 
     model.lm.lm_head.weight.data[verifier.no_id] = m * (6.3 / m.dot(m))
     return model
 
-def _tiny_configs(cfg: LlavaConfig, tok) -> dict[str, dict]:
-    """config.json with the lmms-lab fields, vision_tower/config.json and generation_config.json."""
+def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A deterministic tiny random LLaVA-OneVision in the lmms-lab format, as two bf16 shards with an index."""
+    out = Path(out_dir)
+    tok = _tiny_tokenizer()
+    cfg = replace(LlavaConfig.from_preset("tiny"), n_vocab=tok.get_vocab_size(with_added_tokens=True))
+    gen = torch.Generator().manual_seed(seed)
+    state = lmms_lab_state(_tiny_model(cfg, tok, gen), torch.bfloat16)
+    for k in VOCAB_KEYS:  # the checkpoint stores padded vocabulary rows, as the real ones do (152064 > 151646)
+        state[k] = torch.cat((state[k], 0.02 * torch.randn(cfg.vocab_size - cfg.n_vocab, cfg.hidden_size,
+                                                           generator=gen).bfloat16()))
+    save_shards([{k: state[k] for k in sorted(state) if "vision_tower" not in k},
+                 {k: state[k] for k in sorted(state) if "vision_tower" in k}], out)
     eot, im_end, v = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>"), cfg.vision
-    return {"config.json": {
+    configs = {"config.json": {
         "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen", "hidden_act": "silu",
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "vocab_size": cfg.vocab_size,
@@ -1008,21 +922,7 @@ def _tiny_configs(cfg: LlavaConfig, tok) -> dict[str, dict]:
         "bos_token_id": eot, "do_sample": True, "eos_token_id": [im_end, eot], "pad_token_id": eot,
         "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
     }}
-
-def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a deterministic tiny random LLaVA-OneVision in the lmms-lab format: two bf16 safetensors shards
-    with an index, config.json, vision_tower/config.json, generation_config.json and tokenizer.json."""
-    out = Path(out_dir)
-    tok = _tiny_tokenizer()
-    cfg = replace(LlavaConfig.from_preset("tiny"), n_vocab=tok.get_vocab_size(with_added_tokens=True))
-    gen = torch.Generator().manual_seed(seed)
-    state = lmms_lab_state(_tiny_model(cfg, tok, gen), torch.bfloat16)
-    for k in VOCAB_KEYS:  # the checkpoint stores padded vocabulary rows, as the real ones do (152064 > 151646)
-        state[k] = torch.cat((state[k], 0.02 * torch.randn(cfg.vocab_size - cfg.n_vocab, cfg.hidden_size,
-                                                           generator=gen).bfloat16()))
-    save_shards({"model-00001-of-00002.safetensors": {k: state[k] for k in sorted(state) if "vision_tower" not in k},
-                 "model-00002-of-00002.safetensors": {k: state[k] for k in sorted(state) if "vision_tower" in k}}, out)
-    for name, config in _tiny_configs(cfg, tok).items():
+    for name, config in configs.items():
         data.write_json(config, out / name)
     with data.atomic_path(out / "tokenizer.json") as tmp:
         tok.save(str(tmp))

@@ -1,0 +1,236 @@
+"""Tests of the shapes world: evaluator verdicts on hand-built scenes, ground truth of the evaluation set, the
+codec, the train/eval split and GenEval's wording."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+from data import Obj
+
+def judge(objs, spec):
+    return data.evaluate(data.render(objs), spec)
+
+def spec(tag, classes, colors=(), count=1, relation=None):
+    return data.make_spec(tag, classes, colors, count, relation)
+
+# ---- the world ---------------------------------------------------------------------------------------------
+
+def test_templates_distinct_and_connected():
+    for a, b in itertools.combinations(data.SHAPE_NAMES, 2):
+        assert data.best_iou(data.SHAPES[a], data.SHAPES[b]) <= 0.75, (a, b)
+    for name, t in data.SHAPES.items():
+        assert max(t.shape) <= 4 and len(data.components(t)) == 1, name
+        assert data.classify(t) == (name, 1.0)
+
+def test_background_colour_is_no_object_colour():
+    assert len({tuple(c) for c in data.PALETTE}) == len(data.PALETTE)
+    assert data.PALETTE_NAMES[0] == data.BACKGROUND and data.PALETTE_NAMES[1:] == data.GENEVAL_COLORS
+
+# ---- evaluator: pass and fail per category -------------------------------------------------------------------
+
+def test_single_object():
+    s = spec("single_object", ["circle"])
+    assert judge([Obj("circle", "red", 2, 2)], s) == (True, "")
+    assert judge([Obj("circle", "red", 0, 0), Obj("square", "blue", 6, 6)], s)[0]   # extra objects are fine
+    assert judge([Obj("square", "red", 2, 2)], s) == (False, "no circle")
+    assert judge([], s) == (False, "no circle")
+
+def test_two_object():
+    s = spec("two_object", ["circle", "bar"])
+    assert judge([Obj("circle", "red", 0, 0), Obj("bar", "red", 8, 5)], s)[0]
+    assert judge([Obj("circle", "red", 0, 0)], s) == (False, "no bar")
+
+def test_counting_exact():
+    s = spec("counting", ["cross"], count=3)
+    three = [Obj("cross", "red", 0, 0), Obj("cross", "blue", 0, 5), Obj("cross", "red", 5, 0)]
+    assert judge(three, s) == (True, "")
+    assert judge(three[:2], s) == (False, "2 crosses instead of 3")
+    assert judge(three + [Obj("cross", "green", 5, 5)], s) == (False, "4 crosses instead of 3")
+    assert judge(three + [Obj("square", "green", 5, 5)], s)[0]          # other classes are ignored
+    assert judge([], s) == (False, "no cross instead of 3")
+
+def test_counting_uses_strict_threshold():
+    # a circle with one cell missing at the top is still a circle (IoU 11/12 > 0.9), one with two is not
+    one, two = Obj("circle", "red", 0, 0), Obj("circle", "red", 0, 5)
+    cells = data.paint([one, two, Obj("circle", "red", 5, 0)])
+    assert data.judge_cells(cells, spec("counting", ["circle"], count=3))[0]
+    cells[0, 6] = cells[1, 5] = 0        # damage the second circle by two cells: 10/12 < 0.9
+    ok, reason = data.judge_cells(cells, spec("counting", ["circle"], count=3))
+    assert not ok and reason == "2 circles instead of 3"
+    assert data.judge_cells(cells, spec("two_object", ["circle", "square"]))[1] == "no square"
+
+def test_colors():
+    s = spec("colors", ["square"], ["blue"])
+    assert judge([Obj("square", "blue", 3, 3)], s) == (True, "")
+    assert judge([Obj("square", "green", 3, 3)], s) == (False, "the square is green, not blue")
+    assert judge([Obj("circle", "blue", 3, 3)], s) == (False, "no square")
+
+def test_colors_judges_top_ranked_instance():
+    # equal scores and sizes: raster order (top first) decides which is the top-1 detection
+    s = spec("colors", ["square"], ["blue"])
+    assert judge([Obj("square", "blue", 0, 0), Obj("square", "red", 6, 6)], s)[0]
+    assert not judge([Obj("square", "red", 0, 0), Obj("square", "blue", 6, 6)], s)[0]
+    # an exact square outranks a damaged one whatever the order
+    cells = data.paint([Obj("square", "red", 0, 0), Obj("square", "blue", 6, 6)])
+    cells[0, 0] = 0
+    assert data.judge_cells(cells, s)[0]
+
+def test_color_attr():
+    s = spec("color_attr", ["circle", "square"], ["red", "blue"])
+    assert judge([Obj("circle", "red", 0, 0), Obj("square", "blue", 6, 6)], s) == (True, "")
+    assert judge([Obj("circle", "blue", 0, 0), Obj("square", "red", 6, 6)], s) == \
+        (False, "the circle is blue, not red; the square is red, not blue")
+    assert judge([Obj("circle", "red", 0, 0)], s) == (False, "no square")
+
+def test_position():
+    s = spec("position", ["circle", "square"], relation="left of")
+    assert s["include"][1] == {"class": "circle", "count": 1, "position": ["left of", 0]}
+    assert judge([Obj("circle", "red", 3, 0), Obj("square", "blue", 3, 6)], s) == (True, "")
+    assert judge([Obj("circle", "red", 3, 6), Obj("square", "blue", 3, 0)], s) == \
+        (False, "the circle is right of the square")
+    assert judge([Obj("circle", "red", 0, 3), Obj("square", "blue", 6, 3)], s) == \
+        (False, "the circle is above the square")
+    assert judge([Obj("square", "blue", 3, 6)], s) == (False, "no circle")
+    assert judge([Obj("circle", "red", 3, 0)], s) == (False, "no square")
+
+def test_position_margin():
+    # box centres 4 px apart on x (3-cell square at col 0 vs 4-wide bar at col 0 three rows down):
+    # margin 0.1*(24+32)=5.6 px > 4 px, so the shrunk x offset is 0; y decides: above, not left of
+    square, bar = Obj("square", "red", 0, 0), Obj("bar", "blue", 5, 0)
+    a, b = data.detect(data.paint([square, bar]))["square"][0], data.detect(data.paint([square, bar]))["bar"][0]
+    assert data.relations(a, b) == ["above"]
+    assert judge([square, bar], spec("position", ["square", "bar"], relation="left of")) == \
+        (False, "the square is above the bar")
+    # side by side but almost touching in x with a large offset in y is diagonal: both may hold
+    assert set(data.relations(data.Detection("a", "red", 1, (0, 0, 8, 8), 1), data.Detection("b", "red", 1, (24, 24, 32, 32), 1))) \
+        == {"left of", "above"}
+
+def test_position_inside_margin_has_no_relation():
+    a = data.Detection("square", "red", 1.0, (0, 0, 24, 24), 9)
+    b = data.Detection("circle", "red", 1.0, (2, 1, 34, 33), 12)       # centres 5 px apart, margins 5.6 px
+    assert data.relations(a, b) == []
+    found_reason = data._check_include({"class": "square", "count": 1, "position": ["left of", 0]},
+                                    {"square": [a], "circle": [b]}, [True], [{"class": "circle", "count": 1}])
+    assert found_reason == "the square is too close to the circle to be left of it"
+
+def test_touching_objects_of_different_colours_stay_apart():
+    # no gap, different colours: still two components, two objects
+    objs = [Obj("square", "red", 0, 0), Obj("square", "blue", 0, 3)]
+    assert judge(objs, spec("counting", ["square"], count=2)) == (True, "")
+    # the same two touching in one colour merge into one blob that is no square
+    merged = [Obj("square", "red", 0, 0), Obj("square", "red", 0, 3)]
+    assert not judge(merged, spec("single_object", ["square"]))[0]
+
+def test_png_round_trip(tmp_path):
+    objs = [Obj("triangle", "orange", 1, 1), Obj("ring", "white", 5, 5)]
+    s = spec("color_attr", ["triangle", "ring"], ["orange", "white"])
+    img = data.render(objs)
+    data.save_png(img, tmp_path / "x.png")
+    back = np.asarray(data.load_image(tmp_path / "x.png"))
+    assert np.array_equal(back, img)
+    assert data.evaluate(back, s) == data.evaluate(img, s) == (True, "")
+
+def test_evaluator_tolerates_pixel_noise():
+    rng = np.random.default_rng(0)
+    objs = [Obj("cross", "pink", 2, 2), Obj("arch", "brown", 6, 5)]
+    img = data.render(objs).astype(np.int32) + rng.integers(-25, 26, size=(80, 80, 3))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    assert data.evaluate(img, spec("color_attr", ["cross", "arch"], ["pink", "brown"])) == (True, "")
+
+# ---- the sets ------------------------------------------------------------------------------------------------
+
+def test_evaluation_set_balanced_like_geneval():
+    ev = data.eval_specs()
+    tags = [s["tag"] for s in ev]
+    k = len(data.SHAPE_NAMES)
+    for tag, n in data.GENEVAL_COUNTS.items():
+        assert tags.count(tag) == round(k * n / 80), tag
+    assert sorted(s["include"][0]["class"] for s in ev if s["tag"] == "single_object") == sorted(data.SHAPE_NAMES)
+    assert len({s["prompt"] for s in ev}) == len(ev)
+
+def test_ground_truth_scenes_of_every_eval_prompt_pass():
+    rng = np.random.default_rng(1)
+    for s in data.eval_specs():
+        for _ in range(3):
+            objs = data.sample_scene(s, rng)
+            img = data.render(objs)
+            assert np.array_equal(data.snap_cells(img), data.paint(objs))
+            assert data.evaluate(img, s) == (True, ""), s["prompt"]
+
+def test_no_train_prompt_is_an_eval_prompt():
+    ev = data.eval_specs()
+    tr = data.train_specs(ev)
+    assert not {data.prompt_key(s["prompt"]) for s in tr} & {data.prompt_key(s["prompt"]) for s in ev}
+    assert len(tr) + len(ev) == len(data.training_prompts(None, objects=list(data.SHAPE_NAMES)))
+
+def test_training_scenes_pass_their_prompt():
+    rng = np.random.default_rng(2)
+    tr = data.train_specs(data.eval_specs())
+    for i in rng.choice(len(tr), 60, replace=False):
+        assert data.evaluate(data.render(data.sample_scene(tr[i], rng)), tr[i])[0]
+
+# ---- wording ---------------------------------------------------------------------------------------------------
+
+def test_geneval_wording():
+    assert spec("single_object", ["arch"])["prompt"] == "a photo of an arch"
+    assert spec("two_object", ["circle", "arch"])["prompt"] == "a photo of a circle and an arch"
+    assert spec("counting", ["cross"], count=3)["prompt"] == "a photo of three crosses"
+    assert spec("counting", ["arch"], count=2)["prompt"] == "a photo of two archs"        # GenEval's naive plural
+    assert spec("colors", ["circle"], ["orange"])["prompt"] == "a photo of an orange circle"
+    assert spec("position", ["circle", "square"], relation="right of")["prompt"] == \
+        "a photo of a circle right of a square"
+    assert spec("color_attr", ["circle", "square"], ["red", "blue"])["prompt"] == \
+        "a photo of a red circle and a blue square"
+
+def test_geneval_metadata_form():
+    c = spec("counting", ["bar"], count=4)
+    assert list(c) == ["tag", "include", "exclude", "prompt"]
+    assert c["include"] == [{"class": "bar", "count": 4}] and c["exclude"] == [{"class": "bar", "count": 5}]
+    p = spec("position", ["bar", "ring"], relation="below")
+    assert p["include"] == [{"class": "ring", "count": 1}, {"class": "bar", "count": 1, "position": ["below", 0]}]
+    assert list(spec("colors", ["bar"], ["red"])) == ["tag", "include", "prompt"]
+
+def test_prompts_agree_with_the_project_generator():
+    for p in data.training_prompts(None, objects=list(data.SHAPE_NAMES)):
+        assert data.parse_prompt(p)["prompt"] == p
+    with pytest.raises(ValueError):
+        data.parse_prompt("a photo of a dog")
+
+# ---- codec -----------------------------------------------------------------------------------------------------
+
+def test_codec_round_trip():
+    codec = data.CellCodec()
+    assert codec.codebook_size == 11
+    codes = torch.randint(0, 11, (3, data.GRID * data.GRID))
+    pixels = codec.decode_code(codes)
+    assert pixels.shape == (3, 3, data.GRID * data.CELL_PX, data.GRID * data.CELL_PX) and pixels.abs().max() <= 1
+    assert torch.equal(codec.get_code(pixels), codes)
+    img = data.to_uint8_image(pixels)
+    assert np.array_equal(img[0], data.cells_to_image(codes[0].view(data.GRID, data.GRID).numpy()))
+
+def test_codec_encodes_rendered_scenes_and_decodes_to_judged_images():
+    codec = data.CellCodec()
+    objs = [Obj("circle", "purple", 0, 0), Obj("bar", "yellow", 8, 2)]
+    img = data.render(objs)
+    pixels = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+    codes = codec.get_code(pixels)
+    assert torch.equal(codes[0], torch.from_numpy(data.paint(objs).reshape(-1)))
+    back = data.to_uint8_image(codec.decode_code(codes))[0]
+    assert np.array_equal(back, img)
+    assert data.evaluate(back, spec("color_attr", ["circle", "bar"], ["purple", "yellow"])) == (True, "")
+
+# ---- table -------------------------------------------------------------------------------------------------------
+
+def test_geneval_table():
+    results = [("single_object", True)] * 9 + [("single_object", False)] + [("counting", False)] * 10
+    for tag in ("two_object", "colors", "position", "color_attr"):
+        results += [(tag, True), (tag, False)]
+    table = data.geneval_table(results)
+    assert table["single_object"].accuracy == 0.9 and table["counting"].accuracy == 0.0
+    assert table["overall"].accuracy == pytest.approx((0.9 + 0 + 4 * 0.5) / 6)
+    w = data.wilson(9, 10)
+    assert w.low == pytest.approx(0.5958, abs=1e-3) and w.high == pytest.approx(0.9821, abs=1e-3)
+    assert table["overall"].low < table["overall"].accuracy < table["overall"].high
