@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--eval", action="store_true",
                      help="with --world: generate the world's held-out evaluation prompts in GenEval's layout and "
                           "score them with the world's evaluator (scores.json, scores.md, grid.png)")
+    p.add_argument("--limit", type=int, default=None, metavar="K",
+                   help="with --eval: only the first K evaluation prompts (a quick look: not GenEval's balance)")
     p.add_argument("--world", choices=WORLDS, default=None,
                    help="a miniature world (the shapes world of README's 'The paper in miniature'): images are "
                         "tokenized by its exact cell codec instead of MAGVIT-v2, and --showo is the generator "
@@ -237,6 +239,9 @@ def check_common(args) -> None:
         fail("--check-prompts needs --metadata")
     if args.eval and not args.world:
         fail("--eval scores a world's evaluation prompts: add --world shapes")
+    if args.limit is not None and not args.eval:
+        fail("--limit applies to --eval only")
+    at_least(args, 1, "limit")
     if args.world and not args.showo:
         fail(f"--world {args.world} needs its generator: --showo DIR, as written by `python train.py pretrain "
              f"--world {args.world} --out DIR`")
@@ -255,7 +260,7 @@ def read_jobs(args) -> list[tuple[str, dict]]:
     if args.prompt is not None:
         return [(args.prompt, {"prompt": args.prompt})]
     if args.eval:
-        return [(spec["prompt"], spec) for spec in data.eval_specs()]
+        return [(spec["prompt"], spec) for spec in data.eval_specs()][:args.limit]
     path = Path(args.prompts or args.metadata)
     if not path.is_file():
         fail(f"{path} not found")

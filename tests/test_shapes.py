@@ -234,3 +234,68 @@ def test_geneval_table():
     w = data.wilson(9, 10)
     assert w.low == pytest.approx(0.5958, abs=1e-3) and w.high == pytest.approx(0.9821, abs=1e-3)
     assert table["overall"].low < table["overall"].accuracy < table["overall"].high
+
+# ---- the commands: pretraining from scratch and GenEval-style evaluation -------------------------------------
+
+MICRO = ["pretrain", "--world", "shapes", "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "120",
+         "--scenes", "48", "--batch-size", "16", "--log-every", "10", "--device", "cpu"]
+
+
+def test_micro_world_pretrains_resumes_exactly_and_is_scored(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    import sample
+    import train
+
+    assert train.main(MICRO + ["--out", str(tmp_path / "a")]) == 0
+    assert train.main(MICRO + ["--out", str(tmp_path / "b"), "--stop-after", "1"]) == 0
+    assert (tmp_path / "b" / "latest.json").is_file() and not (tmp_path / "b" / "config.json").exists()
+    assert train.main(MICRO + ["--out", str(tmp_path / "b"), "--resume"]) == 0
+    want, got = (load_file(tmp_path / run / "pytorch_model.safetensors") for run in ("a", "b"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    init = load_file(tmp_path / "a" / "init" / "pytorch_model.safetensors")
+    assert not all(torch.equal(init[k], want[k]) for k in want)                     # it trained
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["llm_model_path"] == "init/phi"
+
+    out = tmp_path / "eval"
+    assert sample.main(["--world", "shapes", "--eval", "--limit", "3", "--samples", "2", "--steps", "2", "--device",
+                        "cpu", "--showo", str(tmp_path / "a"), "--out", str(out)]) == 0
+    assert "| shapes world, none |" in capsys.readouterr().err
+    specs = data.eval_specs()[:3]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["00000", "00001", "00002"]
+    assert json.loads((out / "00001" / "metadata.jsonl").read_text()) == specs[1]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["tag"] for r in rows} == {s["tag"] for s in specs}
+    for r in rows:              # each verdict is the evaluator's on the saved PNG
+        image = np.asarray(data.load_image(out / r["filename"]))
+        assert data.evaluate(image, specs[int(r["filename"][:5])]) == (r["correct"], r["reason"])
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["overall"]["total"] == 6 and 0 <= scores["overall"]["accuracy"] <= 1
+    assert (out / "scores.md").read_text().startswith("| | single_object | two_object | counting |")
+    assert (out / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n-embd", "30"], "--n-embd 30 must be a multiple of 4 x --n-head"),
+    (["--scenes", "0"], "--scenes must be at least 1"),
+    (["--lr", "nan"], "--lr must be positive"),
+])
+def test_pretrain_bad_flags_write_nothing(tmp_path, capsys, args, message):
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(MICRO + ["--out", str(tmp_path / "o")] + args)
+    assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_eval_needs_a_world_and_its_generator(tmp_path, capsys, tiny):
+    import sample
+
+    for args, message in ((["--eval"], "add --world shapes"), (["--eval", "--world", "shapes"], "--showo DIR"),
+                          (["--prompt", "a photo of a ring", "--limit", "2"], "--limit applies to --eval only"),
+                          (["--eval", "--world", "shapes", "--showo", str(tiny["showo"])], "not the shapes world's")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(args + ["--out", str(tmp_path / "o"), "--device", "cpu"])
+        assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
