@@ -38,8 +38,8 @@ def derive_seed(*parts) -> int:
 
 def sample_masks(batch: int, n_tokens: int, generator: torch.Generator) -> torch.Tensor:
     """Show-o's training masks (`training/utils.py` mask_or_random_replace_tokens, as `train_dpo.py` calls it):
-    per row t ~ U[0,1), k = max(1, round(N·cos(πt/2))) image
-    tokens masked, at positions drawn uniformly without replacement. [batch, N] bool, exactly k per row."""
+    per row t ~ U[0,1), k = max(1, round(N·cos(πt/2))) image tokens masked, at positions drawn uniformly
+    without replacement. [batch, N] bool, exactly k per row."""
     t = torch.rand(batch, generator=generator)
     k = torch.clamp(torch.round(n_tokens * torch.cos(t * math.pi / 2)), min=1).long()
     order = torch.rand(batch, n_tokens, generator=generator).argsort(dim=1)   # a random permutation per row
@@ -49,10 +49,9 @@ def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes
                        masked: torch.Tensor, drop_text: torch.Tensor,
                        condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One masked-prediction example per row (`train_dpo.py`, Show-o's `t2i_prompt`): the masked image slots hold
-    [MASK]; a
-    dropped text condition becomes the empty prompt. Returns ids [B, L] and labels [B, L]: the true code at
-    every masked slot, the <|soi|>/<|eoi|> ids at their own positions (the released code scores them too),
-    IGNORE elsewhere.
+    [MASK]; a dropped text condition becomes the empty prompt. Returns ids [B, L] and labels [B, L]: the true
+    code at every masked slot, the <|soi|>/<|eoi|> ids at their own positions (the released code scores them
+    too), IGNORE elsewhere.
 
     `condition` [B, N] codes puts a previous image before the one being predicted (PARM++'s self-correction
     format, Sec. 5): it is input only, so its segment is never scored, and text dropout leaves it in place."""
@@ -72,8 +71,7 @@ def image_log_likelihood(model: cotgen.Showo, ids: torch.Tensor, labels: torch.T
                          allowed: torch.Tensor) -> torch.Tensor:
     """Sec. 3.3, log π(y|x) of an image under masked prediction (Show-o's mask-token-prediction objective,
     as `train_dpo.py` computes it): Σ_{i ∈ masked ∪ {soi, eoi}} log softmax(logits_i)[y_i], with the softmax over
-    the full vocabulary
-    and the logits of position i read at position i (no shift). A sum, not a mean. Returns [B]."""
+    the full vocabulary and the logits of position i read at position i (no shift). A sum, not a mean. [B]."""
     T = model.config.text_len
     logits = model(ids, allowed)[:, T:]                      # the text part is never scored
     target = labels[:, T:]
