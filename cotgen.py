@@ -837,17 +837,20 @@ def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *
 TINY_LEVELS = {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": [1, 1, 1, 1], "z_channels": 6}
 TINY_MAGVIT = {"encoder": TINY_LEVELS, "decoder": TINY_LEVELS, "quantizer": {"codebook_dim": 6}}
 
-def _random_fill(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Deterministic random weights: norms at 1/0, other weights ~ N(0, 1/fan_in), biases small."""
+def _random_fill(model: nn.Module, seed: int, std: float | None = None) -> dict[str, torch.Tensor]:
+    """Deterministic random weights: norms at 1/0, other weights ~ N(0, 1/fan_in) and biases small (the tiny
+    checkpoints: random outputs that still depend on every input), or with `std` GPT-2's initialisation for
+    training from scratch, weights ~ N(0, std) and biases 0."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, p in sorted(model.named_parameters()):
         if "norm" in name:
             out[name] = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
         elif p.dim() == 1:
-            out[name] = torch.randn(p.shape, generator=g) * 0.02
+            out[name] = torch.randn(p.shape, generator=g) * 0.02 if std is None else torch.zeros(p.shape)
         else:
-            out[name] = torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
+            w = torch.randn(p.shape, generator=g)
+            out[name] = w / math.sqrt(p[0].numel()) if std is None else w * std
     return out
 
 def phi_style_tokenizer(corpus: Sequence[str], vocab_size: int):
@@ -858,7 +861,8 @@ def phi_style_tokenizer(corpus: Sequence[str], vocab_size: int):
     tok.add_tokens([AddedToken("   ", normalized=True), AddedToken("  ", normalized=True)])
     return tok
 
-def write_showo(showo_dir: str | Path, phi_dir: str | Path, tok, c: ShowoConfig, seed: int = 0) -> None:
+def write_showo(showo_dir: str | Path, phi_dir: str | Path, tok, c: ShowoConfig, seed: int = 0,
+                std: float | None = None) -> None:
     """A new Show-o with random weights in the released layout: `phi_dir` (tokenizer.json, phi's config.json)
     and `showo_dir` (config.json pointing at `phi_dir`, inference_config.yaml, pytorch_model.safetensors).
     `c`'s vocabulary sizes are set from `tok`."""
@@ -879,7 +883,7 @@ def write_showo(showo_dir: str | Path, phi_dir: str | Path, tok, c: ShowoConfig,
         f"model:\n  showo:\n    num_new_special_tokens: {c.num_new_special_tokens}\n"
         f"dataset:\n  preprocessing:\n    max_seq_length: {c.max_seq_length}\n")
     showo = Showo(c)
-    showo.load_state_dict(_random_fill(showo, seed))
+    showo.load_state_dict(_random_fill(showo, seed, std))
     save_showo(showo, showo_dir)
 
 def write_tiny_showo(root: str | Path, seed: int = 0) -> None:

@@ -79,7 +79,7 @@ class TrainConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":
         presets = {"dpo": {}, "selfcorrect": {},   # the paper gives no recipe for Sec. 5: DPO's is kept
-                   "pretrain": dict(lr=1e-3, batch_size=32, warmup_ratio=0.08, max_grad_norm=1.0, shuffle=True,
+                   "pretrain": dict(lr=2e-3, batch_size=32, warmup_ratio=0.055, max_grad_norm=1.0, shuffle=True,
                                     betas=(0.9, 0.99), seed=0),
                    "sft": dict(batch_size=8, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, shuffle=True,
                                seed=0)}
@@ -1174,12 +1174,13 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
                        description=PRETRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", required=True, choices=sample.WORLDS, help="which miniature world")
     g = p.add_argument_group("model (Show-o's architecture at a small size)")
-    g.add_argument("--n-embd", type=int, default=192, help="width (default 192)")
+    g.add_argument("--n-embd", type=int, default=128, help="width (default 128)")
     g.add_argument("--n-layer", type=int, default=4, help="Phi blocks (default 4)")
     g.add_argument("--n-head", type=int, default=4, help="attention heads (default 4)")
     g.add_argument("--vocab", type=int, default=300, help="BPE vocabulary of the world's text tokenizer (default 300)")
-    g.add_argument("--scenes", type=int, default=19200,
-                   help="training examples, each a prompt and a random correct scene of it (default 19200)")
+    g.add_argument("--scenes", type=int, default=57600,
+                   help="training examples, each a prompt and a random correct scene of it; one epoch of them "
+                        "in batches of --batch-size is the run (default 57600: 1800 steps of 32)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     g = add_optim_args(p, "optimisation", d)
     add_config_flags(g, d, {"cond_dropout": "probability of dropping the prompt (classifier-free guidance)"})
@@ -1198,7 +1199,7 @@ def world_generator(out: Path, a, prompts: Sequence[str]) -> Path:
                                     max_seq_length=longest + 2, n_layer=a.n_layer, n_head=a.n_head,
                                     n_embd=a.n_embd, intermediate_size=4 * a.n_embd)
         with data.atomic_path(init, directory=True) as d:
-            cotgen.write_showo(d, d / "phi", tok, config, seed=a.seed)
+            cotgen.write_showo(d, d / "phi", tok, config, seed=a.seed, std=0.02)    # trained from scratch
     return init
 
 def run_pretrain(a) -> int:
