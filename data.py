@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,15 +290,43 @@ def image_grid(images: np.ndarray, cols: int, pad: int = 2, marks: Iterable[bool
             out[y:y + h, x:x + t] = out[y:y + h, x + w - t:x + w] = (220, 20, 20)
     return out
 
+GREY = (127, 127, 127)      # what transparent pixels become: the grey LLaVA's expand2square pads with
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, by scaling, never clipping: 16- and 32-bit integer modes (I;16, I) are scaled
+    from their full range (a 16-bit PNG would otherwise turn white), float mode F from [0, 1] (or its own
+    maximum when larger), a palette through its colours, LA/RGBA/PA composited on GREY, CMYK by PIL's
+    conversion."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        x = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            top = 1.0 if x.max() <= 1.0 else max(255.0, float(x.max()))
+        else:           # I;16 is 16-bit by definition; I (32-bit) holds 16-bit PNGs, or 8-bit values
+            top = 65535.0 if im.mode.startswith("I;16") or x.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(np.round(x / top * 255.0), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("LA", "PA", "RGBA", "La", "RGBa"):
+        canvas = Image.new("RGB", im.size, GREY)
+        canvas.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+        return canvas
+    return im.convert("RGB") if im.mode != "RGB" else im
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as PIL RGB, with one clear error if it is missing or cannot be decoded."""
+    """Open an image file as 8-bit RGB (`to_rgb`), with one clear error if it is missing, cannot be decoded, or
+    is larger than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image {p} not found")
     try:
-        with Image.open(p) as im:
-            im.load()
-            return im.convert("RGB") if im.mode != "RGB" else im.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                im.load()
+                return to_rgb(im).copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"image {p} is too large to open safely ({e}): resize it below "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels") from e
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"image {p} cannot be decoded ({e}): is it a truncated or non-image file?") from e
 

@@ -299,3 +299,4 @@ def test_eval_needs_a_world_and_its_generator(tmp_path, capsys, tiny):
         with pytest.raises(SystemExit) as e:
             sample.main(args + ["--out", str(tmp_path / "o"), "--device", "cpu"])
         assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
