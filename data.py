@@ -57,6 +57,8 @@ def parse_device(name: str | torch.device | None) -> torch.device:
         raise ValueError(f"device {name!r} requested but CUDA is not available in this torch build: use --device cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} requested but this machine or torch build has no MPS: use --device cpu")
     return dev
 
 # ---- atomic writing: the one way anything here reaches the disk ------------------------------------------

@@ -333,6 +333,14 @@ def result_files(args, magvit, result: cotgen.SearchResult) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)
+        return 130
+
+def run(args) -> int:
+    """The sample.py command: check every flag and input, load the models, generate, write --out whole."""
     check_common(args)
     jobs = read_jobs(args)
     model, tok, magvit = load_models(args)

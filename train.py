@@ -363,6 +363,8 @@ def resolved(path) -> str | None:
 
 def guard_out(out: Path, settings: dict, resume: bool, what: str) -> None:
     """An --out that already holds a run is continued only with --resume and the same settings."""
+    if resume and not (out / "run.json").is_file():
+        fail(f"--resume: {out} holds no {what} run to continue (no run.json): leave out --resume to start one")
     if (out / "run.json").is_file():
         if not resume:
             fail(f"{out} already holds a {what} run: pass --resume to continue it, or choose another --out")
@@ -1088,6 +1090,14 @@ def sft_examples(a, tokenizer, cfg: TrainConfig) -> verifiers.SFTData:
         good, bad = data.read_conversations(f, a.image_root)
         records += good
         problems += bad
+    decoded = []            # every image is decoded once now, so a bad one stops the run before step 1
+    for rec in records:
+        try:
+            data.load_image(rec.image)
+            decoded.append(rec)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"{rec.where}: {e}")
+    records = decoded
     examples, more = verifiers.encode_conversations(tokenizer, records, cfg.label_rule)
     stop_or_skip(problems + more, ", ".join(a.data), a.skip_bad)
     if len(examples) == 0:
@@ -1260,6 +1270,10 @@ def main(argv=None) -> int:
         return COMMANDS[args.command][1](args)
     except (DataError, CheckpointError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} keeps its last complete checkpoint or file; the same command with "
+              "--resume continues", file=sys.stderr)
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())

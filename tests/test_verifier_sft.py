@@ -231,3 +231,35 @@ def test_malformed_records_are_named_in_one_error(tiny, tmp_path, capsys):
     path.write_text("[{\"id\": 1,")
     with pytest.raises(data.DataError, match="not valid JSON"):
         data.read_conversations(path)
+
+
+def test_an_undecodable_image_stops_the_run_before_step_one(tiny, tmp_path, capsys):
+    path = write_orm_data(tmp_path, n=3)
+    (tmp_path / "images" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")       # exists, but is no image
+    args = ["orm", "--tiny", "--cache", cache_of(tiny), "--device", "cpu", "--data", str(path), "--batch-size", "1"]
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "1 unusable record(s)" in err and "(id 'r1')" in err and "cannot be decoded" in err
+    assert not (tmp_path / "out").exists()
+    assert train.main(args + ["--out", str(tmp_path / "skip"), "--skip-bad", "--log-every", "9"]) == 0
+    assert "skipped 1 bad record(s)" in capsys.readouterr().err
+
+
+def test_resume_without_a_run_interrupts_and_devices_say_so(tiny, tmp_path, capsys, monkeypatch):
+    path = write_orm_data(tmp_path, n=2)
+    args = ["orm", "--tiny", "--cache", cache_of(tiny), "--device", "cpu", "--data", str(path), "--batch-size", "1"]
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ["--out", str(tmp_path / "none"), "--resume"])
+    assert e.value.code == 2 and "holds no orm run to continue" in capsys.readouterr().err
+
+    def interrupt(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Trainer, "train_step", interrupt)
+    assert train.main(args + ["--out", str(tmp_path / "int")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted:" in err and "Traceback" not in err
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="no MPS"):
+            data.parse_device("mps")
