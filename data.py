@@ -757,9 +757,10 @@ def cells_to_image(cells: np.ndarray, cell_px: int = CELL_PX) -> np.ndarray:
 def render(objects: Iterable[Obj], grid: int = GRID, cell_px: int = CELL_PX) -> np.ndarray:
     return cells_to_image(paint(objects, grid), cell_px)
 
-# ---- 2. Prompts, specs, evaluation and training sets, scene sampling -------------------------------------
+# ---- the shapes world: prompts, specs, evaluation and training sets, scene sampling ----------------------
 
-# GenEval's prompt counts per tag (GenEval's prompts/create_prompts.py); single_object is every class once, the rest scale with it
+# GenEval's prompt counts per tag (GenEval's prompts/create_prompts.py); single_object is every class once, the rest
+# scale with it
 GENEVAL_COUNTS = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
                   "color_attr": 100}
 NUMBER = {w: i + 2 for i, w in enumerate(COUNT_WORDS)}
@@ -774,10 +775,9 @@ def _item(cls: str, count: int = 1, color: str | None = None, position=None) -> 
 
 def make_spec(tag: str, classes: Sequence[str], colors: Sequence[str] = (), count: int = 1,
               relation: str | None = None) -> dict:
-    """A spec in GenEval's metadata form (GenEval's evaluation_metadata.jsonl): keys tag, include, exclude (counting only), prompt.
-
-    `classes` are in prompt order; for position the FIRST-named class is the placed one, and GenEval lists the
-    reference (second-named) first in `include`, the placed one second with "position": [relation, 0]."""
+    """A spec in GenEval's metadata form (GenEval's evaluation_metadata.jsonl): keys tag, include, exclude (counting
+    only), prompt.  `classes` are in prompt order; for position the FIRST-named class is the placed one, and GenEval
+    lists the reference (second-named) first in `include`, the placed one second with "position": [relation, 0]."""
     if tag == "single_object":
         include = [_item(classes[0])]
     elif tag == "two_object":
@@ -799,8 +799,8 @@ def make_spec(tag: str, classes: Sequence[str], colors: Sequence[str] = (), coun
     return spec
 
 def prompt_of(spec: dict) -> str:
-    """GenEval's wording (GenEval's prompts/create_prompts.py): "a photo of " + the template, articles and plurals by GenEval's naive
-    rules (data.with_article / data.plural), counts as words, relations as bare "left of" etc."""
+    """GenEval's wording (GenEval's prompts/create_prompts.py): "a photo of " + the template, articles and plurals
+    by GenEval's naive rules (data.with_article / data.plural), counts as words, relations as bare "left of" etc."""
     tag, inc = spec["tag"], spec["include"]
     if tag == "single_object":
         return f"a photo of {with_article(inc[0]['class'])}"
@@ -860,9 +860,9 @@ def _random_spec(tag: str, rng: np.random.Generator, shapes: Sequence[str]) -> d
     return make_spec(tag, pick(2, shapes))
 
 def eval_specs(seed: int = 43, shapes: Sequence[str] = SHAPE_NAMES) -> list[dict]:
-    """The held-out evaluation prompts, balanced like GenEval's 553 (GenEval's prompts/create_prompts.py): single_object is every class
-    once in random order; every other tag gets round(|classes| * GenEval's count / 80) distinct prompts, drawn
-    at random (duplicates redrawn). With 7 shapes: 7 / 9 / 7 / 8 / 9 / 9 = 49 prompts."""
+    """The held-out evaluation prompts, balanced like GenEval's 553 (GenEval's prompts/create_prompts.py):
+    single_object is every class once in random order; every other tag gets round(|classes| * GenEval's count / 80)
+    distinct prompts, drawn at random (duplicates redrawn). With 7 shapes: 7 / 9 / 7 / 8 / 9 / 9 = 49 prompts."""
     rng = np.random.default_rng(seed)
     out = [make_spec("single_object", [shapes[i]]) for i in rng.permutation(len(shapes))]
     for tag in PROMPT_TEMPLATES[1:]:
@@ -940,7 +940,7 @@ def training_scenes(specs: Sequence[dict], n: int, seed: int, grid: int = GRID,
             progress(len(codes))
     return prompts, torch.from_numpy(np.stack(codes)).long()
 
-# ---- 3. The evaluator (pixels only) ----------------------------------------------------------------------
+# ---- the shapes world: the evaluator (pixels only) -------------------------------------------------------
 
 DETECT_IOU = 0.6   # a component is an object when its best template IoU exceeds this (GenEval's 0.3 score cut)
 COUNT_IOU = 0.9    # the stricter cut for the counting tag (GenEval's 0.9): with these sizes, an exact shape
@@ -1006,11 +1006,11 @@ def classify(comp: np.ndarray) -> tuple[str, float]:
     return name, scores[name]
 
 def detect(cells: np.ndarray, threshold: float = DETECT_IOU, cell_px: float = CELL_PX) -> dict[str, list[Detection]]:
-    """Per class, the objects of an image ranked like GenEval's detections (GenEval's evaluation/evaluate_images.py): score (template IoU)
-    descending, then more cells, then raster order of the box. Each component gets its one best class (a
-    stand-in for a detector, which GenEval filters per class: one blob never counts as two classes here);
-    only scores strictly above `threshold` are kept. `cells` are snapped palette codes (`snap_cells`); boxes
-    are in pixels, end exclusive."""
+    """Per class, the objects of an image ranked like GenEval's detections (GenEval's
+    evaluation/evaluate_images.py): score (template IoU) descending, then more cells, then raster order of the box.
+    Each component gets its one best class (a stand-in for a detector, which GenEval filters per class: one blob
+    never counts as two classes here); only scores strictly above `threshold` are kept. `cells` are snapped palette
+    codes (`snap_cells`); boxes are in pixels, end exclusive."""
     px = cell_px
     found: dict[str, list[Detection]] = {}
     for code in range(1, len(PALETTE)):
@@ -1026,10 +1026,10 @@ def detect(cells: np.ndarray, threshold: float = DETECT_IOU, cell_px: float = CE
     return found
 
 def relations(a: Detection, b: Detection, margin: float = POSITION_MARGIN) -> list[str]:
-    """GenEval's relative_position of placed object a to reference b (GenEval's evaluation/evaluate_images.py): box centres, per axis |d|
-    shrunk by margin x (the two boxes' sizes on that axis summed), clamped at 0; no relation if both shrunk
-    components are below 1e-3; else u = shrunk / |unshrunk| and left of u_x < -0.5, right of u_x > 0.5,
-    above u_y < -0.5, below u_y > 0.5 (y grows downward). Several may hold."""
+    """GenEval's relative_position of placed object a to reference b (GenEval's evaluation/evaluate_images.py): box
+    centres, per axis |d| shrunk by margin x (the two boxes' sizes on that axis summed), clamped at 0; no relation
+    if both shrunk components are below 1e-3; else u = shrunk / |unshrunk| and left of u_x < -0.5, right of u_x >
+    0.5, above u_y < -0.5, below u_y > 0.5 (y grows downward). Several may hold."""
     (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = a.box, b.box
     d = np.array([(ax1 + ax2 - bx1 - bx2) / 2, (ay1 + ay2 - by1 - by2) / 2])
     size = np.array([(ax2 - ax1) + (bx2 - bx1), (ay2 - ay1) + (by2 - by1)])
@@ -1048,7 +1048,8 @@ def _n_objects(n: int, cls: str) -> str:
     return f"no {cls}" if n == 0 else f"{n} {cls if n == 1 else plural(cls)}"
 
 def _check_include(item: dict, found: dict, passed: list[bool], inc: list[dict]) -> str:
-    """GenEval's include rule for one item (GenEval's evaluation/evaluate_images.py); returns "" when it holds, else the reason."""
+    """GenEval's include rule for one item (GenEval's evaluation/evaluate_images.py); returns "" when it holds, else
+    the reason."""
     cls, n = item["class"], item["count"]
     dets = found.get(cls, [])
     if len(dets) < n:
@@ -1071,13 +1072,12 @@ def _check_include(item: dict, found: dict, passed: list[bool], inc: list[dict])
     return ""
 
 def evaluate(image: np.ndarray, spec: dict, grid: int = GRID) -> tuple[bool, str]:
-    """Judge an [H, W, 3] uint8 image against a GenEval spec from its pixels only (GenEval's evaluation/evaluate_images.py).
-
-    Every include item must hold: at least `count` detections of its class; with a colour, each of the top
-    `count` detections has that colour (for colors / color_attr: the top-ranked instance, see `detect`); with a
-    position, the top placed object vs the top reference object has the relation. An exclude item fails when
-    there are at least `count` detections (so counting is exact N). The counting tag uses the stricter
-    COUNT_IOU cut. Objects not named are ignored. Returns (correct, reason), reason "" when correct."""
+    """Judge an [H, W, 3] uint8 image against a GenEval spec from its pixels only (GenEval's
+    evaluation/evaluate_images.py).  Every include item must hold: at least `count` detections of its class; with a
+    colour, each of the top `count` detections has that colour (for colors / color_attr: the top-ranked instance,
+    see `detect`); with a position, the top placed object vs the top reference object has the relation. An exclude
+    item fails when there are at least `count` detections (so counting is exact N). The counting tag uses the
+    stricter COUNT_IOU cut. Objects not named are ignored. Returns (correct, reason), reason "" when correct."""
     return judge_cells(snap_cells(image, grid), spec, image.shape[0] / grid)
 
 def judge_cells(cells: np.ndarray, spec: dict, cell_px: float = CELL_PX) -> tuple[bool, str]:
@@ -1096,7 +1096,7 @@ def judge_cells(cells: np.ndarray, spec: dict, cell_px: float = CELL_PX) -> tupl
             reasons.append(f"{_n_objects(n, item['class'])} instead of {item['count'] - 1}")
     return not reasons, "; ".join(reasons)
 
-# ---- 4. GenEval's table ----------------------------------------------------------------------------------
+# ---- the shapes world: genEval's table -------------------------------------------------------------------
 
 Z95 = 1.959963984540054
 
@@ -1122,10 +1122,10 @@ def wilson(correct: int, total: int, z: float = Z95) -> Score:
     return Score(correct, total, p, max(0.0, centre - half), min(1.0, centre + half))
 
 def geneval_table(results: Iterable[tuple[str, bool]]) -> dict[str, Score]:
-    """GenEval's summary (GenEval's evaluation/summary_scores.py): per tag, correct images / images (Wilson 95% interval); "overall" =
-    the unweighted mean of the six task accuracies, with a normal interval from the tasks' binomial variances
-    (Agresti-Coull adjusted, so an all-correct task still has some width). Tags without images are left out
-    of the table and of the mean."""
+    """GenEval's summary (GenEval's evaluation/summary_scores.py): per tag, correct images / images (Wilson 95%
+    interval); "overall" = the unweighted mean of the six task accuracies, with a normal interval from the tasks'
+    binomial variances (Agresti-Coull adjusted, so an all-correct task still has some width). Tags without images
+    are left out of the table and of the mean."""
     counts: dict[str, list[int]] = {t: [0, 0] for t in PROMPT_TEMPLATES}
     for tag, ok in results:
         counts[tag][0] += bool(ok)
@@ -1172,7 +1172,7 @@ def verdict_grid(items: Sequence[tuple[np.ndarray, str, bool, str]], cols: int =
         draw.text((x, y + h + 18), "yes" if correct else f"no: {reason}"[:36], fill=colour, font=font)
     return np.asarray(canvas)
 
-# ---- 5. The image tokenizer: one code per cell colour ----------------------------------------------------
+# ---- the shapes world: the image tokenizer: one code per cell colour -------------------------------------
 
 class CellCodec:
     """The exact per-cell image tokenizer with MAGVIT-v2's interface (cotgen.MAGVITv2): code = the cell's
