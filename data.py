@@ -588,7 +588,7 @@ def read_conversations(path: str | os.PathLike, image_root: str | os.PathLike | 
                                  [t["value"] for t in rec["conversations"]]))
     return good, problems
 
-# ---- prompts: the one generator, in GenEval's six templates and GenEval's wording (prompts/create_prompts.py) ----
+# ---- prompts: the one generator, GenEval's six templates in GenEval's wording (prompts/create_prompts.py)
 
 PROMPT_TEMPLATES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 GENEVAL_OBJECTS = ("person", "bicycle", "car", "bus", "bench", "bird", "cat", "dog", "horse", "sheep", "giraffe",
@@ -1096,7 +1096,7 @@ def judge_cells(cells: np.ndarray, spec: dict, cell_px: float = CELL_PX) -> tupl
             reasons.append(f"{_n_objects(n, item['class'])} instead of {item['count'] - 1}")
     return not reasons, "; ".join(reasons)
 
-# ---- the shapes world: genEval's table -------------------------------------------------------------------
+# ---- the shapes world: GenEval's table -------------------------------------------------------------------
 
 Z95 = 1.959963984540054
 
