@@ -4,11 +4,13 @@ ORM best-of-N and PRM step search (Sec. 3.2), PARM (Sec. 4) and PARM++ (Sec. 5).
     python sample.py --tiny --prompt "a photo of a red apple" --n 4 --out outputs/apple
     python sample.py --tiny --prompt "a photo of a red apple" --parm --out outputs/apple-parm
     python sample.py --tiny --metadata evaluation_metadata.jsonl --parm --out outputs/geneval
+    python sample.py --world shapes --eval --showo runs/shapes/showo --out runs/shapes/eval/baseline
 
 One prompt writes `image.png` (the chosen image), `paths.png` (every path; red frame = truncated),
 `path_XX.png`, and `steps.png` (plain generation: rows = paths, columns = per-step x̂0) or `trace.json`
 (searches: every judgment, why each path ended, the winner and the work done). `--prompts` / `--metadata`
-write GenEval's folder layout (`<out>/<00000>/metadata.jsonl`, `samples/0000.png ...`) instead.
+write GenEval's folder layout (`<out>/<00000>/metadata.jsonl`, `samples/0000.png ...`) instead; `--world shapes
+--eval` does so for the shapes world's evaluation prompts and scores the images (scores.md, grid.png).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@
     python train.py selfcorrect --reflect reflect.json --out outputs/sc   # PARM++ self-correction fine-tune (Sec. 5)
     python train.py curate --task orm --num-prompts 13000 --out data/orm  # ranking data: orm|prm|parm|reflect
     python train.py orm --data data/orm/orm.json --out weights/orm_ft    # fine-tune a reward model (orm|parm)
+    python train.py pretrain --world shapes --out runs/shapes/showo       # Show-o from scratch, the shapes world
 
 Every objective (dpo.py's losses on Show-o, verifiers.sft_loss on LLaVA-OneVision) is trained by `Trainer` and
 `fit`: AdamW with the paper's parameter groups, linear warm-up and cosine decay, bf16 autocast with fp32 master
