@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -144,10 +145,10 @@ def add_model_args(p: argparse.ArgumentParser, *, verifier: str | None = None, g
     return g
 
 def at_least(args, minimum: float, *names: str) -> None:
-    """Each flag named must be at least `minimum` when given (NaN fails too): one message naming the flag."""
+    """Each flag named must be a finite number of at least `minimum` when given (NaN and inf fail too)."""
     for name in names:
         v = getattr(args, name)
-        if v is not None and not v >= minimum:
+        if v is not None and not (math.isfinite(v) and v >= minimum):
             fail(f"--{name.replace('_', '-')} must be at least {minimum} (got {v})")
 
 def device_of(args) -> torch.device:
@@ -233,6 +234,7 @@ def check_common(args) -> None:
     args.n = args.n if args.n is not None else (20 if search else 1)
     args.samples = args.samples if args.samples is not None else (1 if args.prompt is not None else 4)
     at_least(args, 1, "n", "steps", "samples")
+    at_least(args, 0, "cfg")            # g = 0 is plain conditional decoding; a negative or NaN g is a typo
     if args.rounds < 0:
         fail(f"--rounds must be 0 or more (got {args.rounds})")
     if args.no_truncate and strategy_of(args) not in ("parm", "parm++"):

@@ -456,10 +456,9 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
 def check_dpo_args(a) -> None:
     check_optim_args(a)
     at_least(a, 1, "rounds", "curate_samples", "gen_steps", "online_per_step", "geneval")
+    at_least(a, 0, "gen_cfg", "sft_coef", "reward_coef")
     if not a.beta > 0:
         fail(f"--beta must be positive (got {a.beta})")
-    if a.reward_coef < 0 or a.sft_coef < 0:
-        fail("--reward-coef and --sft-coef must not be negative")
     if a.reward_coef and a.online_samples < 2:
         fail("--online-samples must be at least 2: the online pair is the best and the worst sample")
     if a.curate_samples < 2 and (a.data is None or a.rounds > 1):
@@ -775,7 +774,7 @@ def add_curate_parser(sub) -> argparse.ArgumentParser:
 
 def check_curate_args(a) -> None:
     at_least(a, 1, "samples", "num_prompts", "steps", "rollouts", "judge_batch", "max_reason_tokens")
-    at_least(a, 0, "temperature")
+    at_least(a, 0, "temperature", "cfg")
     if not 0 <= a.orm_fraction <= 1:
         fail(f"--orm-fraction must be in [0, 1] (got {a.orm_fraction})")
     if (a.prompts is None) == (a.num_prompts is None):

@@ -46,3 +46,12 @@ def test_a_reused_out_is_refused_before_any_work_unless_overwrite(tiny, tmp_path
         with pytest.raises(SystemExit):
             sample.main(args + ["--out", bad])
         assert why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+def test_guidance_scale_is_checked_before_any_work(tiny, tmp_path, capsys, value):
+    args = ["--tiny", "--cache", str(tiny["llava"].parents[1]), "--prompt", "a photo of a cat", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        sample.main(args + ["--cfg", value, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--cfg must be at least 0" in err and not (tmp_path / "o").exists()
