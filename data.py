@@ -1140,9 +1140,6 @@ def geneval_table(results: Iterable[tuple[str, bool]]) -> dict[str, Score]:
         table["overall"] = Score(mean * total, total, mean, max(0.0, mean - half), min(1.0, mean + half))
     return table
 
-def format_table(table: dict[str, Score]) -> str:
-    return "\n".join(f"{tag:14s} {score}" for tag, score in table.items())
-
 def markdown_table(rows: dict[str, dict[str, Score]]) -> str:
     """GenEval's table in Markdown: one row per method, the six tasks and overall as columns, each cell the
     accuracy with its 95% interval, then the images scored."""

@@ -144,20 +144,30 @@ def preference_loss(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.S
     stats["loss"] = loss.item()
     return loss, stats
 
+def masked_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, prompts: Sequence[str],
+                          codes: torch.Tensor, generator: torch.Generator, cond_dropout: float = 0.1,
+                          condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(codes | prompt [, condition]) under masked prediction with fresh training draws: a cosine-schedule
+    fraction of each image masked (`sample_masks`), the prompt dropped with probability `cond_dropout`. Returns
+    the log-likelihoods and the number of scored positions, both [B]."""
+    B, N = codes.shape
+    masked = sample_masks(B, N, generator)
+    drop = torch.rand(B, generator=generator) < cond_dropout
+    ids, labels = training_sequences(tok, prompts, codes, masked, drop, condition=condition)
+    device = model.embed_tokens.weight.device
+    ids, labels = ids.to(device), labels.to(device)
+    allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
+    return image_log_likelihood(model, ids, labels, allowed), (labels != IGNORE).sum(dim=1)
+
 def masked_token_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes: torch.Tensor,
-                      generator: torch.Generator, cond_dropout: float = 0.1) -> tuple[torch.Tensor, dict]:
+                      generator: torch.Generator, cond_dropout: float = 0.1,
+                      condition: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Show-o's own objective (its `training/train.py`), for pretraining the generator: a cosine-schedule
     fraction of each image's tokens is masked, the loss is the cross-entropy per scored token (the masked ones
     and <|soi|>/<|eoi|>), and the prompt is dropped with probability `cond_dropout` so that classifier-free
     guidance has an unconditional model to subtract."""
-    B, N = codes.shape
-    masked = sample_masks(B, N, generator)
-    drop = torch.rand(B, generator=generator) < cond_dropout
-    ids, labels = training_sequences(tok, prompts, codes, masked, drop)
-    device = model.embed_tokens.weight.device
-    ids, labels = ids.to(device), labels.to(device)
-    logp = image_log_likelihood(model, ids, labels, cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id))
-    loss = -logp.sum() / (labels != IGNORE).sum()
+    logp, scored = masked_log_likelihood(model, tok, prompts, codes, generator, cond_dropout, condition)
+    loss = -logp.sum() / scored.sum()
     return loss, {"loss": loss.item()}
 
 # ---- 2. Preference pairs ---------------------------------------------------------------------------------
@@ -379,6 +389,9 @@ def encode_groups(records: Sequence[data.CorrectionRecord], config: cotgen.Showo
                           _stack([l for _, l, _ in kept], config), _stack([h for _, _, h in kept], config),
                           [records[r].low_from.rsplit(":", 1)[0] for r, _, _ in kept]), problems
 
+def correction_texts(groups: CorrectionData) -> list[str]:
+    return [cotgen.self_correction_text(p, r) for p, r in zip(groups.prompts, groups.reasons)]
+
 def correction_sequences(tok: cotgen.ShowoTokenizer, groups: CorrectionData, masked: torch.Tensor,
                          drop_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sec. 5, one self-correction example per group in PARM++'s input format (`cotgen.self_correction_text`):
@@ -388,29 +401,20 @@ def correction_sequences(tok: cotgen.ShowoTokenizer, groups: CorrectionData, mas
     Only the second image is scored: its masked slots, its <|soi|> and its <|eoi|> (as Show-o's t2i loss and
     the DPO likelihood). The low-quality image is a given condition. Text dropout replaces prompt and reason
     by the empty prompt and keeps the low-quality image: the unconditional row of PARM++'s CFG."""
-    texts = [cotgen.self_correction_text(p, r) for p, r in zip(groups.prompts, groups.reasons)]
-    return training_sequences(tok, texts, groups.high, masked, drop_text, condition=groups.low)
+    return training_sequences(tok, correction_texts(groups), groups.high, masked, drop_text, condition=groups.low)
 
 def correction_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData,
                               generator: torch.Generator, *, cond_dropout: float = 0.1
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sec. 5: log π(high | prompt, reason, low) under masked prediction (a cosine-schedule fraction of the
-    high-quality image masked, `sample_masks`), and the number of scored positions. Both [G]."""
-    G, N = groups.high.shape
-    masked = sample_masks(G, N, generator)
-    drop = torch.rand(G, generator=generator) < cond_dropout
-    ids, labels = correction_sequences(tok, groups, masked, drop)
-    device = model.embed_tokens.weight.device
-    ids, labels = ids.to(device), labels.to(device)
-    allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
-    logp = image_log_likelihood(model, ids, labels, allowed)
-    return logp, (labels != IGNORE).sum(dim=1)
+    """Sec. 5: log π(high | prompt, reason, low) under masked prediction, in `correction_sequences`' format,
+    and the number of scored positions. Both [G]."""
+    return masked_log_likelihood(model, tok, correction_texts(groups), groups.high, generator, cond_dropout,
+                                 condition=groups.low)
 
 def self_correction_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData,
                          generator: torch.Generator, cond_dropout: float = 0.1) -> tuple[torch.Tensor, dict]:
     """Sec. 5, the self-correction fine-tuning loss of PARM++: Show-o's masked-prediction cross-entropy per
     scored token on the high-quality image, given the prompt, the reason and the low-quality image (no
     reference model)."""
-    logp, scored = correction_log_likelihood(model, tok, groups, generator, cond_dropout=cond_dropout)
-    loss = -logp.sum() / scored.sum()
-    return loss, {"loss": loss.item()}
+    return masked_token_loss(model, tok, correction_texts(groups), groups.high, generator, cond_dropout,
+                             condition=groups.low)

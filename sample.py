@@ -251,8 +251,8 @@ def check_common(args) -> None:
              f"--world {args.world} --out DIR`")
     if args.prompt is not None and not args.prompt.strip():
         fail("--prompt is empty: give the text to generate an image for")
-    if search and not verifier_dir(args).is_dir():
-        fail(VERIFIER_HELP.format(path=verifier_dir(args)))
+    if search and not (found := verifier_dir(args)).is_dir():
+        fail(VERIFIER_HELP.format(path=found))
     out = Path(args.out)
     if not args.out.strip() or out.is_file() or (out.is_dir() and any(out.iterdir()) and not args.overwrite):
         fail(f"--out {args.out!r} " + ("is empty: name a folder" if not args.out.strip() else

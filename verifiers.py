@@ -33,7 +33,7 @@ IMAGE_PLACEHOLDER = -200  # IMAGE_TOKEN_INDEX of `llava/constants.py`: where the
 IGNORE = -100             # IGNORE_INDEX of `llava/constants.py`: a label that takes no loss
 SYSTEM_PROMPT = "You are a helpful assistant."
 CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-PAD_FILL = (127, 127, 127)  # int(0.5 * 255): the grey `expand2square` (`llava/mm_utils.py`) pads with
+PAD_FILL = data.GREY  # int(0.5 * 255) = 127: the grey `expand2square` (`llava/mm_utils.py`) pads with
 HF_DEFAULT_TOP_K, HF_DEFAULT_TOP_P = 50, 1.0  # HF GenerationConfig's, for a checkpoint without generation_config.json
 
 # ---- 1. The model: SigLIP tower, projector and Qwen2 LM (`llava/model/llava_arch.py`) ------------------------
