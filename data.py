@@ -92,7 +92,10 @@ def atomic_path(path: str | os.PathLike, directory: bool = False):
         if directory:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
 
 def write_json(obj, path: str | os.PathLike, indent: int | None = 2) -> None:
