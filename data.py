@@ -690,13 +690,15 @@ def training_prompts(n: int | None = None, *, objects=GENEVAL_OBJECTS, colors=GE
 
 # A scene is 1-4 objects on a GRID x GRID cell grid; an object is a shape class drawn at cell resolution in one of
 # GenEval's ten colours, on a grey background no object uses; an image is the grid upsampled to CELL_PX pixels
-# per cell. Prompts and specs follow GenEval's six templates, wording and metadata; the evaluator reads pixels
-# only (colour snapping, connected components, template matching) and applies GenEval's rules; CellCodec is
-# the image tokenizer, one code per cell colour, with MAGVIT-v2's interface.
+# per cell. The grid is a SLOTS x SLOTS lattice of SLOT x SLOT-cell slots and every object sits in its own slot,
+# so objects never touch in a ground-truth scene. Prompts and specs follow GenEval's six templates, wording and
+# metadata; the evaluator reads pixels only (colour snapping, connected components, template matching) and
+# applies GenEval's rules; SlotCodec is the image tokenizer, one code per slot content, with MAGVIT-v2's interface.
 
-GRID = 10          # cells per side: 100 image tokens
-CELL_PX = 8        # pixels per cell: 80 x 80 images
-GAP = 1            # free cells between any two objects' boxes (diagonals included), so components stay apart
+SLOT = 5           # cells per slot side: a shape of at most 4x4 cells and a free row and column
+SLOTS = 3          # slots per side: 9 image tokens
+GRID = SLOT * SLOTS  # cells per side: 15
+CELL_PX = 8        # pixels per cell: 120 x 120 images
 
 BACKGROUND = "background"
 # code 0 = background, codes 1..10 = GenEval's colours in GenEval's order (GenEval's prompts/create_prompts.py)
@@ -719,7 +721,7 @@ COLOR_CODE = {name: i for i, name in enumerate(PALETTE_NAMES)}
 def _template(rows: Sequence[str]) -> np.ndarray:
     return np.array([[ch == "#" for ch in r] for r in rows], dtype=bool)
 
-# Seven shapes, each at most 4x4 cells (so four objects always fit a 10x10 grid with gaps); pairwise template
+# Seven shapes, each at most 4x4 cells (so one fits a slot with a free row and column); pairwise template
 # IoU at its best shift is at most 0.75 (test_shapes checks it), and every shape is one 8-connected piece
 SHAPES = {
     "square": _template(["###", "###", "###"]),
@@ -892,43 +894,32 @@ def scene_objects(spec: dict, rng: np.random.Generator) -> list[tuple[str, str]]
         inc = [inc[1], inc[0]]
     return [(item["class"], color(item)) for item in inc for _ in range(item["count"])]
 
-def _free(box, taken: list, grid: int) -> bool:
-    r0, c0, r1, c1 = box
-    if r1 > grid or c1 > grid:
-        return False
-    return all(r1 + GAP <= t[0] or t[2] + GAP <= r0 or c1 + GAP <= t[1] or t[3] + GAP <= c0 for t in taken)
+def in_slot(shape: str, color: str, slot: int) -> Obj:
+    """The object drawn in slot `slot` (raster order): its shape centred in the slot's top-left 4x4 cells, so the
+    slot's last row and column stay free and objects in neighbouring slots never touch."""
+    h, w = SHAPES[shape].shape
+    r, c = divmod(slot, SLOTS)
+    return Obj(shape, color, r * SLOT + (SLOT - 1 - h) // 2, c * SLOT + (SLOT - 1 - w) // 2)
 
-def place(items: Sequence[tuple[str, str]], rng: np.random.Generator, grid: int = GRID,
-          tries: int = 200) -> list[Obj] | None:
-    """Random placement with at least GAP free cells between any two boxes; None if it does not fit."""
-    objs, taken = [], []
-    for shape, color in items:
-        h, w = SHAPES[shape].shape
-        for _ in range(tries):
-            o = Obj(shape, color, int(rng.integers(grid - h + 1)), int(rng.integers(grid - w + 1)))
-            if _free(o.box(), taken, grid):
-                objs.append(o)
-                taken.append(o.box())
-                break
-        else:
-            return None
-    return objs
+def place(items: Sequence[tuple[str, str]], rng: np.random.Generator) -> list[Obj]:
+    """Random placement: every object in its own slot, the slots drawn without replacement."""
+    slots = rng.choice(SLOTS * SLOTS, size=len(items), replace=False)
+    return [in_slot(shape, color, int(s)) for (shape, color), s in zip(items, slots)]
 
-def sample_scene(spec: dict, rng: np.random.Generator, grid: int = GRID, cell_px: int = CELL_PX) -> list[Obj]:
+def sample_scene(spec: dict, rng: np.random.Generator) -> list[Obj]:
     """A random correct scene for `spec`: its objects placed at random until the evaluator accepts the image
-    (this only rejects position scenes whose relation does not hold, and the rare crowded placement). The
-    cell map is judged directly: rendering then snapping gives the same cells (test_shapes checks it)."""
+    (this only rejects position scenes whose relation does not hold). The cell map is judged directly:
+    rendering then snapping gives the same cells (test_shapes checks it)."""
     for _ in range(1000):
-        objs = place(scene_objects(spec, rng), rng, grid)
-        if objs is not None and judge_cells(paint(objs, grid), spec, cell_px)[0]:
+        objs = place(scene_objects(spec, rng), rng)
+        if judge_cells(paint(objs), spec)[0]:
             return objs
     raise RuntimeError(f"no scene found for {spec['prompt']!r}")
 
-def training_scenes(specs: Sequence[dict], n: int, seed: int, grid: int = GRID,
-                    progress=None) -> tuple[list[str], torch.Tensor]:
+def training_scenes(specs: Sequence[dict], n: int, seed: int, progress=None) -> tuple[list[str], torch.Tensor]:
     """The pretraining set: n (prompt, scene) examples, the template uniform over the tags present, then the
     prompt uniform within it, then a random correct scene (`sample_scene`). Returns the prompts and the scenes
-    as cell codes [n, grid * grid] (CellCodec's codes). Deterministic in `seed`."""
+    as slot codes [n, SLOTS * SLOTS] (SlotCodec's codes). Deterministic in `seed`."""
     by_tag: dict[str, list[dict]] = {}
     for spec in specs:
         by_tag.setdefault(spec["tag"], []).append(spec)
@@ -938,7 +929,7 @@ def training_scenes(specs: Sequence[dict], n: int, seed: int, grid: int = GRID,
         pool = by_tag[tags[rng.integers(len(tags))]]
         spec = pool[rng.integers(len(pool))]
         prompts.append(spec["prompt"])
-        codes.append(paint(sample_scene(spec, rng, grid), grid).reshape(-1))
+        codes.append(slot_codes(sample_scene(spec, rng)))
         if progress is not None:
             progress(len(codes))
     return prompts, torch.from_numpy(np.stack(codes)).long()
@@ -1172,35 +1163,51 @@ def verdict_grid(items: Sequence[tuple[np.ndarray, str, bool, str]], cols: int =
         draw.text((x, y + h + 18), "yes" if correct else f"no: {reason}"[:36], fill=colour, font=font)
     return np.asarray(canvas)
 
-# ---- the shapes world: the image tokenizer: one code per cell colour -------------------------------------
+# ---- the shapes world: the image tokenizer: one code per slot content ------------------------------------
 
-class CellCodec:
-    """The exact per-cell image tokenizer with MAGVIT-v2's interface (cotgen.MAGVITv2): code = the cell's
-    palette index (0 = background, 1..10 = GenEval's colours), raster order, GRID*GRID codes per image.
-    decode_code(get_code(x)) == x for every rendered image and get_code(decode_code(c)) == c for every c."""
+# code 0 = an empty slot; code 1 + shape * 10 + colour = that shape in that colour (SHAPES' and GenEval's orders)
+SLOT_CONTENTS = [None] + [(s, c) for s in SHAPE_NAMES for c in GENEVAL_COLORS]
 
-    def __init__(self, grid: int = GRID, cell_px: int = CELL_PX):
-        self.grid, self.cell_px = grid, cell_px
+def slot_codes(objs: Iterable[Obj]) -> np.ndarray:
+    """A ground-truth scene's codes [SLOTS * SLOTS]: what each slot holds (scenes built by `place`)."""
+    codes = np.zeros(SLOTS * SLOTS, dtype=np.int64)
+    for o in objs:
+        codes[(o.row // SLOT) * SLOTS + o.col // SLOT] = SLOT_CONTENTS.index((o.shape, o.color))
+    return codes
+
+class SlotCodec:
+    """The image tokenizer of the shapes world, with MAGVIT-v2's interface (cotgen.MAGVITv2): a vector
+    quantiser whose patches are slots (SLOT x SLOT cells, 40 x 40 px) and whose codebook is every slot content
+    (empty, or one of 7 shapes x 10 colours drawn by `in_slot`), SLOTS * SLOTS codes per image in raster order.
+    get_code snaps the pixels to cells and takes, per slot, the codebook entry with the fewest differing cells
+    (ties: the lower code), so it encodes any image and is exact on the world's: decode_code(get_code(x)) == x
+    for every ground-truth image and get_code(decode_code(c)) == c for every c."""
+
+    def __init__(self, cell_px: int = CELL_PX):
+        self.cell_px, self.tokens = cell_px, SLOTS * SLOTS
+        self.codebook = np.stack([paint([in_slot(*sc, 0)] if sc else [])[:SLOT, :SLOT] for sc in SLOT_CONTENTS])
         # decoded values sit half a level above the palette, so Show-o's truncating uint8 conversion
         # ((x + 1) / 2 * 255, floored; data.to_uint8_image) gives the palette exactly
         self.levels = torch.from_numpy((PALETTE.astype(np.float32) + 0.5) / 127.5 - 1.0)
 
     @property
     def codebook_size(self) -> int:
-        return len(PALETTE)
+        return len(SLOT_CONTENTS)
 
     def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> codes [B, grid*grid] (nearest palette colour, cell majority)."""
+        """Images [B, 3, H, W] in [-1, 1] -> codes [B, SLOTS * SLOTS]."""
         x = torch.clamp((pixels.detach().float().cpu() + 1.0) / 2.0, 0.0, 1.0) * 255.0
-        imgs = x.permute(0, 2, 3, 1).numpy().astype(np.uint8)
-        codes = np.stack([snap_cells(im, self.grid).reshape(-1) for im in imgs])
-        return torch.from_numpy(codes).long().to(pixels.device)
+        cells = np.stack([snap_cells(im) for im in x.permute(0, 2, 3, 1).numpy().astype(np.uint8)])
+        slots = cells.reshape(-1, SLOTS, SLOT, SLOTS, SLOT).transpose(0, 1, 3, 2, 4).reshape(-1, 1, SLOT, SLOT)
+        differ = (slots != self.codebook[None]).sum((2, 3))                          # [B * slots, codebook]
+        return torch.from_numpy(differ.argmin(1).reshape(len(cells), -1)).long().to(pixels.device)
 
     def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
-        """Codes [B, N] -> images [B, 3, grid*px, grid*px] in [-1, 1]; codes outside the codebook are clamped."""
-        g = self.grid
-        if codes.shape[1] != g * g:
-            raise ValueError(f"{codes.shape[1]} codes per image, expected {g * g} for a {g}x{g} grid")
-        x = self.levels.to(codes.device)[codes.long().clamp(0, self.codebook_size - 1)]   # [B, N, 3]
-        x = x.view(-1, g, g, 3).permute(0, 3, 1, 2)
+        """Codes [B, SLOTS * SLOTS] -> images [B, 3, GRID * px, GRID * px] in [-1, 1]; codes outside the codebook
+        are clamped."""
+        if codes.shape[1] != self.tokens:
+            raise ValueError(f"{codes.shape[1]} codes per image, expected {self.tokens} ({SLOTS}x{SLOTS} slots)")
+        patches = torch.from_numpy(self.codebook)[codes.long().cpu().clamp(0, self.codebook_size - 1)]
+        cells = patches.view(-1, SLOTS, SLOTS, SLOT, SLOT).permute(0, 1, 3, 2, 4).reshape(-1, GRID, GRID)
+        x = self.levels[cells].permute(0, 3, 1, 2).to(codes.device)                 # [B, 3, GRID, GRID]
         return x.repeat_interleave(self.cell_px, 2).repeat_interleave(self.cell_px, 3)

@@ -211,12 +211,12 @@ def load_models(args):
         showo_dir, phi_dir, magvit_dir = resolve_weights(args)
     try:
         model, tok = cotgen.load_showo(showo_dir, phi_dir, dtype=dtype, device=device)
-        magvit = data.CellCodec() if args.world else cotgen.load_magvit(magvit_dir, dtype=dtype, device=device)
+        magvit = data.SlotCodec() if args.world else cotgen.load_magvit(magvit_dir, dtype=dtype, device=device)
     except data.CheckpointError as e:
         fail(str(e))
-    if args.world and model.config.num_vq_tokens != magvit.grid ** 2:
+    if args.world and model.config.num_vq_tokens != magvit.tokens:
         fail(f"{showo_dir} makes {model.config.num_vq_tokens} image tokens, not the {args.world} world's "
-             f"{magvit.grid ** 2}: pass a generator that `train.py pretrain --world {args.world}` wrote")
+             f"{magvit.tokens}: pass a generator that `train.py pretrain --world {args.world}` wrote")
     return model, tok, magvit
 
 def decode_images(magvit, codes: torch.Tensor, batch: int = 16) -> np.ndarray:

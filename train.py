@@ -1174,7 +1174,7 @@ PRETRAIN_DOC = """Pretrain Show-o from scratch on a miniature world, with Show-o
     python sample.py --world shapes --eval --showo runs/shapes/showo --out runs/shapes/eval/baseline
 
 The same `Showo` class and t2i sequence layout as the released model, at a small width; the text tokenizer is
-trained on the world's prompts and the image tokenizer is the world's exact cell codec (data.CellCodec). The
+trained on the world's prompts and the image tokenizer is the world's slot codec (data.SlotCodec). The
 objective masks a cosine-schedule fraction of the image tokens, takes the cross-entropy on them, and drops the
 prompt 10% of the time so classifier-free guidance works. --out is a Show-o folder that sample.py loads."""
 
@@ -1205,7 +1205,7 @@ def world_generator(out: Path, a, prompts: Sequence[str]) -> Path:
     if not (init / "pytorch_model.safetensors").is_file():
         tok = cotgen.phi_style_tokenizer(prompts, a.vocab)
         longest = max(len(tok.encode(p, add_special_tokens=False).ids) for p in prompts)
-        config = cotgen.ShowoConfig(codebook_size=data.CellCodec().codebook_size, num_vq_tokens=data.GRID ** 2,
+        config = cotgen.ShowoConfig(codebook_size=data.SlotCodec().codebook_size, num_vq_tokens=data.SLOTS ** 2,
                                     max_seq_length=longest + 2, n_layer=a.n_layer, n_head=a.n_head,
                                     n_embd=a.n_embd, intermediate_size=4 * a.n_embd)
         with data.atomic_path(init, directory=True) as d:

@@ -136,7 +136,7 @@ def test_png_round_trip(tmp_path):
 def test_evaluator_tolerates_pixel_noise():
     rng = np.random.default_rng(0)
     objs = [Obj("cross", "pink", 2, 2), Obj("arch", "brown", 6, 5)]
-    img = data.render(objs).astype(np.int32) + rng.integers(-25, 26, size=(80, 80, 3))
+    img = data.render(objs).astype(np.int32) + rng.integers(-25, 26, size=(120, 120, 3))
     img = np.clip(img, 0, 255).astype(np.uint8)
     assert data.evaluate(img, spec("color_attr", ["cross", "arch"], ["pink", "brown"])) == (True, "")
 
@@ -202,25 +202,48 @@ def test_prompts_agree_with_the_project_generator():
 # ---- codec -----------------------------------------------------------------------------------------------------
 
 def test_codec_round_trip():
-    codec = data.CellCodec()
-    assert codec.codebook_size == 11
-    codes = torch.randint(0, 11, (3, data.GRID * data.GRID))
+    codec = data.SlotCodec()
+    assert codec.codebook_size == 1 + 7 * 10 and codec.tokens == 9
+    codes = torch.randint(0, 71, (3, 9))
     pixels = codec.decode_code(codes)
-    assert pixels.shape == (3, 3, data.GRID * data.CELL_PX, data.GRID * data.CELL_PX) and pixels.abs().max() <= 1
+    assert pixels.shape == (3, 3, 15 * 8, 15 * 8) and pixels.abs().max() <= 1
     assert torch.equal(codec.get_code(pixels), codes)
-    img = data.to_uint8_image(pixels)
-    assert np.array_equal(img[0], data.cells_to_image(codes[0].view(data.GRID, data.GRID).numpy()))
 
-def test_codec_encodes_rendered_scenes_and_decodes_to_judged_images():
-    codec = data.CellCodec()
-    objs = [Obj("circle", "purple", 0, 0), Obj("bar", "yellow", 8, 2)]
+
+def test_codec_decodes_to_the_hand_drawn_scene():
+    # code 1 + shape * 10 + colour: ring = shape 5, blue = colour 4 -> 55 in slot 1; square/red = 1 in slot 8
+    codes = torch.zeros(1, 9, dtype=torch.long)
+    codes[0, 1], codes[0, 8] = 1 + 5 * 10 + 4, 1 + 0 * 10 + 0
+    img = data.to_uint8_image(data.SlotCodec().decode_code(codes))[0]
+    want = np.full((15, 15, 3), (150, 150, 150), dtype=np.uint8)
+    want[0:4, 5:9] = (40, 80, 220)
+    want[1:3, 6:8] = (150, 150, 150)                # the ring's hole
+    want[10:13, 10:13] = (220, 40, 40)              # a 3x3 square: (4 - 3) // 2 = 0 cells into slot 8
+    assert np.array_equal(img, np.repeat(np.repeat(want, 8, 0), 8, 1))
+
+
+def test_codec_encodes_any_image_to_the_nearest_slot_content():
+    codec = data.SlotCodec()
+    objs = [data.in_slot("circle", "purple", 0), data.in_slot("bar", "yellow", 7)]
     img = data.render(objs)
-    pixels = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
-    codes = codec.get_code(pixels)
-    assert torch.equal(codes[0], torch.from_numpy(data.paint(objs).reshape(-1)))
+    to_pixels = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].float() / 127.5 - 1   # noqa: E731
+    codes = codec.get_code(to_pixels(img))
+    assert codes[0].tolist() == [1 + 1 * 10 + 5, 0, 0, 0, 0, 0, 0, 1 + 4 * 10 + 2, 0]
     back = data.to_uint8_image(codec.decode_code(codes))[0]
     assert np.array_equal(back, img)
     assert data.evaluate(back, spec("color_attr", ["circle", "bar"], ["purple", "yellow"])) == (True, "")
+    damaged = img.copy()
+    damaged[:8, 8:16] = data.PALETTE[0]             # one cell of the circle erased: still the nearest content
+    assert torch.equal(codec.get_code(to_pixels(damaged)), codes)
+    off_slot = data.render([Obj("square", "red", 1, 3)])   # straddles slots 0 and 1: each gets its nearest
+    assert codec.get_code(to_pixels(off_slot))[0, 2:].tolist() == [0] * 7
+
+
+def test_ground_truth_objects_never_touch():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        objs = data.place([("square", "red")] * 4, rng)
+        assert len(data.components(data.paint(objs) > 0)) == 4
 
 # ---- table -------------------------------------------------------------------------------------------------------
 
