@@ -4,6 +4,7 @@ Show-o's (showlab/Show-o) `models/{modeling_showo,phi,sampling,modeling_magvitv2
 `inference_t2i.py`; the paper code's (ZiyuGuo99/Image-Generation-CoT) `orm.py`, `parm.py`."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -233,41 +234,82 @@ class Showo(nn.Module):
         codes = slice(c.image_offset, c.image_offset + c.codebook_size)
         return F.linear(x, self.lm_head.weight[codes], self.lm_head.bias[codes]).float()
 
-# The released layout (Show-o's `models/modeling_utils.py`). ShowoConfig field <- phi config key (absent: phi-1.5's)
-PHI_CONFIG_KEYS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
-                   **{k: k for k in ("intermediate_size", "partial_rotary_factor", "rope_theta", "layer_norm_eps",
-                                     "max_position_embeddings")}}
+# Every config number is typed and bounded when it is read: the released models sit well inside these bounds, and
+# a typo (an extra digit in the yaml's max_seq_length) stops with a message instead of asking for a [L, L] mask
+# that fills the memory. MAX_POSITIONS bounds every sequence length: phi-1.5 has 2048.
+MAX_POSITIONS = 2 ** 15
+SHOWO_FIELDS = {"vocab_size": 2 ** 24, "llm_vocab_size": 2 ** 24, "codebook_size": 2 ** 20, "num_vq_tokens": 2 ** 16}
+YAML_FIELDS = {"max_seq_length": (1, MAX_POSITIONS), "num_new_special_tokens": (10, 1024)}   # 10: [PAD] + 9 below
+# The released layout (Show-o's `models/modeling_utils.py`). ShowoConfig field <- (phi config key, type, low, high);
+# an absent field takes phi-1.5's value
+PHI_CONFIG_KEYS = {"n_embd": ("hidden_size", int, 1, 2 ** 16), "n_layer": ("num_hidden_layers", int, 1, 1024),
+                   "n_head": ("num_attention_heads", int, 1, 1024),
+                   "intermediate_size": ("intermediate_size", int, 1, 2 ** 18),
+                   "partial_rotary_factor": ("partial_rotary_factor", float, 0.0, 1.0),
+                   "rope_theta": ("rope_theta", float, 1.0, 1e12), "layer_norm_eps": ("layer_norm_eps", float, 0.0, 1.0),
+                   "max_position_embeddings": ("max_position_embeddings", int, 1, MAX_POSITIONS)}
 
-def showo_config(ckpt_dir: str | Path, phi_config: dict | None) -> ShowoConfig:
-    """Show-o's config.json + phi's config.json (+ `inference_config.yaml` if the folder has one)."""
+def yaml_field(text: str, key: str) -> dict:
+    """{key: value} of the first `key: value` line of a yaml text, {} if there is none. Only two integers are read
+    from Show-o's yaml, not worth a yaml parser: a value is read as JSON when it can be (64, null), else as text."""
+    m = re.search(rf"^\s*{key}\s*:[ \t]*(.*?)[ \t]*(?:#.*)?$", text, flags=re.M)
+    if m is None:
+        return {}
+    try:
+        return {key: json.loads(m.group(1))}
+    except json.JSONDecodeError:
+        return {key: m.group(1)}
+
+def showo_config(ckpt_dir: str | Path, phi_dir: str | Path | None = None) -> ShowoConfig:
+    """Show-o's config.json + `inference_config.yaml` if the folder has one + phi's config.json in `phi_dir` if
+    there is one, every number typed and bounded as it is read, then checked against each other."""
     d = Path(ckpt_dir)
-    raw, keys = data.read_config(d), ("vocab_size", "llm_vocab_size", "codebook_size", "num_vq_tokens")
-    for k in keys:
-        if k not in raw:
-            raise CheckpointError(f"{d / 'config.json'} lacks {k!r}: is this a Show-o checkpoint?")
-    c = ShowoConfig(**{k: raw[k] for k in keys})
-    yaml = (d / "inference_config.yaml").read_text() if (d / "inference_config.yaml").is_file() else ""
-    for k in ("max_seq_length", "num_new_special_tokens"):
-        # only these two integers are read from the yaml: a yaml parser is not worth a dependency (0: the default)
-        m = re.search(rf"^\s*{k}\s*:\s*(\d+)\s*$", yaml, flags=re.M)
-        setattr(c, k, (int(m.group(1)) if m else 0) or getattr(c, k))
-    if phi_config is not None:
-        for ours, theirs in PHI_CONFIG_KEYS.items():
-            setattr(c, ours, phi_config.get(theirs, getattr(c, ours)))
-        if phi_config.get("num_key_value_heads", c.n_head) != c.n_head:
-            raise CheckpointError("phi config has grouped-query attention, which Show-o's Phi does not use")
+    src, yaml = d / "config.json", d / "inference_config.yaml"
+    phi = Path(phi_dir) / "config.json" if phi_dir is not None and (Path(phi_dir) / "config.json").is_file() else None
+    raw = data.read_config(d)
+    c = ShowoConfig(**{k: data.config_field(raw, k, int, src, low=1, high=hi) for k, hi in SHOWO_FIELDS.items()})
+    if yaml.is_file():
+        text = data.read_text(yaml, "Show-o inference config", CheckpointError)
+        for k, (low, high) in YAML_FIELDS.items():
+            setattr(c, k, data.config_field(yaml_field(text, k), k, int, yaml, getattr(c, k), low, high))
+    if phi is not None:        # absent: phi-1.5's values
+        theirs = data.read_config(phi.parent)
+        for ours, (key, kind, low, high) in PHI_CONFIG_KEYS.items():
+            setattr(c, ours, data.config_field(theirs, key, kind, phi, getattr(c, ours), low, high))
+        if data.config_field(theirs, "num_key_value_heads", int, phi, c.n_head, 1, c.n_head) != c.n_head:
+            raise CheckpointError(f"{phi}: num_key_value_heads must equal num_attention_heads ({c.n_head}): "
+                                  "Show-o's Phi has no grouped-query attention")
+    check_showo_config(c, src, yaml if yaml.is_file() else None, phi)
+    return c
+
+def check_showo_config(c: ShowoConfig, src: Path, yaml: Path | None, phi: Path | None) -> None:
+    """The sizes must fit each other: vocabulary layout, square image grid, whole rotary heads, and the t2i
+    sequence within max_position_embeddings (so no mask larger than the model's context is ever made)."""
     expect = c.llm_vocab_size + c.num_new_special_tokens + c.codebook_size + 1
     if c.vocab_size != expect:
-        raise CheckpointError(f"{d / 'config.json'}: vocab_size {c.vocab_size} != llm_vocab_size + "
+        raise CheckpointError(f"{src}: vocab_size {c.vocab_size} != llm_vocab_size + "
                               f"{c.num_new_special_tokens} specials + codebook_size + 1 mask = {expect}")
     if math.isqrt(c.num_vq_tokens) ** 2 != c.num_vq_tokens:
-        raise CheckpointError(f"{d / 'config.json'}: num_vq_tokens {c.num_vq_tokens} is not a square grid")
-    return c
+        raise CheckpointError(f"{src}: num_vq_tokens {c.num_vq_tokens} is not a square grid")
+    phi_name = phi or "phi-1.5's defaults (no phi config.json)"
+    if c.n_embd % c.n_head or int(c.partial_rotary_factor * c.head_dim) % 2:
+        raise CheckpointError(f"{phi_name}: hidden_size {c.n_embd} must split into num_attention_heads {c.n_head} "
+                              f"heads whose rotary part (partial_rotary_factor {c.partial_rotary_factor}) is even")
+    if c.seq_len > c.max_position_embeddings:
+        raise CheckpointError(f"{yaml or 'the default'}: max_seq_length {c.max_seq_length} is too large: the t2i "
+                              f"sequence (text {c.text_len} + {c.num_vq_tokens} image tokens + 3) has {c.seq_len} "
+                              f"positions, more than max_position_embeddings {c.max_position_embeddings} of "
+                              f"{phi_name}")
+
+def llm_model_path(ckpt_dir: str | Path) -> str:
+    """config.json's llm_model_path: where the phi-1.5 folder is, relative to the checkpoint, or a hub name."""
+    return data.config_field(data.read_config(ckpt_dir), "llm_model_path", str, Path(ckpt_dir) / "config.json",
+                             "microsoft/phi-1_5")
 
 def resolve_phi_dir(ckpt_dir: str | Path, phi_dir: str | Path | None) -> Path:
     """Where phi-1.5's config + tokenizer are: `phi_dir`, else config.json's llm_model_path if it is a folder."""
-    llm = data.read_config(ckpt_dir).get("llm_model_path", "microsoft/phi-1_5") if phi_dir is None else None
-    p = Path(ckpt_dir) / llm if phi_dir is None else Path(phi_dir)
+    llm = llm_model_path(ckpt_dir) if phi_dir is None else None
+    p = Path(os.path.normpath(Path(ckpt_dir) / llm)) if phi_dir is None else Path(phi_dir)   # names it as "../phi" meant
     if phi_dir is None and not p.is_dir():
         raise CheckpointError(
             f"Show-o needs the phi-1.5 tokenizer ({llm!r} in {Path(ckpt_dir) / 'config.json'}): download it with "
@@ -288,8 +330,7 @@ def load_showo(ckpt_dir: str | Path, phi_dir: str | Path | None = None, *, dtype
                device="cpu") -> tuple[Showo, ShowoTokenizer]:
     """Load a Show-o checkpoint (showlab/show-o, show-o-512x512, a DPO checkpoint) and its tokenizer."""
     phi = resolve_phi_dir(ckpt_dir, phi_dir)
-    phi_cfg = data.read_config(phi) if (phi / "config.json").is_file() else None  # absent: phi-1.5 defaults
-    c = showo_config(ckpt_dir, phi_cfg)
+    c = showo_config(ckpt_dir, phi)
     tok = ShowoTokenizer(data.load_tokenizer(phi), c)
     with torch.device("meta"):
         model = Showo(c)
@@ -329,17 +370,34 @@ class MagvitConfig:
     z_channels: int = 13   # = codebook bits
 
     @classmethod
-    def from_json(cls, raw: dict) -> "MagvitConfig":
-        arch = raw.get("architecture") or raw.get("oracle_arch")
+    def from_json(cls, raw: dict, where="MAGVIT-v2 config") -> "MagvitConfig":
+        """The `architecture` (or `oracle_arch`) of a config.json, every field typed and bounded; none: the
+        released full-size model."""
+        key = "architecture" if raw.get("architecture") is not None else "oracle_arch"
+        arch = data.config_field(raw, key, dict, where, {})
         if not arch:
             return cls()
-        enc, dec, q = arch["encoder"], arch["decoder"], arch.get("quantizer", {})
-        c = cls(ch=enc["ch"], enc_ch_mult=tuple(enc["ch_mult"]), enc_num_res_blocks=tuple(enc["num_res_blocks"]),
-                dec_ch=dec["ch"], dec_ch_mult=tuple(dec["ch_mult"]), dec_num_res_blocks=tuple(dec["num_res_blocks"]),
-                z_channels=enc["z_channels"])
-        if q.get("codebook_dim", c.z_channels) != c.z_channels or dec["z_channels"] != c.z_channels:
-            raise CheckpointError("MAGVIT-v2 config: encoder, decoder and quantizer disagree on the bits")
-        return c
+        ch, mult, blocks, bits = _magvit_side(arch, "encoder", where, key)
+        dec_ch, dec_mult, dec_blocks, dec_bits = _magvit_side(arch, "decoder", where, key)
+        quantizer = data.config_field(arch, "quantizer", dict, where, {}, section=f"{key}.")
+        if data.config_field(quantizer, "codebook_dim", int, where, bits, section=f"{key}.quantizer.") != bits \
+                or dec_bits != bits:
+            raise CheckpointError(f"{where}: encoder, decoder and quantizer disagree on the bits (z_channels)")
+        return cls(ch=ch, enc_ch_mult=tuple(mult), enc_num_res_blocks=tuple(blocks), dec_ch=dec_ch,
+                   dec_ch_mult=tuple(dec_mult), dec_num_res_blocks=tuple(dec_blocks), z_channels=bits)
+
+def _magvit_side(arch: dict, side: str, where, key: str) -> tuple[int, list, list, int]:
+    """(ch, ch_mult, num_res_blocks, z_channels) of the encoder or decoder: channels in multiples of GroupNorm's
+    32 groups, one block count per level, at most 20 bits (the code table has 2^bits rows)."""
+    got, section = data.config_field(arch, side, dict, where, section=f"{key}."), f"{key}.{side}."
+    ch = data.config_field(got, "ch", int, where, low=32, high=4096, section=section)
+    mult = data.config_field(got, "ch_mult", list, where, low=1, high=64, section=section)
+    blocks = data.config_field(got, "num_res_blocks", list, where, low=1, high=64, section=section)
+    bits = data.config_field(got, "z_channels", int, where, low=1, high=20, section=section)
+    if ch % 32 or len(mult) != len(blocks) or len(mult) > 8:
+        raise CheckpointError(f"{where}: {section}ch must be a multiple of 32, and ch_mult and num_res_blocks lists "
+                              f"of the same length, at most 8 (got ch {ch}, {len(mult)} and {len(blocks)} levels)")
+    return ch, mult, blocks, bits
 
 def swish(x):
     return x * torch.sigmoid(x)  # this form, not F.silu, as Show-o's `models/common_modules.py` computes it
@@ -462,7 +520,7 @@ class MAGVITv2(nn.Module):
         return self.quantize.z_to_codes(enc.quant_conv(enc.conv_out(swish(enc.norm_out(enc.mid(h))))))
 
 def load_magvit(ckpt_dir: str | Path, *, dtype=torch.float32, device="cpu") -> MAGVITv2:
-    c = MagvitConfig.from_json(data.read_config(ckpt_dir))
+    c = MagvitConfig.from_json(data.read_config(ckpt_dir), Path(ckpt_dir) / "config.json")
     with torch.device("meta"):
         model = MAGVITv2(c)
     keys = {n: n for n, _ in list(model.named_parameters()) + list(model.named_buffers())}
@@ -872,7 +930,7 @@ def write_showo(showo_dir: str | Path, phi_dir: str | Path, tok, c: ShowoConfig,
     phi_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(phi_dir / "tokenizer.json"))
     data.write_json({"architectures": ["PhiForCausalLM"], "model_type": "phi",
-                     **{theirs: getattr(c, ours) for ours, theirs in PHI_CONFIG_KEYS.items()},
+                     **{theirs: getattr(c, ours) for ours, (theirs, *_) in PHI_CONFIG_KEYS.items()},
                      "num_key_value_heads": c.n_head, "hidden_act": "gelu_new", "qk_layernorm": False,
                      "tie_word_embeddings": False, "vocab_size": c.vocab_size + 7}, phi_dir / "config.json")
     data.write_json({"_class_name": "Showo", "_diffusers_version": "0.30.1", "codebook_size": c.codebook_size,

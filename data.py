@@ -8,9 +8,11 @@ old file (or folder) or the complete new one, never half of one.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import tempfile
@@ -18,12 +20,12 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
@@ -55,6 +57,9 @@ def parse_device(name: str | torch.device | None) -> torch.device:
         raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available in this torch build: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s): use cuda:0 .. cuda:N-1")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or auto")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -68,17 +73,47 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
+# A temporary is named `.NAME.HOST.pidP.XXXX.tmp`: the next run on this host can tell the ones a killed writer
+# (SIGKILL, power loss) left from a live writer's, which may be another machine's on a shared file system.
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", platform.node()) or "host"
+TEMPORARY = re.compile(r"\.([A-Za-z0-9-]+)\.pid(\d+)\.[^.]*\.tmp$")
+_swept: set[Path] = set()       # folders already rid of dead writers' temporaries by this process
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # another user's process: alive
+        pass
+    return True
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Remove the temporaries of `atomic_path` in `folder` whose writer, a process of this host, is gone."""
+    for t in Path(folder).glob(".*.tmp"):
+        m = TEMPORARY.search(t.name)
+        if m and m.group(1) == HOST and not _alive(int(m.group(2))):
+            if t.is_dir() and not t.is_symlink():
+                shutil.rmtree(t, ignore_errors=True)
+            else:
+                t.unlink(missing_ok=True)
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, directory: bool = False):
     """Yield a temporary name next to `path` (an empty folder if `directory`). On success it replaces `path`
-    in one rename (an old folder is moved aside first and then deleted); on error it is removed. Files get
-    the permissions the umask allows, as any other tool's."""
+    in one rename (an old folder is moved aside first and then deleted); on error, Ctrl-C or SIGTERM (the
+    command lines raise it like Ctrl-C) it is removed. What killed writers left in the folder is removed first
+    (`remove_stale_temporaries`). Files get the permissions the umask allows, as any other tool's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.absolute() not in _swept:    # once per folder: a folder may receive thousands of files
+        remove_stale_temporaries(path.parent)
+        _swept.add(path.parent.absolute())
+    prefix = f".{path.name}.{HOST}.pid{os.getpid()}."
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
     os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
@@ -130,6 +165,26 @@ def _pickle_hint(d: Path) -> str:
             "with `python -c \"import torch, safetensors.torch as s; "
             "s.save_file(torch.load('pytorch_model.bin'), 'pytorch_model.safetensors')\"`")
 
+# what reading a damaged file raises (a device or memory error is never blamed on the file)
+UNREADABLE = (SafetensorError, OSError)
+
+@contextmanager
+def _reading(path: Path):
+    """safe_open(path) with a damaged header reported as the file's fault."""
+    try:
+        f = safe_open(path, framework="pt", device="cpu")
+    except UNREADABLE as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is probably truncated or "
+                              "incomplete: download it again") from e
+    with f:
+        yield f
+
+def _read_tensor(f, path: Path, key: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except UNREADABLE as e:
+        raise CheckpointError(f"{path} could not be read ({e}); it is probably truncated: download it again") from e
+
 def find_weight_files(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
     """Map every tensor name of a checkpoint folder to the safetensors file holding it: a sharded
     `*.safetensors.index.json`, or one of WEIGHT_FILES (showlab/show-o and showlab/magvitv2 ship
@@ -141,10 +196,11 @@ def find_weight_files(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
         raise CheckpointError(f"{d} is not a directory: pass the folder that holds config.json and the weights")
     indexes = sorted(d.glob("*" + INDEX_SUFFIX))
     if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{indexes[0]} is not a safetensors index (no 'weight_map'): re-download it") from e
+        weight_map = config_field(read_config(d, indexes[0].name), "weight_map", dict, indexes[0])
+        odd = next((k for k, f in weight_map.items() if not isinstance(f, str) or Path(f).name != f), None)
+        if odd is not None:
+            raise CheckpointError(f"{indexes[0]}: weight_map[{odd!r}] must be the file name of a shard in {d} "
+                                  f"(got {weight_map[odd]!r}): re-download the index")
         missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
         if missing:
             raise CheckpointError(f"{indexes[0]} names shards that are not in {d}: {', '.join(missing)}; "
@@ -154,23 +210,83 @@ def find_weight_files(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
     if single is None:
         raise CheckpointError(f"no weights in {d}: expected {' or '.join(WEIGHT_FILES)} or a sharded "
                               f"*{INDEX_SUFFIX}.{_pickle_hint(d)}")
+    with _reading(single) as f:
+        return {k: single for k in f.keys()}
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A whole safetensors file on the CPU (a training checkpoint's optimizer state)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p} not found: the checkpoint is incomplete")
+    with _reading(p) as f:
+        return {k: _read_tensor(f, p, k) for k in f.keys()}
+
+def read_text(path: str | os.PathLike, what: str, error: type[Exception] = DataError) -> str:
+    """The one reader of text files: UTF-8 (a leading byte-order mark is dropped). A file that cannot be read
+    or is not UTF-8 raises `error` (DataError by default; CheckpointError for configs) naming it."""
+    p = Path(path)
     try:
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{single} is not a readable safetensors file ({e}); it is probably truncated "
-                              "or incomplete: download it again") from e
+        return p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): save it "
+                    "as UTF-8") from e
+    except OSError as e:
+        raise error(f"{what} {p} cannot be read ({e.strerror or e})") from e
 
 def read_config(ckpt_dir: str | os.PathLike, name: str = "config.json") -> dict:
+    """A JSON object file of a checkpoint folder (config.json, an index, a run's settings). A missing,
+    non-UTF-8, empty or non-JSON file, or one that holds no object, is one CheckpointError naming it; read
+    its fields with `config_field`."""
     path = Path(ckpt_dir) / name
     if not Path(ckpt_dir).is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{path} not found: the checkpoint folder needs its {name}")
+    text = read_text(path, "config", CheckpointError)
+    if not text.strip():
+        raise CheckpointError(f"{path} is empty: it must hold a JSON object; download or write it again")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): download or write it "
+                              "again") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object {{...}}, not {_json_type(raw)}")
+    return raw
+
+def _json_type(v) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+REQUIRED = object()     # `config_field`'s default for a field the file must have
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
+          list: "a list of integers"}
+
+def config_field(raw: Mapping, key: str, kind: type, where, default=REQUIRED, low=None, high=None, section=""):
+    """The one typed reader of config fields: raw[key] as `kind` (int, float, bool, str, dict, or list = a list
+    of integers), within [low, high] (a list's items; None: unbounded), or `default` when the field is absent
+    or null (the Hugging Face way of saying "the default"). Anything else is one CheckpointError naming the
+    file `where`, the field (`section` + key), the expected type and range, and what the file holds."""
+    name, v = f"{section}{key}", raw.get(key)
+    want = _KINDS[kind] + ("" if low is None and high is None else
+                           f" in [{'-inf' if low is None else low}, {'inf' if high is None else high}]")
+    if v is None:
+        if default is REQUIRED:
+            raise CheckpointError(f"{where}: field {name!r} is {'null' if key in raw else 'missing'}; it must be "
+                                  f"{want}")
+        return default
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
+    whole = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    ok = {int: whole, float: number, bool: lambda x: isinstance(x, bool), str: lambda x: isinstance(x, str),
+          dict: lambda x: isinstance(x, dict),
+          list: lambda x: isinstance(x, list) and bool(x) and all(whole(i) for i in x)}[kind](v)
+    values = v if kind is list else [v] if kind in (int, float) else []
+    if ok and any((low is not None and x < low) or (high is not None and x > high) for x in values):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{where}: field {name!r} must be {want}, not {_json_type(v)} {json.dumps(v)[:60]}: "
+                              "fix the file or download it again")
+    return float(v) if kind is float else v
 
 def _mismatch_report(what: str, ckpt_dir, missing, unexpected, mismatched) -> str:
     cut = lambda xs, sep=", ": sep.join(xs[:20]) + (" ..." if len(xs) > 20 else "")  # noqa: E731
@@ -200,11 +316,8 @@ def load_state(model: nn.Module, ckpt_dir: str | os.PathLike, key_map: Mapping[s
             by_file.setdefault(files[k], []).append(k)
     mismatched = []
     for path, keys in by_file.items():
-        try:
-            with safe_open(path, framework="pt") as f:
-                shapes = {k: list(f.get_slice(k).get_shape()) for k in keys}
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download it again") from e
+        with _reading(path) as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in keys}
         for k, shape in shapes.items():
             if k in limit and shape and shape[0] >= limit[k]:
                 shape[0] = limit[k]
@@ -215,13 +328,11 @@ def load_state(model: nn.Module, ckpt_dir: str | os.PathLike, key_map: Mapping[s
         raise CheckpointError(_mismatch_report(what, ckpt_dir, missing, unexpected, mismatched))
     state = {}
     for path, keys in by_file.items():
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for k in keys:
-                    t = f.get_tensor(k)[: limit.get(k)]
-                    state[key_map[k]] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        except Exception as e:
-            raise CheckpointError(f"{path} could not be read ({e}); it is probably truncated: download it again") from e
+        with _reading(path) as f:
+            for k in keys:
+                t = _read_tensor(f, path, k)[: limit.get(k)]
+                # outside the file's error handling: a device or memory error here is not about the file
+                state[key_map[k]] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
@@ -346,7 +457,7 @@ def read_records(path: str | os.PathLike, what: str, expected: str, form: str = 
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{what} {p} not found{hint}")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, what)
     if not text.strip():
         need = "one JSON record per line" if form == "lines" else "a JSON list of records"
         raise DataError(f"{what} {p} is empty: it needs {need}, {expected}")
@@ -403,7 +514,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"prompt file {p} not found")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(p, "prompt file").splitlines() if line.strip()]
     if not prompts:
         raise DataError(f"prompt file {p} holds no prompts: write one prompt per line")
     return prompts
@@ -916,18 +1027,24 @@ def sample_scene(spec: dict, rng: np.random.Generator) -> list[Obj]:
             return objs
     raise RuntimeError(f"no scene found for {spec['prompt']!r}")
 
-def training_scenes(specs: Sequence[dict], n: int, seed: int, progress=None) -> tuple[list[str], torch.Tensor]:
-    """The pretraining set: n (prompt, scene) examples, the template uniform over the tags present, then the
-    prompt uniform within it, then a random correct scene (`sample_scene`). Returns the prompts and the scenes
-    as slot codes [n, SLOTS * SLOTS] (SlotCodec's codes). Deterministic in `seed`."""
+def draw_specs(specs: Sequence[dict], rng: np.random.Generator) -> Iterator[dict]:
+    """An endless draw of specs: the template uniform over the tags present, then the prompt uniform within it
+    (so the 3780 colour-attribution prompts do not swamp the 14 counting ones)."""
     by_tag: dict[str, list[dict]] = {}
     for spec in specs:
         by_tag.setdefault(spec["tag"], []).append(spec)
-    tags, rng = sorted(by_tag), np.random.default_rng(seed)
-    prompts, codes = [], []
-    for _ in range(n):
+    tags = sorted(by_tag)
+    while True:
         pool = by_tag[tags[rng.integers(len(tags))]]
-        spec = pool[rng.integers(len(pool))]
+        yield pool[rng.integers(len(pool))]
+
+def training_scenes(specs: Sequence[dict], n: int, seed: int, progress=None) -> tuple[list[str], torch.Tensor]:
+    """The pretraining set: n (prompt, scene) examples, each a drawn spec (`draw_specs`) and a random correct scene
+    of it (`sample_scene`). Returns the prompts and the scenes as slot codes [n, SLOTS * SLOTS] (SlotCodec's
+    codes). Deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    prompts, codes = [], []
+    for spec in itertools.islice(draw_specs(specs, rng), n):
         prompts.append(spec["prompt"])
         codes.append(slot_codes(sample_scene(spec, rng)))
         if progress is not None:
@@ -1074,6 +1191,10 @@ def evaluate(image: np.ndarray, spec: dict, grid: int = GRID) -> tuple[bool, str
     stricter COUNT_IOU cut. Objects not named are ignored. Returns (correct, reason), reason "" when correct."""
     return judge_cells(snap_cells(image, grid), spec, image.shape[0] / grid)
 
+def judge_prompt(image: np.ndarray, prompt: str) -> tuple[bool, str]:
+    """`evaluate` against a prompt in GenEval's wording: the world's automatic labeller (curation, DPO pairs)."""
+    return evaluate(image, parse_prompt(prompt))
+
 def judge_cells(cells: np.ndarray, spec: dict, cell_px: float = CELL_PX) -> tuple[bool, str]:
     """`evaluate` after the pixels are snapped to cells (scene sampling uses it to skip the rendering)."""
     threshold = COUNT_IOU if spec["tag"] == "counting" else DETECT_IOU
@@ -1161,6 +1282,50 @@ def verdict_grid(items: Sequence[tuple[np.ndarray, str, bool, str]], cols: int =
         draw.rectangle((x - 2, y - 2, x + w + 1, y + h + 1), outline=colour, width=2)
         draw.text((x, y + h + 4), prompt.removeprefix("a photo of "), fill=(0, 0, 0), font=font)
         draw.text((x, y + h + 18), "yes" if correct else f"no: {reason}"[:36], fill=colour, font=font)
+    return np.asarray(canvas)
+
+def bar_chart(scores: dict[str, Score], title: str, width: int = 640, bar_h: int = 22) -> np.ndarray:
+    """A horizontal bar per row: its accuracy on [0, 1], the 95% interval as a whisker, the value written."""
+    font = ImageFont.load_default()
+    left, top = 160, 28
+    canvas = Image.new("RGB", (width, top + len(scores) * (bar_h + 8) + 24), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 6), title, fill=(0, 0, 0), font=font)
+    span = width - left - 60
+    x = lambda v: left + int(round(v * span))  # noqa: E731
+    for i, (name, s) in enumerate(scores.items()):
+        y = top + i * (bar_h + 8)
+        draw.text((8, y + 5), name, fill=(0, 0, 0), font=font)
+        draw.rectangle((left, y, x(s.accuracy), y + bar_h), fill=(70, 110, 200))
+        mid = y + bar_h // 2
+        draw.line((x(s.low), mid, x(s.high), mid), fill=(0, 0, 0), width=2)
+        for v in (s.low, s.high):
+            draw.line((x(v), y + 4, x(v), y + bar_h - 4), fill=(0, 0, 0), width=2)
+        draw.text((x(s.high) + 6, y + 5), f"{s.accuracy:.2f}", fill=(0, 0, 0), font=font)
+    for v in (0, 0.25, 0.5, 0.75, 1.0):       # the axis
+        y = top + len(scores) * (bar_h + 8)
+        draw.line((x(v), y, x(v), y + 4), fill=(0, 0, 0))
+        draw.text((x(v) - 8, y + 6), f"{v:g}", fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+def captioned_rows(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]], scale: int = 1) -> np.ndarray:
+    """A sheet of rows, each a title line above its tiles (image, caption below it); tiles are top-aligned."""
+    font = ImageFont.load_default()
+    tiles = [[(Image.fromarray(im).resize((im.shape[1] * scale, im.shape[0] * scale), Image.NEAREST), cap)
+              for im, cap in row] for _, row in rows]
+    heights = [max(t.height for t, _ in row) + 60 for row in tiles]
+    width = max(sum(t.width + 12 for t, _ in row) for row in tiles) + 8
+    canvas = Image.new("RGB", (max(width, 400), sum(heights) + 8), (255, 255, 255))
+    draw, y = ImageDraw.Draw(canvas), 4
+    for (title, _), row, h in zip(rows, tiles, heights):
+        draw.text((6, y), title, fill=(0, 0, 0), font=font)
+        x = 6
+        for tile, cap in row:
+            canvas.paste(tile, (x, y + 16))
+            for k, line in enumerate(cap.split("\n")[:3]):
+                draw.text((x, y + 20 + tile.height + 12 * k), line, fill=(60, 60, 60), font=font)
+            x += tile.width + 12
+        y += h
     return np.asarray(canvas)
 
 # ---- the shapes world: the image tokenizer: one code per slot content ------------------------------------

@@ -328,6 +328,15 @@ def verifier_scorer(verifier, decide: str = "greedy", seed: int = 0) -> Scorer:
 
     return score
 
+def evaluator_scorer() -> Scorer:
+    """A miniature world's evaluator as a scorer, the automatic labeller in place of a reward model (README: The
+    paper in miniature): P("yes") is 1 for an image the evaluator accepts, else 0, judged from the pixels."""
+    def score(images: torch.Tensor, prompts: Sequence[str]):
+        ok = [data.judge_prompt(im, p)[0] for im, p in zip(data.to_uint8_image(images.float()), prompts)]
+        return torch.tensor(ok, dtype=torch.float32), torch.tensor(ok)
+
+    return score
+
 # ---- 3. Reward-model guidance (Sec. 3.4) -----------------------------------------------------------------
 
 def online_pairs(policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotgen.MAGVITv2, score: Scorer,

@@ -18,10 +18,11 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import numpy as np
 import torch
@@ -58,10 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "score them with the world's evaluator (scores.json, scores.md, grid.png)")
     p.add_argument("--limit", type=int, default=None, metavar="K",
                    help="with --eval: only the first K evaluation prompts (a quick look: not GenEval's balance)")
-    p.add_argument("--world", choices=WORLDS, default=None,
-                   help="a miniature world (the shapes world of README's 'The paper in miniature'): images are "
-                        "tokenized by its exact cell codec instead of MAGVIT-v2, and --showo is the generator "
-                        "`train.py pretrain --world shapes` wrote")
     p.add_argument("--check-prompts", default=None,
                    help="with --metadata: a prompts file (GenEval's generation_prompts.txt) that must match it "
                         "line by line, as the paper's evaluation script checks")
@@ -103,6 +100,53 @@ def fail(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's stop), raised like Ctrl-C so every atomic writer removes its temporary."""
+
+def _terminate(signum, frame) -> NoReturn:
+    raise Terminated
+
+def command(run: Callable[[], int], kept: str) -> int:
+    """How every command line here runs `run()`: a DataError or CheckpointError from anywhere (a user's file or
+    folder) ends in `fail`'s one line, and Ctrl-C or SIGTERM, once the temporaries are gone, in one line saying
+    what was kept (`kept`) and exit status 130 (143 for SIGTERM)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:          # not the main thread (an embedding program): SIGTERM keeps its own handler
+        previous = None
+    try:
+        return run()
+    except (data.DataError, data.CheckpointError) as e:
+        fail(str(e))
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {kept}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+def check_out(flag: str, overwrite: bool | None = None) -> Path:
+    """--out, checked before any work: named, not a file, under folders only, writable (its parent too: a
+    folder is published by a rename there); with `overwrite` given (sample.py writes --out whole), an existing
+    non-empty folder needs it. Temporaries a killed run left for it are removed."""
+    out = Path(flag)
+    if not flag.strip():
+        fail("--out is empty: name a folder")
+    if out.is_file():
+        fail(f"--out {flag!r} is a file: name a folder")
+    above = next((p for p in out.parents if p.exists()), Path("."))
+    for folder in [above, out] if out.is_dir() else [above]:
+        if not folder.is_dir():
+            fail(f"--out {flag!r} is inside {folder}, which is a file: name a folder under a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            fail(f"--out {flag!r}: {folder} is not writable: choose another --out, or fix its permissions")
+    data.remove_stale_temporaries(above)
+    if out.is_dir():
+        data.remove_stale_temporaries(out)
+        if overwrite is False and any(out.iterdir()):
+            fail(f"--out {flag!r} already holds files: pass --overwrite to replace it, or choose another --out")
+    return out
+
 class Progress:
     """One progress line on stderr: "[label] step 3/18  text  0.12s/step  eta 0.1min". It prints every
     `every` units and at most every `seconds` (the last one always), so long runs show where they are."""
@@ -135,6 +179,10 @@ def add_model_args(p: argparse.ArgumentParser, *, verifier: str | None = None, g
         g.add_argument("--phi", default=None, help="folder with phi-1.5's tokenizer.json + config.json (default: "
                                                    "the checkpoint's llm_model_path if a folder, else weights/phi-1_5)")
         g.add_argument("--magvit", default=None, help="MAGVIT-v2 folder (default weights/magvitv2: showlab/magvitv2)")
+        g.add_argument("--world", choices=WORLDS, default=None,
+                       help="a miniature world (the shapes world of README's 'The paper in miniature'): images are "
+                            "tokenized by its slot codec (data.SlotCodec) instead of MAGVIT-v2, and --showo is the "
+                            "generator `train.py pretrain --world shapes` wrote")
     if verifier is not None:
         g.add_argument("--verifier", default=None,
                        help=f"LLaVA-OneVision yes/no reward model folder (default {verifier or 'none'})")
@@ -144,12 +192,14 @@ def add_model_args(p: argparse.ArgumentParser, *, verifier: str | None = None, g
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     return g
 
-def at_least(args, minimum: float, *names: str) -> None:
-    """Each flag named must be a finite number of at least `minimum` when given (NaN and inf fail too)."""
+def at_least(args, minimum: float, *names: str, above: bool = False) -> None:
+    """Each flag named must be a finite number of at least `minimum` (`above`: more than it) when given (NaN and
+    inf fail too)."""
     for name in names:
         v = getattr(args, name)
-        if v is not None and not (math.isfinite(v) and v >= minimum):
-            fail(f"--{name.replace('_', '-')} must be at least {minimum} (got {v})")
+        if v is not None and not (math.isfinite(v) and (v > minimum if above else v >= minimum)):
+            want = ("positive" if minimum == 0 else f"above {minimum}") if above else f"at least {minimum}"
+            fail(f"--{name.replace('_', '-')} must be {want} (got {v})")
 
 def device_of(args) -> torch.device:
     try:
@@ -180,11 +230,7 @@ def resolve_weights(args) -> tuple[Path, Path | None, Path]:
         if not path.is_dir():
             fail(DOWNLOAD_HELP.format(what=what, path=path))
     phi = Path(args.phi) if args.phi else (tiny["phi"] if args.tiny and not args.showo else None)
-    try:
-        llm = data.read_config(showo).get("llm_model_path", "")
-    except data.CheckpointError as e:
-        fail(str(e))
-    if phi is None and not (showo / llm).is_dir():
+    if phi is None and not (showo / cotgen.llm_model_path(showo)).is_dir():
         phi = Path("weights/phi-1_5")
         if not phi.is_dir():
             fail(DOWNLOAD_HELP.format(what="phi-1.5 tokenizer", path=phi))
@@ -206,18 +252,22 @@ def load_models(args):
         fail(str(e))
     device = device_of(args)
     if args.world:
-        showo_dir, phi_dir = Path(args.showo), Path(args.phi) if args.phi else None
+        showo_dir, phi_dir, magvit_dir = Path(args.showo), Path(args.phi) if args.phi else None, None
     else:
         showo_dir, phi_dir, magvit_dir = resolve_weights(args)
     try:
         model, tok = cotgen.load_showo(showo_dir, phi_dir, dtype=dtype, device=device)
-        magvit = data.SlotCodec() if args.world else cotgen.load_magvit(magvit_dir, dtype=dtype, device=device)
+        magvit = image_tokenizer(args, magvit_dir, dtype, device)
     except data.CheckpointError as e:
         fail(str(e))
     if args.world and model.config.num_vq_tokens != magvit.tokens:
         fail(f"{showo_dir} makes {model.config.num_vq_tokens} image tokens, not the {args.world} world's "
              f"{magvit.tokens}: pass a generator that `train.py pretrain --world {args.world}` wrote")
     return model, tok, magvit
+
+def image_tokenizer(args, magvit_dir: Path | None, dtype=torch.float32, device="cpu"):
+    """MAGVIT-v2 from its folder, or the world's codec (data.SlotCodec) with --world."""
+    return data.SlotCodec() if args.world else cotgen.load_magvit(magvit_dir, dtype=dtype, device=device)
 
 def decode_images(magvit, codes: torch.Tensor, batch: int = 16) -> np.ndarray:
     """Codes [k, N] -> uint8 images [k, H, W, 3], decoded in batches."""
@@ -253,11 +303,9 @@ def check_common(args) -> None:
         fail("--prompt is empty: give the text to generate an image for")
     if search and not (found := verifier_dir(args)).is_dir():
         fail(VERIFIER_HELP.format(path=found))
-    out = Path(args.out)
-    if not args.out.strip() or out.is_file() or (out.is_dir() and any(out.iterdir()) and not args.overwrite):
-        fail(f"--out {args.out!r} " + ("is empty: name a folder" if not args.out.strip() else
-                                       "is a file: name a folder" if out.is_file() else
-                                       "already holds files: pass --overwrite to replace it, or choose another --out"))
+    if not 0 <= args.seed < 2 ** 62:
+        fail(f"--seed must be in [0, 2^62) (got {args.seed})")
+    check_out(args.out, args.overwrite)
 
 def read_jobs(args) -> list[tuple[str, dict]]:
     """(prompt, GenEval metadata) pairs from --prompt, --prompts or --metadata, checked before any work."""
@@ -265,28 +313,18 @@ def read_jobs(args) -> list[tuple[str, dict]]:
         return [(args.prompt, {"prompt": args.prompt})]
     if args.eval:
         return [(spec["prompt"], spec) for spec in data.eval_specs()][:args.limit]
-    path = Path(args.prompts or args.metadata)
-    if not path.is_file():
-        fail(f"{path} not found")
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    if not lines:
-        fail(f"{path} has no prompts")
     if args.prompts:
-        return [(l.strip(), {"prompt": l.strip()}) for l in lines]
-    jobs = []
-    for k, line in enumerate(lines):
-        try:
-            meta = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{path} line {k + 1} is not JSON ({e})")
-        if not isinstance(meta, dict) or not str(meta.get("prompt", "")).strip():
-            fail(f"{path} line {k + 1} has no \"prompt\"")
-        jobs.append((meta["prompt"], meta))
+        return [(p, {"prompt": p}) for p in data.read_prompts(args.prompts)]
+    path = args.metadata
+    records, problems = data.read_records(path, "metadata file", '{"prompt": "...", ...} (GenEval\'s metadata)')
+    problems += [f'{where}: "prompt" must be non-empty text' for _, where, meta in records
+                 if not isinstance(meta.get("prompt"), str) or not meta["prompt"].strip()]
+    if problems:
+        fail(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    jobs = [(meta["prompt"], meta) for _, _, meta in records]
     if args.check_prompts:
-        check = Path(args.check_prompts)
-        if not check.is_file():
-            fail(f"{check} not found")
-        prompts = [l.strip() for l in check.read_text().splitlines() if l.strip()]
+        check = args.check_prompts
+        prompts = data.read_prompts(check)
         if len(prompts) != len(jobs):
             fail(f"{check} has {len(prompts)} prompts but {path} has {len(jobs)}: they must match line by line")
         for k, (p, (q, _)) in enumerate(zip(prompts, jobs)):
@@ -337,11 +375,7 @@ def result_files(args, magvit, result: cotgen.SearchResult) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)
-        return 130
+    return command(lambda: run(args), f"nothing was written to {args.out}")
 
 def run(args) -> int:
     """The sample.py command: check every flag and input, load the models, generate, write --out whole."""

@@ -18,11 +18,13 @@ lmms-lab layout (`python sample.py --verifier OUT`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
 import shutil
 import sys
+import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -31,7 +33,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 import cotgen
 import data
@@ -84,6 +85,9 @@ class TrainConfig:
                                     betas=(0.9, 0.99), seed=0),
                    "sft": dict(batch_size=8, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, shuffle=True,
                                seed=0)}
+        # a world's verifier is trained from scratch (train.py orm --world): the pretraining-sized steps
+        presets["world_sft"] = dict(presets["sft"], lr=1e-3, vision_lr=1e-3, batch_size=32, epochs=8,
+                                    warmup_ratio=0.05)
         if name not in presets:
             raise ValueError(f"unknown training preset {name!r}: use one of {', '.join(presets)}")
         return cls(**{**presets[name], **overrides})
@@ -188,19 +192,49 @@ class Trainer:
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
                    for i, s in self.optimizer.state_dict()["state"].items() for k, v in s.items()}
-        return tensors, {"round": self.round, "step": self.step, "total": self.total, "config": self.cfg.fingerprint()}
+        return tensors, {"round": self.round, "step": self.step, "total": self.total, "tensors": len(tensors),
+                         "config": self.cfg.fingerprint()}
 
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if meta["round"] != self.round or meta["config"] != self.cfg.fingerprint():
+    def load_checkpoint(self, folder: Path) -> None:
+        """AdamW's state and the step from a checkpoint folder (trainer.json, optimizer.safetensors), every field,
+        key and shape checked before anything is loaded: a damaged file is a CheckpointError naming it, other
+        settings a CheckpointMismatch."""
+        meta, where = data.read_config(folder, "trainer.json"), folder / "trainer.json"
+        field = lambda key, kind, *bounds: data.config_field(meta, key, kind, where, data.REQUIRED, *bounds)  # noqa
+        round_index, config = field("round", int, 1), field("config", dict)     # both: the mismatch names both
+        if round_index != self.round or config != self.cfg.fingerprint():
             raise CheckpointMismatch(meta, self.round, self.cfg)
+        step = field("step", int, 0, self.total)
+        # AdamW wants its step counters on the CPU (unless capturable); load_state_dict moves the moments itself
+        tensors = data.load_tensors(folder / "optimizer.safetensors")
+        count = data.config_field(meta, "tensors", int, where, len(tensors))
+        state = self.optimizer_state(tensors, folder / "optimizer.safetensors")
+        if len(tensors) != count:
+            raise CheckpointError(f"{folder / 'optimizer.safetensors'} holds {len(tensors)} tensors but {where} "
+                                  f"counts {count}")
+        self.optimizer.load_state_dict({**self.optimizer.state_dict(), "state": state})
+        self.step = self.resumed_at = step
+
+    ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")      # AdamW's tensors of one parameter
+
+    def optimizer_state(self, tensors: dict[str, torch.Tensor], where: Path) -> dict[int, dict]:
+        """AdamW's state from `tensors` ("I.step", "I.exp_avg", "I.exp_avg_sq" of parameter I), checked against
+        the parameters: a mis-keyed or mis-shaped file is named, never half loaded."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         state: dict[int, dict] = {}
         for key, t in tensors.items():
-            i, k = key.split(".", 1)
-            state.setdefault(int(i), {})[k] = t
-        sd = self.optimizer.state_dict()
-        sd["state"] = state
-        self.optimizer.load_state_dict(sd)
-        self.step = self.resumed_at = meta["step"]
+            i, _, name = key.partition(".")
+            if not i.isdigit() or int(i) >= len(params) or name not in self.ADAM_STATE:
+                raise CheckpointError(f"{where} holds {key!r}, which is no AdamW state of this model's "
+                                      f"{len(params)} trained parameters")
+            state.setdefault(int(i), {})[name] = t
+        for i, got in state.items():
+            shape = params[i].shape
+            if set(got) != set(self.ADAM_STATE) or got["exp_avg"].shape != shape or got["exp_avg_sq"].shape != shape \
+                    or got["step"].numel() != 1:
+                raise CheckpointError(f"{where}: the AdamW state of parameter {i} is incomplete or does not fit its "
+                                      f"shape {list(shape)}")
+        return state
 
 class CheckpointMismatch(CheckpointError):
     def __init__(self, meta: dict, round_index: int, cfg: TrainConfig):
@@ -214,32 +248,75 @@ class CheckpointMismatch(CheckpointError):
 
 LATEST = "latest.json"
 
+CHECKPOINT = re.compile(r"ckpt-r(\d+)-(\d+)")      # a checkpoint folder: round and step
+
 def save_checkpoint(trainer: Trainer, out: Path, write_model: Callable[[Path], None]) -> Path:
     """Write the model (`write_model(folder)`, its own layout), AdamW's state and trainer.json as a new folder
-    `ckpt-rR-SSSSSS`, point latest.json at it, then remove the older ones: a crash at any moment leaves the
-    last complete checkpoint and a latest.json that names it."""
+    `ckpt-rR-SSSSSS`, point latest.json at it, then remove the older ones but the one latest.json named before:
+    a crash at any moment leaves the last complete checkpoint and a latest.json that names it, and a checkpoint
+    that proves unreadable has the one before it to fall back on (`resume`)."""
     name = f"ckpt-r{trainer.round}-{trainer.step:06d}"
+    try:
+        previous = latest_checkpoint(out)
+    except CheckpointError:         # a damaged latest.json names nothing worth keeping
+        previous = None
     tensors, meta = trainer.state()
     with data.atomic_path(out / name, directory=True) as d:
         write_model(d)
         data.save_state(tensors, d / "optimizer.safetensors")
         data.write_json(meta, d / "trainer.json")
-    data.write_json({"checkpoint": name, "round": trainer.round, "step": trainer.step}, out / LATEST)
+    point_latest(out, trainer, name)
     for old in out.glob("ckpt-r*"):
-        if old.name != name:
+        if old.name not in (name, previous):
             shutil.rmtree(old, ignore_errors=True)
     return out / name
 
-def latest_checkpoint(out: Path) -> dict | None:
-    """latest.json of `out` with the checkpoint folder resolved (None when there is none)."""
+def point_latest(out: Path, trainer: Trainer, name: str) -> None:
+    data.write_json({"checkpoint": name, "round": trainer.round, "step": trainer.step}, out / LATEST)
+
+def latest_checkpoint(out: Path) -> str | None:
+    """The checkpoint folder latest.json names (None when there is no latest.json)."""
     p = out / LATEST
     if not p.is_file():
         return None
-    info = json.loads(p.read_text())
-    info["dir"] = out / info["checkpoint"]
-    if not (info["dir"] / "trainer.json").is_file():
-        raise CheckpointError(f"{p} points at {info['dir']}, which is incomplete: delete {p} to start the round again")
-    return info
+    name = data.config_field(data.read_config(out, LATEST), "checkpoint", str, p)
+    if not CHECKPOINT.fullmatch(name):
+        raise CheckpointError(f"{p}: field 'checkpoint' must name a ckpt-rR-SSSSSS folder, not {name!r}")
+    return name
+
+def checkpoints(out: Path, round_index: int, label: str) -> list[Path]:
+    """This round's complete checkpoints in `out`, the one latest.json names first, then newest first."""
+    steps = {d.name: int(m.group(2)) for d in out.glob("ckpt-r*")
+             if (m := CHECKPOINT.fullmatch(d.name)) and int(m.group(1)) == round_index and (d / "trainer.json").is_file()}
+    try:
+        named = latest_checkpoint(out)
+    except CheckpointError as e:
+        print(f"[{label}] {e}; the checkpoints are taken by their names instead", file=sys.stderr)
+        named = None
+    return [out / n for n in sorted(steps, key=lambda n: (n != named, -steps[n]))]
+
+def resume(out: Path, round_index: int, label: str, load: Callable[[Path], object],
+           make_trainer: Callable[[object], Trainer]) -> Trainer | None:
+    """The trainer at this round's newest usable checkpoint in `out` (None: there is none). A checkpoint that does
+    not load (truncated or mis-keyed weights or optimizer state, a damaged trainer.json) is named and the one
+    before it is taken, and latest.json is pointed at the one taken; other settings stop (CheckpointMismatch)."""
+    found = checkpoints(out, round_index, label)
+    for ckpt in found:
+        try:
+            trainer = make_trainer(load(ckpt))
+            trainer.load_checkpoint(ckpt)
+        except CheckpointMismatch:
+            raise
+        except CheckpointError as e:
+            print(f"[{label}] cannot resume from {ckpt}: {str(e).splitlines()[0]}", file=sys.stderr)
+            continue
+        point_latest(out, trainer, ckpt.name)
+        print(f"[{label}] resumed from {ckpt} at step {trainer.step}/{trainer.total}", file=sys.stderr)
+        return trainer
+    if found:
+        print(f"[{label}] no checkpoint in {out} can be resumed from: the round starts again from step 0",
+              file=sys.stderr)
+    return None
 
 def clear_checkpoints(out: Path) -> None:
     for old in out.glob("ckpt-r*"):
@@ -270,16 +347,9 @@ def resume_and_fit(a, out: Path, label: str, start: Path, load: Callable[[Path],
     """The one run driver: the model from this round's latest checkpoint in `out` (or from `start`), its
     trainer (AdamW state and step restored when resuming), then `fit` with checkpoints. Returns (finished,
     trainer); a run that stopped early has left a checkpoint to --resume from."""
-    latest = latest_checkpoint(out)
-    resumed = latest is not None and latest["round"] == round_index
-    model = load(latest["dir"] if resumed else start)
-    trainer = make_trainer(model)
-    if resumed:
-        # AdamW wants its step counters on the CPU (unless capturable); load_state_dict moves the moments itself
-        trainer.load_state(load_file(latest["dir"] / "optimizer.safetensors", device="cpu"),
-                           data.read_config(latest["dir"], "trainer.json"))
-        print(f"[{label}] resumed from {latest['dir']} at step {trainer.step}/{trainer.total}", file=sys.stderr)
-    else:
+    trainer = resume(out, round_index, label, load, make_trainer)
+    if trainer is None:
+        trainer = make_trainer(load(start))
         print(f"[{label}] {len(trainer.source)} examples, {trainer.total} steps of {trainer.cfg.batch_size}, from "
               f"{start}", file=sys.stderr)
     save = lambda t: save_checkpoint(t, out, lambda d: write_model(t.model, d))  # noqa: E731
@@ -338,8 +408,8 @@ def add_output_args(p: argparse.ArgumentParser, out_help: str):
 def check_optim_args(a) -> None:
     """One clear error for each bad value of the shared flags."""
     at_least(a, 1, "batch_size", "epochs", "save_every", "log_every", "max_steps", "stop_after")
-    if not a.lr > 0:
-        fail(f"--lr must be positive (got {a.lr})")
+    at_least(a, 0, "lr", above=True)
+    at_least(a, 0, "weight_decay")
     if not 0 <= a.warmup_ratio < 1 or not 0 <= getattr(a, "cond_dropout", 0.0) <= 1:
         fail("--warmup-ratio must be in [0, 1) and --cond-dropout in [0, 1]")
 
@@ -391,6 +461,21 @@ def made_once(path: Path, make: Callable[[], list[dict]], read: Callable[[Path],
                         "it again")
     return examples
 
+def read_part(path: Path, label: str) -> list[dict] | None:
+    """A finished piece of a resumable run (a JSON list of records), None when there is none. A damaged one (cut
+    short, edited) is named and removed, so that its piece is made again."""
+    if not path.is_file():
+        return None
+    try:
+        records = json.loads(data.read_text(path, "part file"))
+        if isinstance(records, list) and all(isinstance(r, dict) for r in records):
+            return records
+    except (DataError, json.JSONDecodeError):
+        pass
+    print(f"[{label}] {path} is damaged: it is made again", file=sys.stderr)
+    path.unlink()
+    return None
+
 def begin(out: Path, settings: dict, resume: bool, what: str, done: str = "config.json") -> bool:
     """Check --out against the run (`guard_out`); True when it already holds the finished result."""
     guard_out(out, settings, resume, what)
@@ -399,9 +484,16 @@ def begin(out: Path, settings: dict, resume: bool, what: str, done: str = "confi
         return True
     return False
 
-def showo_run(a) -> tuple[torch.device, Path, Path, Path]:
-    """The device and the Show-o, phi and MAGVIT-v2 folders of a command that trains or samples Show-o."""
+def showo_run(a) -> tuple[torch.device, Path, Path, Path | None]:
+    """The device and the Show-o, phi and MAGVIT-v2 folders of a command that trains or samples Show-o (no
+    MAGVIT-v2 with --world: the world's codec, sample.image_tokenizer)."""
     device = sample.device_of(a)
+    if a.world:
+        if not a.showo:
+            fail(f"--world {a.world} needs its generator: --showo DIR, as written by `python train.py pretrain "
+                 f"--world {a.world} --out DIR`")
+        showo = Path(a.showo)
+        return device, showo, cotgen.resolve_phi_dir(showo, Path(a.phi) if a.phi else None), None
     showo, phi, magvit_dir = sample.resolve_weights(a)
     return device, showo, cotgen.resolve_phi_dir(showo, phi), magvit_dir
 
@@ -424,7 +516,8 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--prompts", default=None, help="prompt file (one per line) to curate pairs from; default: the "
                                                    "prompts of --data")
     g.add_argument("--geneval", type=int, default=None, metavar="N",
-                   help="curate from N prompts in GenEval's six templates (data.training_prompts)")
+                   help="curate from N prompts in GenEval's six templates (data.training_prompts; with --world, N "
+                        "of the world's training prompts, drawn as its pretraining draws them)")
     g.add_argument("--curate-samples", type=int, default=4, help="images generated per prompt when curating pairs "
                                                                  "(default 4)")
     g.add_argument("--judge", default="sample", choices=("sample", "greedy"),
@@ -457,8 +550,7 @@ def check_dpo_args(a) -> None:
     check_optim_args(a)
     at_least(a, 1, "rounds", "curate_samples", "gen_steps", "online_per_step", "geneval")
     at_least(a, 0, "gen_cfg", "sft_coef", "reward_coef")
-    if not a.beta > 0:
-        fail(f"--beta must be positive (got {a.beta})")
+    at_least(a, 0, "beta", above=True)
     if a.reward_coef and a.online_samples < 2:
         fail("--online-samples must be at least 2: the online pair is the best and the worst sample")
     if a.curate_samples < 2 and (a.data is None or a.rounds > 1):
@@ -468,6 +560,14 @@ def check_dpo_args(a) -> None:
              "--geneval N)")
     if a.prompts is not None and a.geneval is not None:
         fail("--prompts and --geneval both name the curation prompts: give one")
+    # what the flags name is checked now, before round 1 claims --out: a corrected rerun must not be refused
+    if a.verifier is not None and not Path(a.verifier).is_dir():
+        fail(f"--verifier {a.verifier} is not a folder: pass a LLaVA-OneVision checkpoint folder")
+    if a.verifier is None and not a.tiny and not a.world and (a.data is None or a.rounds > 1 or a.reward_coef):
+        fail("curating pairs, --rounds > 1 and --reward-coef need the yes/no reward model: pass --verifier DIR "
+             "(a LLaVA-OneVision folder, e.g. the fine-tuned ORM)")
+    if a.online_prompts:
+        data.read_prompts(a.online_prompts)
 
 def dpo_objective(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, pairs: dpo.PairData,
                   cfg: TrainConfig, round_index: int = 1, magvit: cotgen.MAGVITv2 | None = None,
@@ -504,7 +604,7 @@ class DPORun:
         self.cfg = train_config(a, self.device, "dpo")
         self.verifier_dir = sample.verifier_dir(a)
         self.out = Path(a.out)
-        self.magvit = cotgen.load_magvit(self.magvit_dir, device=self.device)
+        self.magvit = sample.image_tokenizer(a, self.magvit_dir, device=self.device)
         self._verifier = None
 
     def settings(self) -> dict:
@@ -513,7 +613,15 @@ class DPORun:
         return {"train": self.cfg.fingerprint(), "showo": "tiny" if a.tiny and not a.showo else resolved(self.showo),
                 "data": resolved(a.data), "prompts": resolved(a.prompts), "geneval": a.geneval, "rounds": a.rounds,
                 "curate_samples": a.curate_samples, "judge": a.judge, "skip_bad": a.skip_bad,
-                "online_prompts": resolved(a.online_prompts)}
+                "online_prompts": resolved(a.online_prompts), "world": a.world,
+                "verifier": resolved(self.verifier_dir)}
+
+    def scorer(self, decide: str = "greedy", seed: int = 0) -> dpo.Scorer:
+        """The labeller of pairs and of the online term: the reward model, or with --world and no --verifier the
+        world's evaluator (the automatic labeller the verifiers are trained on)."""
+        if self.a.world and self.verifier_dir is None:
+            return dpo.evaluator_scorer()
+        return dpo.verifier_scorer(self.verifier(), decide, seed=seed)
 
     def verifier(self):
         if self._verifier is None:
@@ -539,11 +647,16 @@ class DPORun:
 
     def curated_pairs(self, r: int, model: cotgen.Showo, tok) -> list[dict]:
         a = self.a
-        if a.prompts or a.geneval:
-            prompts = data.read_prompts(a.prompts) if a.prompts else data.training_prompts(a.geneval)
+        if a.prompts:
+            prompts = data.read_prompts(a.prompts)
+        elif a.geneval and a.world:
+            draw = data.draw_specs(data.train_specs(data.eval_specs()), np.random.default_rng(derive_seed(a.seed, r)))
+            prompts = [spec["prompt"] for spec in itertools.islice(draw, a.geneval)]
+        elif a.geneval:
+            prompts = data.training_prompts(a.geneval)
         else:
             prompts = list(dict.fromkeys(rec.prompt for rec in data.read_pair_records(a.data)[0]))
-        score = dpo.verifier_scorer(self.verifier(), a.judge, seed=derive_seed(a.seed, r, "judge"))
+        score = self.scorer(a.judge, derive_seed(a.seed, r, "judge"))
         records, stats = dpo.curate_pairs(model, tok, self.magvit, score, prompts, a.curate_samples,
                                           seed=derive_seed(a.seed, r), steps=a.gen_steps, cfg=a.gen_cfg,
                                           progress=sample.Progress(f"round {r}", 1, seconds=2.0).note)
@@ -573,7 +686,7 @@ class DPORun:
         a = self.a
         reference, tok = cotgen.load_showo(start, self.phi, dtype=torch.float32, device=self.device)
         pairs = self.round_pairs(r, reference, tok)
-        score = dpo.verifier_scorer(self.verifier()) if self.cfg.reward_coef > 0 else None
+        score = self.scorer() if self.cfg.reward_coef > 0 else None
         online = data.read_prompts(a.online_prompts) if a.online_prompts else None
         def make(policy: cotgen.Showo) -> Trainer:
             objective = dpo_objective(policy, reference, tok, pairs, self.cfg, r, self.magvit, score, online)
@@ -604,8 +717,9 @@ class DPORun:
             if (start / name).is_file():
                 with data.atomic_path(self.out / name) as tmp:
                     shutil.copyfile(start / name, tmp)
-        print(f"wrote {self.out} (Show-o layout): python sample.py --showo {self.out} --magvit {self.magvit_dir} "
-              "--prompt ...", file=sys.stderr)
+        images = f"--world {a.world}" if a.world else f"--magvit {self.magvit_dir}"
+        print(f"wrote {self.out} (Show-o layout): python sample.py --showo {self.out} {images} --prompt ...",
+              file=sys.stderr)
         return 0
 
 def run_dpo(a) -> int:
@@ -681,13 +795,13 @@ def run_selfcorrect(a) -> int:
     out = Path(a.out)
     settings = {"train": cfg.fingerprint(), "showo": "tiny" if a.tiny and not a.showo else resolved(showo),
                 "reflect": resolved(a.reflect), "data": resolved(a.data), "image_root": resolved(a.image_root),
-                "skip_bad": a.skip_bad}
+                "skip_bad": a.skip_bad, "world": a.world}
     if begin(out, settings, a.resume, "self-correction"):
         return 0
     base, tok = cotgen.load_showo(showo, phi, dtype=torch.float32, device=device)
 
     def make() -> list[dict]:
-        groups = correction_groups(a, base.config, cotgen.load_magvit(magvit_dir, device=device))
+        groups = correction_groups(a, base.config, sample.image_tokenizer(a, magvit_dir, device=device))
         claim_out(out, settings)
         return groups.records()
 
@@ -709,8 +823,8 @@ def run_selfcorrect(a) -> int:
         return 0
     write(trainer.model, out)
     clear_checkpoints(out)
-    print(f"wrote {out} (Show-o layout): python sample.py --showo {out} --magvit {magvit_dir} --parm++ --prompt ...",
-          file=sys.stderr)
+    images = f"--world {a.world}" if a.world else f"--magvit {magvit_dir}"
+    print(f"wrote {out} (Show-o layout): python sample.py --showo {out} {images} --parm++ --prompt ...", file=sys.stderr)
     return 0
 
 # ---- 5. curate: ranking data for the reward models (Sec. 3.2 ORM and PRM, Sec. 4 PARM, Sec. 5 PARM++) ----
@@ -782,6 +896,9 @@ def check_curate_args(a) -> None:
              "(not both)")
     if a.prompts is not None and (a.objects or a.colors):
         fail("--objects and --colors build the --num-prompts prompts; with --prompts FILE leave them out")
+    if a.world and (a.objects or a.colors or a.reasons or a.verifier or a.tiny):
+        fail(f"--world {a.world} labels with the world's evaluator and draws from its own prompts: leave out "
+             "--objects, --colors, --reasons, --verifier and --tiny")
     if a.reasons is not None and a.task != "reflect":
         fail("--reasons applies to --task reflect only")
     if a.task == "prm" and a.steps < 2:
@@ -796,6 +913,9 @@ def curation_prompts(a) -> list[str]:
         if not prompts:
             raise DataError(f"every prompt of {a.prompts} is in the --exclude list: nothing is left to curate")
         return prompts
+    if a.world:     # N of the world's training prompts (never its evaluation prompts), drawn as pretraining does
+        draw = data.draw_specs(data.train_specs(data.eval_specs()), np.random.default_rng(a.seed))
+        return [spec["prompt"] for spec in itertools.islice(draw, a.num_prompts)]
     kw = {}
     if a.objects:
         kw["objects"] = data.read_prompts(a.objects)
@@ -860,9 +980,10 @@ class Curate:
     """One `train.py curate` invocation. Prompt j's records and images are made by `prompt_records` from seeds
     that depend only on (--seed, j), saved under OUT/.parts/, and gathered into OUT/TASK.json at the end."""
 
-    def __init__(self, a, model, tok, magvit, verifier, score_for):
-        self.a, self.model, self.tok, self.magvit, self.verifier = a, model, tok, magvit, verifier
+    def __init__(self, a, model, tok, magvit, score_for, explain):
+        self.a, self.model, self.tok, self.magvit = a, model, tok, magvit
         self.score_for = score_for          # prompt index -> dpo.Scorer (seeded per prompt)
+        self.explain = explain              # (uint8 images, prompt) -> why each is wrong (reflect)
         self.out = Path(a.out)
         self.samples = a.samples or CURATE_SAMPLES[a.task]
         self.device = model.embed_tokens.weight.device
@@ -889,9 +1010,8 @@ class Curate:
         reasons = [None] * K
         if a.task == "reflect" and a.reasons is None and not bool(yes.all()):
             no = [k for k in range(K) if not yes[k]]
-            texts = self.verifier.reflect([pics[k] for k in no], [prompt] * len(no), a.max_reason_tokens)
-            for k, t in zip(no, texts):
-                reasons[k] = strip_no(t)
+            for k, reason in zip(no, self.explain([pics[k] for k in no], prompt)):
+                reasons[k] = reason
         records, images = [], {}
         for k in range(K):
             label = "yes" if yes[k] else "no"
@@ -985,14 +1105,14 @@ class Curate:
         progress = sample.Progress(f"curate {a.task}", len(prompts), unit="prompt", seconds=2.0)
         for j, prompt in enumerate(prompts):
             part = parts / f"p{j:06d}.json"
-            if part.is_file():
+            if read_part(part, f"curate {a.task}") is not None:
                 continue
             records, images = self.prompt_records(j, prompt)
             for rel, pic in images.items():
                 data.save_png(pic, self.out / rel)
             data.write_json(records, part, indent=None)     # last: a prompt counts as done once this exists
             progress(j + 1, f"{len(records)} records")
-        records = [r for j in range(len(prompts)) for r in json.loads((parts / f"p{j:06d}.json").read_text())]
+        records = [r for j in range(len(prompts)) for r in read_part(parts / f"p{j:06d}.json", "curate")]
         records = self.finish(records)
         target = self.out / f"{a.task}.json"
         data.write_json(records, target, indent=1)
@@ -1009,8 +1129,8 @@ def curate_settings(a) -> dict:
             "seed", "max_reason_tokens")
     return {**{k: getattr(a, k) for k in keys}, "prompts": resolved(a.prompts), "objects": resolved(a.objects),
             "colors": resolved(a.colors), "exclude": [resolved(e) for e in a.exclude],
-            "reasons_file": a.reasons is not None, "models": [resolved(a.showo) or "tiny" * a.tiny,
-                                                              resolved(a.verifier) or "tiny" * a.tiny]}
+            "reasons_file": a.reasons is not None, "world": a.world,
+            "models": [resolved(a.showo) or "tiny" * a.tiny, resolved(a.verifier) or "tiny" * a.tiny]}
 
 def run_curate(a) -> int:
     check_curate_args(a)
@@ -1019,19 +1139,30 @@ def run_curate(a) -> int:
         return 0
     prompts = curation_prompts(a)
     device, showo, phi, magvit_dir = showo_run(a)
+    model, tok = cotgen.load_showo(showo, phi, dtype=torch.float32, device=device)
+    magvit = sample.image_tokenizer(a, magvit_dir, device=device)
+    if a.world:     # the automatic labeller: the world's evaluator, its failure as the reason
+        score_for, labeller = (lambda j: dpo.evaluator_scorer()), f"the {a.world} world's evaluator"
+        explain = lambda pics, prompt: [data.judge_prompt(p, prompt)[1] for p in pics]  # noqa: E731
+    else:
+        score_for, explain, labeller = verifier_labeller(a, device)
+    data.write_json(curate_settings(a), out / "run.json")
+    print(f"[curate {a.task}] {len(prompts)} prompts, {a.samples or CURATE_SAMPLES[a.task]} paths each, labelled "
+          f"by {labeller}", file=sys.stderr)
+    Curate(a, model, tok, magvit, score_for, explain)(prompts)
+    return 0
+
+def verifier_labeller(a, device: torch.device):
+    """Curation labels from a LLaVA-OneVision verifier: (prompt index -> scorer, reflection reasons, its name)."""
     verifier_dir = sample.verifier_dir(a)
     if not verifier_dir.is_dir():
         fail(f"verifier folder {verifier_dir} not found: pass --verifier DIR (a LLaVA-OneVision checkpoint) or --tiny")
-    model, tok = cotgen.load_showo(showo, phi, dtype=torch.float32, device=device)
-    magvit = cotgen.load_magvit(magvit_dir, device=device)
     verifier = verifiers.load_verifier(verifier_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                        device=device)
-    data.write_json(curate_settings(a), out / "run.json")
-    print(f"[curate {a.task}] {len(prompts)} prompts, {a.samples or CURATE_SAMPLES[a.task]} paths each, labelled "
-          f"by {verifier_dir}", file=sys.stderr)
     score_for = lambda j: dpo.verifier_scorer(verifier, a.judge, seed=derive_seed(a.seed, j, "judge"))  # noqa: E731
-    Curate(a, model, tok, magvit, verifier, score_for)(prompts)
-    return 0
+    explain = lambda pics, prompt: [strip_no(t) for t in verifier.reflect(pics, [prompt] * len(pics),  # noqa: E731
+                                                                        a.max_reason_tokens)]
+    return score_for, explain, verifier_dir
 
 # ---- 6. orm, parm: supervised fine-tuning of the LLaVA-OneVision reward model (Sec. 3.2, 4, 5) -----------
 
@@ -1041,17 +1172,32 @@ SFT_DOC = """Fine-tune LLaVA-OneVision as a reward model on curated conversation
     python train.py parm --data data/parm/parm.json [--data data/reflect/reflect.json] --out weights/parm
     python sample.py --parm --verifier weights/parm --prompt "a photo of two dogs"
 
+    python train.py orm --world shapes --data runs/shapes/orm/orm.json --heldout runs/shapes/orm-1/orm.json \
+        --out runs/shapes/orm_ft                                # a miniature world's verifier, from scratch
+
 Next-token cross-entropy on the assistant turns (--labels); AdamW, lr 1e-5 (2e-6 for the SigLIP tower), cosine
 with 3% warm-up, clipping at 1.0, one epoch. --out gets the lmms-lab layout (bf16) that `--verifier OUT` loads;
-checkpoints keep fp32 weights, so --resume continues exactly."""
+checkpoints keep fp32 weights, so --resume continues exactly.
+
+--world (README: The paper in miniature) has no pretrained LLaVA to start from: the same model at the size of
+LlavaConfig preset "world", with a tokenizer of the world's texts, is written untrained to OUT/init and trained
+from scratch, by default with lr 1e-3 for the LM and the tower, batch 32, 8 epochs, 5% warm-up (the flags still
+override them). --heldout FILE (curated with another --seed) is judged at the end by the saved verifier, greedily
+as the searches judge, and the accuracy per task (orm, prm, clarity, potential, reflect) goes to OUT/heldout.json."""
+
+SFT_BASE = "weights/llava-onevision-qwen2-7b-ov"
+HELDOUT_TASKS = ("orm", "prm", "clarity", "potential", "reflect")
+WORLD_REASONS = 300     # reflection answers in the world tokenizer's corpus: enough to hold every reason's words
 
 def add_sft_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     d = TrainConfig.preset("sft")
     p = sub.add_parser(name, help=help_text, description=SFT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = sample.add_model_args(p, generator=False)
-    g.add_argument("--base", default="weights/llava-onevision-qwen2-7b-ov",
-                   help="lmms-lab LLaVA-OneVision folder to fine-tune (default: the paper's 7B base; --tiny: the "
-                        "built-in tiny one)")
+    g.add_argument("--base", default=None,
+                   help=f"lmms-lab LLaVA-OneVision folder to fine-tune (default: the paper's 7B base, {SFT_BASE}; "
+                        "--tiny: the built-in tiny one)")
+    g.add_argument("--world", choices=sample.WORLDS, default=None,
+                   help="train a miniature world's verifier from scratch (no --base; see above)")
     g.add_argument("--save-dtype", default="bf16", choices=("bf16", "fp32"),
                    help="dtype of the saved model (default bf16, as the released checkpoints)")
     g = p.add_argument_group("data")
@@ -1066,19 +1212,35 @@ def add_sft_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
                    help="which tokens carry the loss: 'released' = every assistant-turn token plus each newline, "
                         "<|im_start|> and <|im_end|> (LLaVA-NeXT's rule, default); 'answer' = the answers and "
                         "their closing <|im_end|> only")
-    g = add_optim_args(p, "optimisation (defaults: the released orm_ft / parm runs)", d)
+    g.add_argument("--heldout", default=None, metavar="FILE",
+                   help="curated conversations (another --seed's TASK.json) to judge with the trained verifier at "
+                        "the end: accuracy per task, printed and written to OUT/heldout.json")
+    g = add_optim_args(p, "optimisation (defaults: the released orm_ft / parm runs; --world: see above)", d)
     add_config_flags(g, d, {"vision_lr": "AdamW lr of the SigLIP tower", "freeze_vision": "keep the SigLIP tower "
                             "fixed", "max_grad_norm": "clip the gradient norm to this; 0 = no clipping"})
     add_output_args(p, "output folder: the fine-tuned verifier (lmms-lab layout, for --verifier OUT) and the last "
                        "checkpoint while training")
+    # the flags whose default --world changes stay None until `sft_defaults` knows whether --world was given
+    world = TrainConfig.preset("world_sft")
+    p.set_defaults(**{f: None for f in TrainConfig.__dataclass_fields__
+                      if p.get_default(f) is not None and getattr(world, f) != getattr(d, f)})
     return p
 
+def sft_defaults(a) -> None:
+    """Fill the flags the user left at their default with the run's preset: "world_sft" with --world, else "sft"."""
+    preset = TrainConfig.preset("world_sft" if a.world else "sft")
+    for f in TrainConfig.__dataclass_fields__:
+        if getattr(a, f, 0) is None and getattr(preset, f) is not None:
+            setattr(a, f, getattr(preset, f))
+
 def check_sft_args(a) -> None:
+    if a.world and (a.base or a.tiny):
+        fail(f"--world {a.world} trains its verifier from scratch (written to OUT/init): leave out --base and --tiny")
+    if a.heldout and not Path(a.heldout).is_file():
+        fail(f"--heldout {a.heldout} not found: pass a TASK.json written by `train.py curate` (another --seed)")
     check_optim_args(a)
-    if not a.vision_lr > 0:
-        fail(f"--vision-lr must be positive (got {a.vision_lr})")
-    if a.max_grad_norm < 0 or a.weight_decay < 0:
-        fail("--max-grad-norm and --weight-decay must not be negative")
+    at_least(a, 0, "vision_lr", above=True)
+    at_least(a, 0, "max_grad_norm")
     if not 0 < a.fraction <= 1:
         fail(f"--fraction must be in (0, 1] (got {a.fraction})")
 
@@ -1123,25 +1285,131 @@ def sft_trainer(verifier: verifiers.Verifier, examples: verifiers.SFTData, cfg: 
     vision_lr = lambda name: cfg.vision_lr if name.startswith("vision.") else cfg.lr  # noqa: E731
     return Trainer(model, objective, examples.source, cfg, lr_of=vision_lr)
 
-def run_sft(a, task: str) -> int:
-    """`train.py orm` / `train.py parm`: the fine-tune, checkpoints, resume, and the saved verifier."""
-    check_sft_args(a)
-    device = sample.device_of(a)
-    base = sample.tiny_checkpoints(a.cache)["llava"] if a.tiny and a.base == "weights/llava-onevision-qwen2-7b-ov" \
-        else Path(a.base)
+def sft_base(a, out: Path) -> Path:
+    """The folder the fine-tune starts from: --base, the tiny one, the paper's 7B, or with --world OUT/init."""
+    if a.world:
+        return out / "init"
+    base = Path(a.base or (sample.tiny_checkpoints(a.cache)["llava"] if a.tiny else SFT_BASE))
     if not base.is_dir():
         fail(f"base model folder {base} not found: download lmms-lab/llava-onevision-qwen2-7b-ov (or -0.5b-ov) there, "
              "pass --base DIR, or use --tiny")
-    cfg = train_config(a, device, "sft", max_grad_norm=a.max_grad_norm or None, label_rule=a.labels)
-    out = Path(a.out)
-    settings = {"task": task, "train": cfg.fingerprint(), "base": "tiny" if a.tiny else resolved(base),
+    return base
+
+def world_texts() -> tuple[list[str], list[str], list[str]]:
+    """What the shapes world's verifier tokenizer learns (verifiers.world_tokenizer): every prompt, training and
+    evaluation, so both tokenize; the evaluation prompts, whose questions cover every template; and reflection
+    answers (Sec. 5) "no. <reason>", the evaluator's reason on a correct scene of a same-template prompt."""
+    evaluation = data.eval_specs()
+    specs = data.train_specs(evaluation) + evaluation
+    by_tag: dict[str, list[dict]] = {}
+    for spec in specs:
+        by_tag.setdefault(spec["tag"], []).append(spec)
+    rng = np.random.default_rng(0)      # a fixed draw: one tokenizer for every run of the world
+    answers = []
+    for spec in itertools.islice(data.draw_specs(specs, rng), WORLD_REASONS):
+        other = by_tag[spec["tag"]][rng.integers(len(by_tag[spec["tag"]]))]
+        correct, reason = data.judge_cells(data.paint(data.sample_scene(other, rng)), spec)
+        if not correct:
+            answers.append(f"no. {reason}")
+    return [s["prompt"] for s in specs], [s["prompt"] for s in evaluation], answers
+
+def world_verifier(init: Path, tok, seed: int) -> Path:
+    """The untrained verifier of a world run, written once as OUT/init in the lmms-lab layout (fp32, weights
+    ~ N(0, 0.02): verifiers.new_llava), so that the fine-tune starts from it as from any base: the LlavaConfig
+    preset "world" with `tok`'s vocabulary."""
+    if not (init / "config.json").is_file():
+        cfg = verifiers.LlavaConfig.from_preset("world")
+        cfg.vocab_size = cfg.n_vocab = tok.get_vocab_size(with_added_tokens=True)
+        gen = torch.Generator().manual_seed(derive_seed(seed, "init"))
+        with data.atomic_path(init, directory=True) as d:
+            verifiers.write_llava(d, tok, verifiers.new_llava(cfg, gen), gen, dtype=torch.float32)
+    return init
+
+def sft_start(a, base: Path, settings: dict, cfg: TrainConfig, device: torch.device):
+    """(the verifier to fine-tune, fp32 master weights; the checked examples). --out is claimed once the data has
+    been read and checked; with --world the data is tokenised by the world's tokenizer (OUT/init's when it is
+    there) before the untrained verifier is written to OUT/init."""
+    if not a.world:
+        verifier = verifiers.load_verifier(base, dtype=torch.float32, device=device)
+        examples = sft_examples(a, verifier.tokenizer, cfg)
+        claim_out(Path(a.out), settings)
+        return verifier, examples
+    written = (base / "config.json").is_file()
+    tok = data.load_tokenizer(base) if written else verifiers.world_tokenizer(*world_texts())
+    examples = sft_examples(a, tok, cfg)
+    claim_out(Path(a.out), settings)
+    return verifiers.load_verifier(world_verifier(base, tok, a.seed), dtype=torch.float32, device=device), examples
+
+def answer_word(text: str) -> str:
+    """The yes/no of an answer: its first word, lower-cased ("no. the square is blue, not purple" -> "no")."""
+    m = re.match(r"\s*([A-Za-z]+)", text)
+    return m.group(1).lower() if m else ""
+
+def heldout_records(a) -> list[tuple[data.Conversation, str, str]]:
+    """--heldout's records as (record, task, answer), read and checked before any work: each asks one of the
+    verifier's questions (verifiers.question_task) and is answered yes or no (a reflection: "no. <reason>")."""
+    if not a.heldout:
+        return []
+    records, problems = data.read_conversations(a.heldout)
+    usable = []
+    for rec in records:
+        task, answer = verifiers.question_task(rec.turns[:-1]), answer_word(rec.turns[-1])
+        if task is None:
+            problems.append(f"{rec.where}: asks none of the verifier's questions ({', '.join(HELDOUT_TASKS)})")
+        elif answer not in ("yes", "no"):
+            problems.append(f"{rec.where}: the answer {rec.turns[-1][:40]!r} starts with neither yes nor no")
+        else:
+            usable.append((rec, task, answer))
+    stop_or_skip(problems, a.heldout, a.skip_bad)
+    if not usable:
+        raise DataError(f"--heldout {a.heldout} holds no usable record")
+    return usable
+
+def heldout_accuracy(verifier: verifiers.Verifier, records, batch: int = 64) -> dict[str, dict]:
+    """Each record's question(s) judged as the searches judge (Sec. 3.2, 4, 5: Verifier.judge, the most likely
+    first answer token, batched) against its answer. Per task: accuracy, counts, and how often "yes" was the
+    answer and the judgment (a judge that always says yes scores the first share)."""
+    tally: dict[str, Counter] = {}
+    progress = sample.Progress("heldout", len(records), unit="record", seconds=10.0)
+    for start in range(0, len(records), batch):
+        chunk = records[start:start + batch]
+        judged = verifier.judge([data.load_image(rec.image) for rec, _, _ in chunk],
+                                [rec.turns[:-1] for rec, _, _ in chunk])
+        for (rec, task, answer), j in zip(chunk, judged):
+            tally.setdefault(task, Counter()).update(total=1, correct=int(j.answer == answer),
+                                                     answer_yes=int(answer == "yes"), judged_yes=int(j.is_yes))
+        progress(start + len(chunk))
+    return {task: {**tally[task], "accuracy": tally[task]["correct"] / tally[task]["total"]}
+            for task in HELDOUT_TASKS if task in tally}
+
+def report_heldout(a, out: Path, records, device: torch.device) -> int:
+    """--heldout: the saved verifier, loaded as `--verifier OUT` loads it, judges the held-out records; the
+    accuracies are printed and written to OUT/heldout.json."""
+    if not records:
+        return 0
+    tasks = heldout_accuracy(verifiers.load_verifier(out, device=device), records)
+    for task, t in tasks.items():
+        print(f"[heldout] {task}: accuracy {t['accuracy']:.3f} ({t['correct']}/{t['total']}; the answer is yes "
+              f"{t['answer_yes']} times, the verifier said yes {t['judged_yes']} times)", file=sys.stderr)
+    data.write_json({"heldout": resolved(a.heldout), "verifier": resolved(out), "tasks": tasks}, out / "heldout.json")
+    return 0
+
+def run_sft(a, task: str) -> int:
+    """`train.py orm` / `train.py parm`: the fine-tune, checkpoints, resume, the saved verifier and --heldout."""
+    sft_defaults(a)
+    check_sft_args(a)
+    device, out = sample.device_of(a), Path(a.out)
+    base = sft_base(a, out)
+    cfg = train_config(a, device, "world_sft" if a.world else "sft", max_grad_norm=a.max_grad_norm or None,
+                       label_rule=a.labels)
+    settings = {"task": task, "train": cfg.fingerprint(),
+                "base": "tiny" if a.tiny else f"{a.world} world, from scratch" if a.world else resolved(base),
                 "data": [resolved(f) for f in a.data], "image_root": resolved(a.image_root), "fraction": a.fraction,
                 "skip_bad": a.skip_bad}
+    heldout = heldout_records(a)
     if begin(out, settings, a.resume, task):
-        return 0
-    verifier = verifiers.load_verifier(base, dtype=torch.float32, device=device)    # fp32 master weights
-    examples = sft_examples(a, verifier.tokenizer, cfg)
-    claim_out(out, settings)
+        return report_heldout(a, out, heldout, device)
+    verifier, examples = sft_start(a, base, settings, cfg, device)
 
     def load(folder: Path) -> verifiers.Verifier:
         return verifier if folder == base else verifiers.load_verifier(folder, dtype=torch.float32, device=device)
@@ -1158,7 +1426,7 @@ def run_sft(a, task: str) -> int:
                             dtype=torch.bfloat16 if a.save_dtype == "bf16" else torch.float32)
     clear_checkpoints(out)
     print(f"wrote {out} (lmms-lab layout): python sample.py --parm --verifier {out} --prompt ...", file=sys.stderr)
-    return 0
+    return report_heldout(a, out, heldout, device)
 
 def run_orm(a) -> int:
     return run_sft(a, "orm")
@@ -1247,11 +1515,176 @@ def run_pretrain(a) -> int:
           file=sys.stderr)
     return 0
 
+# ---- 8. shapes: the paper's tables in miniature, every step for real (README: The paper in miniature) ------
+
+SHAPES_DOC = """The whole method in the shapes world, from scratch, and the paper's Tables 1, 3 and 5 measured in it.
+
+    python train.py shapes --out runs/shapes
+
+World -> pretrain Show-o -> curate with the world's evaluator as the automatic labeller (orm, prm, parm,
+reflect, and held-out sets from another seed) -> train the ORM, PRM, PARM and PARM++ verifiers from scratch ->
+DPO and iterative DPO with pairs labelled by the trained ORM (as the paper) -> self-correction -> evaluate every
+row. Each stage is a `train.py` / `sample.py` command whose output folder is kept, so a killed run continues
+where it stopped (run the same command again). Writes OUT/results.md, results.png and examples.png."""
+
+# stage sizes: the defaults, and --micro (a smoke run in seconds that only checks that every row is produced)
+SHAPES_SIZES = {
+    "full": dict(pretrain=[], curate=1000, heldout=150, prm=150, reflect=500, dpo=600, paths=8, samples=4,
+                 limit=None, steps=18, examples=4, fast=[]),
+    "micro": dict(pretrain=["--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "120", "--scenes", "64",
+                            "--batch-size", "16"],
+                  curate=6, heldout=3, prm=2, reflect=6, dpo=8, paths=2, samples=1, limit=2, steps=4, examples=1,
+                  fast=["--max-steps", "2"]),
+}
+
+SHAPES_ROWS = (  # (row, generator, search flags, verifier): the rows of the paper's Tables 1, 3 and 5
+    ("Baseline", "showo", [], None), ("Ft. ORM", "showo", ["--orm"], "orm"), ("Ft. PRM", "showo", ["--prm"], "prm"),
+    ("PARM", "showo", ["--parm"], "parm"), ("PARM++", "selfcorrect", ["--parm++"], "parmpp"),
+    ("DPO", "dpo/round_1/model", [], None), ("It. DPO", "dpo/round_2/model", [], None),
+    ("It. DPO + PARM", "dpo/round_2/model", ["--parm"], "parm"))
+
+def add_shapes_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("shapes", help="the paper's tables in miniature: every step in the shapes world",
+                       description=SHAPES_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder: one sub-folder per stage, results.md/.png, "
+                                                "examples.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0; held-out sets use seed+1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    p.add_argument("--micro", action="store_true", help="tiny sizes everywhere: checks the plumbing in seconds")
+    return p
+
+def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, list[str]]]:
+    """(output folder, train.py arguments) of every training stage, in order."""
+    w, s = ["--world", "shapes", "--device", device], ["--seed", str(seed)]
+    showo, d, v = str(o / "showo"), o / "data", o / "verifiers"
+
+    def curate(task: str, n: int, name: str = "", k: int = seed, samples: int = 4) -> tuple[Path, list[str]]:
+        return d / (name or task), ["curate", *w, "--showo", showo, "--task", task, "--num-prompts", str(n),
+                                    "--samples", str(samples), "--temperature", "1", "--steps", str(z["steps"]),
+                                    "--seed", str(k)]
+
+    sft = lambda task, *files: ["parm" if task == "parm" else "orm", *w, *s, *z["fast"], *(  # noqa: E731
+        a for f in files for a in ("--data", str(d / f)))]
+    return [(o / "showo", ["pretrain", *w, *s, *z["pretrain"]]),
+            curate("orm", z["curate"]), curate("orm", z["heldout"], "orm_heldout", seed + 1),
+            curate("prm", z["prm"], samples=1), curate("prm", z["heldout"] // 3, "prm_heldout", seed + 1, samples=1),
+            curate("parm", z["curate"] // 2, samples=2), curate("parm", z["heldout"], "parm_heldout", seed + 1, 2),
+            curate("reflect", z["reflect"]),
+            (v / "orm", sft("orm", "orm/orm.json") + ["--heldout", str(d / "orm_heldout/orm.json")]),
+            (v / "prm", sft("orm", "prm/prm.json") + ["--heldout", str(d / "prm_heldout/prm.json")]),
+            (v / "parm", sft("parm", "parm/parm.json") + ["--heldout", str(d / "parm_heldout/parm.json")]),
+            (v / "parmpp", sft("parm", "parm/parm.json", "reflect/reflect.json")),
+            (o / "dpo", ["dpo", *w, *s, *z["fast"], "--showo", showo, "--verifier", str(v / "orm"), "--rounds", "2",
+                         "--geneval", str(z["dpo"]), "--gen-steps", str(z["steps"]), "--lr", "1e-4",
+                         "--batch-size", "16", "--epochs", "2"]),
+            (o / "selfcorrect", ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
+                                 str(d / "reflect/reflect.json"), "--lr", "1e-4", "--batch-size", "16"])]
+
+def shapes_evaluate(o: Path, z: dict, seed: int, device: str) -> dict[str, dict[str, data.Score]]:
+    """Every row of the tables scored on the world's evaluation prompts (sample.py --world shapes --eval)."""
+    rows = {}
+    for name, generator, search, verifier in SHAPES_ROWS:
+        folder = o / "eval" / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        if not (folder / "scores.json").is_file():
+            argv = ["--world", "shapes", "--eval", "--showo", str(o / generator), *search, "--n", str(z["paths"]),
+                    "--samples", str(z["samples"]), "--steps", str(z["steps"]), "--seed", str(seed),
+                    "--device", device, "--out", str(folder), "--overwrite"]
+            argv += ["--verifier", str(o / "verifiers" / verifier)] if verifier else []
+            argv += ["--limit", str(z["limit"])] if z["limit"] else []
+            print(f"[shapes] evaluating {name}", file=sys.stderr)
+            sample.main(argv)
+        scores = json.loads((folder / "scores.json").read_text())
+        rows[name] = {k: data.Score(**v) for k, v in scores.items()}
+    return rows
+
+def search_work(folder: Path) -> dict[str, float]:
+    """Mean work per image of an evaluated row, from its search traces (Show-o token-forwards, verifier tokens)."""
+    traces = [json.loads(p.read_text())["work"] for p in sorted(folder.glob("*/traces/*.json"))]
+    keys = ("showo_token_forwards", "verifier_tokens")
+    return {k: sum(t[k] for t in traces) / len(traces) for k in keys} if traces else {}
+
+def run_shapes(a) -> int:
+    o, z = Path(a.out), SHAPES_SIZES["micro" if a.micro else "full"]
+    device = str(sample.device_of(a))
+    t0 = time.time()
+    for folder, argv in shapes_stages(o, z, a.seed, device):
+        resume = ["--resume"] if (folder / "run.json").is_file() else []
+        print(f"[shapes] {argv[0]} -> {folder}", file=sys.stderr)
+        main(argv + ["--out", str(folder)] + resume)
+    rows = shapes_evaluate(o, z, a.seed, device)
+    write_shapes_results(o, rows, time.time() - t0)
+    data.save_png(shapes_examples(o, z, a.seed, torch.device(device)), o / "examples.png")
+    print(f"[shapes] wrote {o / 'results.md'}, results.png and examples.png in {time.time() - t0:.0f} s",
+          file=sys.stderr)
+    return 0
+
+def write_shapes_results(o: Path, rows: dict, seconds: float) -> None:
+    """results.md (the table, the verifiers' held-out accuracies, the work per image) and results.png."""
+    lines = ["# The paper's tables in the shapes world", "", data.markdown_table(rows), "",
+             "## Verifiers: held-out accuracy against the evaluator", "", "| verifier | task | accuracy | n |",
+             "|---|---|---|---|"]
+    for name in ("orm", "prm", "parm"):
+        held = o / "verifiers" / name / "heldout.json"
+        for task, r in (json.loads(held.read_text()) if held.is_file() else {}).items():
+            lines.append(f"| {name} | {task} | {r['accuracy']:.3f} | {r['total']} |")
+    lines += ["", "## Work per image", "", "| row | Show-o token-forwards | verifier tokens |", "|---|---|---|"]
+    for name, _, _, _ in SHAPES_ROWS:
+        work = search_work(o / "eval" / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
+        if work:
+            lines.append(f"| {name} | {work['showo_token_forwards']:.0f} | {work['verifier_tokens']:.0f} |")
+    lines += ["", f"Total time of this invocation: {seconds / 60:.1f} min."]
+    with data.atomic_path(o / "results.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    chart = data.bar_chart({k: v["overall"] for k, v in rows.items()}, "GenEval overall in the shapes world (95% CI)")
+    data.save_png(chart, o / "results.png")
+
+EXAMPLE_TAGS = ("counting", "position", "color_attr", "two_object", "colors", "single_object")
+
+def verdict(image: np.ndarray, prompt: str) -> str:
+    ok, reason = data.judge_prompt(image, prompt)
+    return "yes" if ok else f"no: {reason}"[:40]
+
+def shapes_examples(o: Path, z: dict, seed: int, device: torch.device) -> np.ndarray:
+    """examples.png: for a few evaluation prompts (counting, position and colour attribution first), the baseline's
+    image, PARM's paths (each with the step its potential assessment pruned it at), PARM's choice, and PARM++'s
+    first image and its correction with the verifier's reason; every caption ends with the evaluator's verdict."""
+    codec, specs = data.SlotCodec(), data.eval_specs()
+    base, tok = cotgen.load_showo(o / "showo", None, dtype=torch.float32, device=device)
+    fixer, fixer_tok = cotgen.load_showo(o / "selfcorrect", None, dtype=torch.float32, device=device)
+    parm, parmpp = (cotgen.Judge(verifiers.load_verifier(o / "verifiers" / v, device=device))
+                    for v in ("parm", "parmpp"))
+    order = sorted(range(len(specs)), key=lambda k: EXAMPLE_TAGS.index(specs[k]["tag"]))
+    rows = []
+    for k in order[:z["examples"]]:
+        prompt = specs[k]["prompt"]
+        first = np.asarray(data.load_image(o / "eval" / "baseline" / f"{k:05d}" / "samples" / "0000.png"))
+        tiles = [(first, f"baseline\n{verdict(first, prompt)}")]
+        with torch.inference_mode():
+            r = cotgen.parm_search(base, tok, codec, parm, prompt, z["paths"], steps=z["steps"], seed=seed)
+            pp = cotgen.parm_plus_plus(fixer, fixer_tok, codec, parmpp, prompt, z["paths"], steps=z["steps"],
+                                       seed=seed, rounds=1)
+        finals = sample.decode_images(codec, r.finals.clamp(min=0))
+        for i, path in enumerate(r.trace["paths"]):
+            ended = path["ended"] or ""
+            state = ended.split(":")[0].replace("truncated", "pruned") if "truncated" in ended else "kept"
+            tiles.append((finals[i], f"PARM path {i}: {state}\n{verdict(finals[i], prompt)}"))
+        chosen = sample.decode_images(codec, r.codes[None])[0]
+        tiles.append((chosen, f"PARM's choice (path {r.winner})\n{verdict(chosen, prompt)}"))
+        reflections = pp.trace["reflections"]
+        before = sample.decode_images(codec, torch.tensor([reflections[0]["codes"]]))[0]
+        tiles.append((before, f"PARM++ before: {reflections[0]['answer']}\n{verdict(before, prompt)}"))
+        if "reason" in reflections[0]:
+            after = sample.decode_images(codec, pp.codes[None])[0]
+            tiles.append((after, f"corrected: {reflections[0]['reason'][:34]}\n{verdict(after, prompt)}"))
+        rows.append((prompt, tiles))
+    return data.captioned_rows(rows)
+
 # ---- the command line ------------------------------------------------------------------------------------
 
 # one entry per subcommand: (adds its parser, runs it)
 COMMANDS = {"dpo": (add_dpo_parser, run_dpo), "selfcorrect": (add_selfcorrect_parser, run_selfcorrect),
             "curate": (add_curate_parser, run_curate), "pretrain": (add_pretrain_parser, run_pretrain),
+            "shapes": (add_shapes_parser, run_shapes),
             "orm": (lambda sub: add_sft_parser(sub, "orm", "fine-tune the ORM (or PRM) on curated yes/no data "
                                                           "(Sec. 3.2)"), run_orm),
             "parm": (lambda sub: add_sft_parser(sub, "parm", "fine-tune PARM, or PARM++ with reflect.json added "
@@ -1266,14 +1699,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command][1](args)
-    except (DataError, CheckpointError) as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        print(f"interrupted: {args.out} keeps its last complete checkpoint or file; the same command with "
-              "--resume continues", file=sys.stderr)
-        return 130
+    return sample.command(lambda: start(args), f"{args.out} keeps its last complete checkpoint or file; the same "
+                                               "command with --resume continues")
+
+def start(args) -> int:
+    """--out checked before anything else (a folder of this command's run, or a new or empty one), then the
+    subcommand, which checks its flags and files before it writes anything."""
+    out = sample.check_out(args.out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file():
+        fail(f"--out {out} holds files of no {args.command} run (no run.json): choose a new or empty folder")
+    return COMMANDS[args.command][1](args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -125,7 +125,7 @@ def test_prm_records_carry_the_labels_of_their_step(showo, tmp_path):
     model, tok, magvit = showo
     a = curate_args(task="prm", samples=1, steps=5, rollouts=2, out=str(tmp_path))
     scorer = mean_scorer(0.0)
-    cur = train.Curate(a, model, tok, magvit, None, lambda j: scorer)
+    cur = train.Curate(a, model, tok, magvit, lambda j: scorer, None)
     records, images = cur.prompt_records(3, "a photo of two dogs")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and set(images) == {r["image"] for r in records}
     assert records[0]["id"] == "prm-p000003-k00-s01" and records[0]["image"] == "images/p000003/k00-s01.png"
@@ -155,7 +155,7 @@ def test_parm_records_follow_the_static_rule_and_the_final_label(showo, tmp_path
     model, tok, magvit = showo
     a = curate_args(task="parm", samples=2, out=str(tmp_path))
     answers = lambda images, prompts: (torch.tensor([0.9, 0.2]), torch.tensor([True, False]))  # path 0 yes, 1 no
-    records, images = train.Curate(a, model, tok, magvit, None, lambda j: answers).prompt_records(0, "a photo of a cat")
+    records, images = train.Curate(a, model, tok, magvit, lambda j: answers, None).prompt_records(0, "a photo of a cat")
     for k, final in enumerate(("yes", "no")):
         mine = [r for r in records if r["id"].split("-")[2] == f"k{k:02d}"]
         clarity = {r["step"]: r["label"] for r in mine if r["task"] == "clarity"}
@@ -232,7 +232,7 @@ def test_reflection_reasons_from_a_file(showo, tiny, tmp_path):
     reasons = tmp_path / "reasons.jsonl"
     a = curate_args(task="reflect", samples=4, out=str(tmp_path), reasons=str(reasons))
     answers = lambda images, prompts: (torch.full((4,), 0.5), torch.tensor([True, False, False, True]))
-    cur = train.Curate(a, model, tok, magvit, None, lambda j: answers)
+    cur = train.Curate(a, model, tok, magvit, lambda j: answers, None)
     records, _ = cur.prompt_records(0, "a photo of two dogs")
     assert [r["reason"] for r in records] == [None] * 4          # no verifier text was asked for (it is None)
 
@@ -263,7 +263,7 @@ def test_an_interrupted_curation_continues_where_it_stopped(showo, tmp_path):
     model, tok, magvit = showo
     prompts = ["a photo of a cat", "a photo of two dogs", "a photo of a red apple"]
     run = lambda out, cls=train.Curate: cls(curate_args(task="orm", samples=2, out=str(out)), model, tok, magvit,
-                                            None, lambda j: mean_scorer(0.0))(prompts)
+                                            lambda j: mean_scorer(0.0), None)(prompts)
     whole = json.loads(run(tmp_path / "whole").read_text())
 
     made = []

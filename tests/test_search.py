@@ -271,10 +271,10 @@ def test_metadata_that_does_not_match_the_prompts(tiny, capsys, tmp_path):
     assert code == 2 and "prompt 2 differs" in err and not (tmp_path / "o").exists()
     mfile.write_text("{not json\n")
     code, err = run_cli(tiny, capsys, "--tiny", "--metadata", str(mfile), "--out", str(tmp_path / "o"))
-    assert code == 2 and "line 1 is not JSON" in err and not (tmp_path / "o").exists()
+    assert code == 2 and "line 1: not valid JSON" in err and not (tmp_path / "o").exists()
     (tmp_path / "empty.txt").write_text("\n")
     code, err = run_cli(tiny, capsys, "--tiny", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"))
-    assert code == 2 and "has no prompts" in err
+    assert code == 2 and "holds no prompts" in err
 
 
 def test_released_temperature_leak(models):

@@ -1,0 +1,46 @@
+"""The paper's method in the shapes world: curation labelled by the evaluator, and `train.py shapes --micro`
+running every stage and producing every row of the tables."""
+import json
+
+import numpy as np
+import pytest
+
+import data
+import train
+
+MICRO_PRETRAIN = ["pretrain", "--world", "shapes", "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab",
+                  "120", "--scenes", "48", "--batch-size", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def world_showo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world") / "showo"
+    assert train.main(MICRO_PRETRAIN + ["--out", str(out)]) == 0
+    return out
+
+
+def test_world_curation_is_labelled_by_the_evaluator(world_showo, tmp_path):
+    for task in ("orm", "reflect"):
+        out = tmp_path / task
+        assert train.main(["curate", "--world", "shapes", "--showo", str(world_showo), "--task", task,
+                           "--num-prompts", "5", "--samples", "3", "--steps", "4", "--device", "cpu",
+                           "--out", str(out)]) == 0
+        records = json.loads((out / f"{task}.json").read_text())
+        assert len(records) >= 10
+        for r in records:
+            image = np.asarray(data.load_image(out / r["image"]))
+            ok, reason = data.judge_prompt(image, r["prompt"])
+            assert r["label"] == ("yes" if ok else "no")
+            if task == "reflect":
+                assert r["conversations"][1]["value"] == ("yes" if ok else f"no. {reason}")
+    # the prompts are the world's training prompts, never its evaluation prompts
+    held_out = {s["prompt"] for s in data.eval_specs()}
+    assert not {r["prompt"] for r in records} & held_out
+
+
+def test_world_curation_refuses_a_verifier(world_showo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["curate", "--world", "shapes", "--showo", str(world_showo), "--task", "orm", "--num-prompts", "2",
+                    "--tiny", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "labels with the world's evaluator" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
