@@ -501,6 +501,11 @@ class MAGVITv2(nn.Module):
         dec.norm_out, dec.conv_out = group_norm(ch * m[0]), nn.Conv2d(ch * m[0], 3, 3, padding=1)
         self.quantize = LFQ(c.z_channels)
 
+    device = property(lambda self: self.encoder.conv_in.weight.device)
+
+    def image_size(self, n_tokens: int) -> int:
+        """Image side that encodes to n_tokens codes (one downsampling per encoder level but the last)."""
+        return math.isqrt(n_tokens) * 2 ** (len(self.config.enc_ch_mult) - 1)
     def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         """Image tokens [B, N] -> image [B, 3, 16h, 16w] roughly in [-1, 1] (no final clamp)."""
         hw = hw or (math.isqrt(codes.shape[1]),) * 2

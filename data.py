@@ -1359,6 +1359,12 @@ class SlotCodec:
     def codebook_size(self) -> int:
         return len(SLOT_CONTENTS)
 
+    device = torch.device("cpu")
+
+    def image_size(self, n_tokens: int) -> int:
+        """Image side of n_tokens codes (MAGVIT-v2's interface): the world's one image size."""
+        return GRID * self.cell_px
+
     def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> codes [B, SLOTS * SLOTS]."""
         x = torch.clamp((pixels.detach().float().cpu() + 1.0) / 2.0, 0.0, 1.0) * 255.0

@@ -95,13 +95,16 @@ class PairBatch:
 
 def pair_log_likelihoods(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer,
                          batch: PairBatch, generator: torch.Generator, *, shared_mask: bool = False,
-                         cond_dropout: float = 0.1):
+                         cond_dropout: float = 0.1, rows: slice = slice(None)):
     """Sec. 3.3: log π(y_w), log π(y_l) under the policy (with gradient) and the frozen reference.
 
     As released, chosen and rejected get independent mask ratios, masked positions and text-dropout
     draws; policy and reference see the same inputs. `shared_mask` gives both sides one draw, which lowers the
     variance of the difference as Diffusion-DPO does by sharing its noise.
-    Returns ((πθ_w, πθ_l), (πref_w, πref_l), scored positions of y_w), each [B]."""
+    `rows` picks the pairs this call computes (one process's share of a batch, README: Many GPUs): the draws are
+    made for the whole batch, so a pair gets the same ones whichever process computes it.
+    Returns ((πθ_w, πθ_l), (πref_w, πref_l)) of the pairs in `rows` and the scored positions of every y_w of the
+    batch (the normaliser of the SFT term)."""
     B, N = batch.chosen.shape
     if shared_mask:
         masked = sample_masks(B, N, generator).repeat(2, 1)
@@ -111,27 +114,37 @@ def pair_log_likelihoods(policy: cotgen.Showo, reference: cotgen.Showo, tok: cot
         drop = torch.rand(2 * B, generator=generator) < cond_dropout
     codes = torch.cat([batch.chosen, batch.rejected])
     ids, labels = training_sequences(tok, list(batch.prompts) * 2, codes, masked, drop)
-    device = policy.embed_tokens.weight.device
-    ids, labels = ids.to(device), labels.to(device)
+    scored = (labels[:B] != IGNORE).sum(dim=1)
+    mine = torch.arange(B)[rows]
+    ids, labels = share(ids, labels, torch.cat((mine, B + mine)), policy.embed_tokens.weight.device)
     allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
     logp = image_log_likelihood(policy, ids, labels, allowed)
     with torch.no_grad():
         logp_ref = image_log_likelihood(reference, ids, labels, allowed)
-    scored = (labels[:B] != IGNORE).sum(dim=1)
-    return logp.chunk(2), logp_ref.chunk(2), scored
+    return logp.chunk(2), logp_ref.chunk(2), scored.to(logp.device)
+
+def share(ids: torch.Tensor, labels: torch.Tensor, pick: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows `pick` of a batch's sequences, on `device` (a whole batch is taken as it is)."""
+    if len(pick) < len(ids):
+        ids, labels = ids[pick], labels[pick]
+    return ids.to(device), labels.to(device)
 
 def preference_loss(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, batch: PairBatch,
                     generator: torch.Generator, *, beta: float = BETA, sft_coef: float = 0.0, shared_mask: bool = False,
-                    cond_dropout: float = 0.1, online: PairBatch | None = None, reward_coef: float = 0.0):
+                    cond_dropout: float = 0.1, online: PairBatch | None = None, reward_coef: float = 0.0,
+                    rows: slice = slice(None)):
     """Sec. 3.3 (+ 3.4), the loss of one DPO step: L = mean L_DPO(y_w, y_l) + sft_coef·CE(y_w) per scored token
     (the released SFT term, weight 0 by default) + reward_coef·mean L_DPO(online best, online worst) when the
     reward model gave an `online` pair batch (`online_pairs`). The online pairs reuse the step's generator.
+    With `rows` (one process's share, `pair_log_likelihoods`) the means are still over the whole batch, so the
+    shares' losses and stats add up to the batch's.
     Returns (loss, stats: the DPO term, the implicit reward margin and the preference accuracy)."""
     kw = dict(shared_mask=shared_mask, cond_dropout=cond_dropout)
-    (pw, pl), (rw, rl), scored = pair_log_likelihoods(policy, reference, tok, batch, generator, **kw)
+    (pw, pl), (rw, rl), scored = pair_log_likelihoods(policy, reference, tok, batch, generator, rows=rows, **kw)
     losses, margin = dpo_loss(pw, pl, rw, rl, beta)
-    loss = losses.mean()
-    stats = {"dpo": loss.item(), "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
+    B = len(batch.prompts)
+    loss = losses.sum() / B
+    stats = {"dpo": loss.item(), "margin": float(margin.sum() / B), "accuracy": float((margin > 0).float().sum() / B)}
     if sft_coef:
         sft = -pw.sum() / scored.sum()
         loss = loss + sft_coef * sft
@@ -146,27 +159,31 @@ def preference_loss(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.S
 
 def masked_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, prompts: Sequence[str],
                           codes: torch.Tensor, generator: torch.Generator, cond_dropout: float = 0.1,
-                          condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          condition: torch.Tensor | None = None,
+                          rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(codes | prompt [, condition]) under masked prediction with fresh training draws: a cosine-schedule
     fraction of each image masked (`sample_masks`), the prompt dropped with probability `cond_dropout`. Returns
-    the log-likelihoods and the number of scored positions, both [B]."""
+    the log-likelihoods of the images in `rows` (all, by default; the draws are made for all, as in
+    `pair_log_likelihoods`) and the number of scored positions of every image, [B]."""
     B, N = codes.shape
     masked = sample_masks(B, N, generator)
     drop = torch.rand(B, generator=generator) < cond_dropout
     ids, labels = training_sequences(tok, prompts, codes, masked, drop, condition=condition)
-    device = model.embed_tokens.weight.device
-    ids, labels = ids.to(device), labels.to(device)
+    scored = (labels != IGNORE).sum(dim=1)
+    ids, labels = share(ids, labels, torch.arange(B)[rows], model.embed_tokens.weight.device)
     allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
-    return image_log_likelihood(model, ids, labels, allowed), (labels != IGNORE).sum(dim=1)
+    logp = image_log_likelihood(model, ids, labels, allowed)
+    return logp, scored.to(logp.device)
 
 def masked_token_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes: torch.Tensor,
-                      generator: torch.Generator, cond_dropout: float = 0.1,
-                      condition: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                      generator: torch.Generator, cond_dropout: float = 0.1, condition: torch.Tensor | None = None,
+                      rows: slice = slice(None)) -> tuple[torch.Tensor, dict]:
     """Show-o's own objective (its `training/train.py`), for pretraining the generator: a cosine-schedule
     fraction of each image's tokens is masked, the loss is the cross-entropy per scored token (the masked ones
     and <|soi|>/<|eoi|>), and the prompt is dropped with probability `cond_dropout` so that classifier-free
-    guidance has an unconditional model to subtract."""
-    logp, scored = masked_log_likelihood(model, tok, prompts, codes, generator, cond_dropout, condition)
+    guidance has an unconditional model to subtract. With `rows` (one process's share) the loss is the share's
+    part of the batch's: its tokens' cross-entropy over the batch's scored tokens."""
+    logp, scored = masked_log_likelihood(model, tok, prompts, codes, generator, cond_dropout, condition, rows)
     loss = -logp.sum() / scored.sum()
     return loss, {"loss": loss.item()}
 
@@ -190,10 +207,6 @@ class PairData:
     def records(self) -> list[dict]:
         return [{"prompt": p, "chosen": w.tolist(), "rejected": l.tolist(), "source": s}
                 for p, w, l, s in zip(self.prompts, self.chosen, self.rejected, self.source)]
-
-def magvit_resolution(magvit: cotgen.MAGVITv2, n_tokens: int) -> int:
-    """Image side that MAGVIT-v2 turns into n_tokens codes (one downsampling per encoder level but the last)."""
-    return math.isqrt(n_tokens) * 2 ** (len(magvit.config.enc_ch_mult) - 1)
 
 def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.ShowoConfig,
                   magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str, batch: int = 16,
@@ -221,12 +234,12 @@ def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.Showo
         for i in todo[start:start + batch]:
             try:
                 image = data.load_image(root / images[i][1])
-                pixels.append(cotgen.image_to_pixels(image, magvit_resolution(magvit, N)))
+                pixels.append(cotgen.image_to_pixels(image, magvit.image_size(N)))
                 chunk.append(i)
             except (FileNotFoundError, ValueError) as e:
                 problems.append(f"{images[i][0]} {e}")
         if pixels:
-            dev = magvit.encoder.conv_in.weight.device
+            dev = magvit.device
             with torch.inference_mode():
                 got = magvit.get_code(torch.cat(pixels).to(dev)).cpu()
             for i, c in zip(chunk, got):
@@ -421,9 +434,10 @@ def correction_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, g
                                  condition=groups.low)
 
 def self_correction_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, groups: CorrectionData,
-                         generator: torch.Generator, cond_dropout: float = 0.1) -> tuple[torch.Tensor, dict]:
+                         generator: torch.Generator, cond_dropout: float = 0.1,
+                         rows: slice = slice(None)) -> tuple[torch.Tensor, dict]:
     """Sec. 5, the self-correction fine-tuning loss of PARM++: Show-o's masked-prediction cross-entropy per
     scored token on the high-quality image, given the prompt, the reason and the low-quality image (no
-    reference model)."""
+    reference model). `rows`: as `masked_token_loss`."""
     return masked_token_loss(model, tok, correction_texts(groups), groups.high, generator, cond_dropout,
-                             condition=groups.low)
+                             condition=groups.low, rows=rows)

@@ -15,17 +15,21 @@ write GenEval's folder layout (`<out>/<00000>/metadata.jsonl`, `samples/0000.png
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, NoReturn
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import cotgen
 import data
@@ -78,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/sample", help="output folder (default outputs/sample); it is written "
                                                             "whole, so an existing non-empty one needs --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--resume", action="store_true",
+                   help="with --prompts/--metadata/--eval: keep the prompts an interrupted run with the same flags "
+                        "finished (in .OUT.parts beside --out) and make only the others")
     p.add_argument("--dtype", default="float32", help="float32 (the original), bfloat16 or float16")
     add_model_args(p, verifier="weights/parm")
     p.add_argument("--judge", choices=("greedy", "sample"), default="greedy",
@@ -125,6 +132,47 @@ def command(run: Callable[[], int], kept: str) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
+# ---- many processes: `torchrun --nproc_per_node K sample.py | train.py ...` (README: Many GPUs) -------------
+
+# How long a process waits for the others at a collective: the first process alone curates DPO's pairs, writes
+# checkpoints and publishes results while the others wait at a barrier, and that can take hours at full scale.
+PROCESS_TIMEOUT = timedelta(hours=12)
+
+def world() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of a torchrun job; (0, 1) in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def first_process() -> bool:
+    """The process that prints progress and writes shared files (every process in a single-process run)."""
+    return world()[0] == 0
+
+def sync() -> None:
+    """Wait until every process gets here (a no-op in a single process)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+def join_processes(args) -> None:
+    """Join the process group of a torchrun job, from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT), once per process (it is left at exit); nothing happens in a single process. Each
+    process owns GPU LOCAL_RANK, so `--device cuda` means that one, and the group sends CPU tensors through gloo
+    and CUDA tensors through NCCL (no backend is named). With --tiny the first process writes the tiny
+    checkpoints before the others read them (the others would race to publish the same folder)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if not dist.is_available():
+        fail("this torch build has no torch.distributed: run one process (without torchrun)")
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(timeout=PROCESS_TIMEOUT)
+        atexit.register(dist.destroy_process_group)
+    if getattr(args, "tiny", False):
+        if first_process():
+            tiny_checkpoints(args.cache)
+        sync()
+
 def check_out(flag: str, overwrite: bool | None = None) -> Path:
     """--out, checked before any work: named, not a file, under folders only, writable (its parent too: a
     folder is published by a rename there); with `overwrite` given (sample.py writes --out whole), an existing
@@ -158,7 +206,7 @@ class Progress:
     def __call__(self, done: int, text: str = "") -> None:
         self.calls += 1
         now = time.time()
-        if done < self.total and (done % self.every or now - self.shown < self.seconds):
+        if not first_process() or done < self.total and (done % self.every or now - self.shown < self.seconds):
             return
         self.shown, rate = now, (now - self.t0) / self.calls
         print(f"[{self.label}] {self.unit} {done}/{self.total}  {text}  {rate:.2f}s/{self.unit}  "
@@ -166,7 +214,7 @@ class Progress:
 
     def note(self, text: str) -> None:
         """A free line, throttled like the progress lines."""
-        if time.time() - self.shown >= self.seconds:
+        if first_process() and time.time() - self.shown >= self.seconds:
             self.shown = time.time()
             print(f"[{self.label}] {text}", file=sys.stderr, flush=True)
 
@@ -203,9 +251,12 @@ def at_least(args, minimum: float, *names: str, above: bool = False) -> None:
 
 def device_of(args) -> torch.device:
     try:
-        return data.parse_device(args.device)
+        device = data.parse_device(args.device)
     except ValueError as e:
         fail(str(e))
+    if device.index is not None and world()[1] > 1:
+        fail(f"--device {args.device}: under torchrun each process takes GPU LOCAL_RANK; pass --device cuda or auto")
+    return device
 
 TINY_VERSION = "tiny-v1"  # bump when a writer changes, so stale caches are rebuilt
 
@@ -291,6 +342,9 @@ def check_common(args) -> None:
         fail("--no-truncate only applies to --parm and --parm++")
     if args.check_prompts and not args.metadata:
         fail("--check-prompts needs --metadata")
+    if args.prompt is not None and (args.resume or world()[1] > 1):
+        fail("--resume and torchrun apply to prompt sets (--prompts, --metadata, --eval), whose prompts are made one "
+             "by one and split across the processes; --prompt runs in one process")
     if args.eval and not args.world:
         fail("--eval scores a world's evaluation prompts: add --world shapes")
     if args.limit is not None and not args.eval:
@@ -375,7 +429,9 @@ def result_files(args, magvit, result: cotgen.SearchResult) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return command(lambda: run(args), f"nothing was written to {args.out}")
+    kept = "" if args.prompt is not None else "; the prompts finished so far are kept for --resume"
+    join_processes(args)
+    return command(lambda: run(args), f"nothing was written to {args.out}{kept}")
 
 def run(args) -> int:
     """The sample.py command: check every flag and input, load the models, generate, write --out whole."""
@@ -393,27 +449,67 @@ def run(args) -> int:
         write_outputs(out, result_files(args, magvit, result))
         print(f"wrote {out}/: image.png (path {result.winner}: {result.trace['why']})", file=sys.stderr)
         return 0
-    files, quiet = {}, lambda *_: None
-    progress = Progress(strategy_of(args).replace("none", "generate"), len(jobs) * args.samples, unit="image",
+    return run_prompts(args, jobs, model, tok, magvit, judge, out)
+
+def prompt_parts(args, out: Path) -> Path:
+    """The folder that keeps each finished prompt until the whole set is published (.OUT.parts beside --out),
+    with the run's flags in run.json: --resume keeps what an interrupted run with the same flags finished,
+    otherwise it starts empty. Every process reads it before the first one changes it."""
+    parts = out.parent / f".{out.name}.parts"
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    if args.resume and (parts / "run.json").is_file() and data.read_config(parts, "run.json") != settings:
+        fail(f"--resume: {parts} was made with other flags: use the same flags, or leave out --resume to start again")
+    sync()
+    if first_process():
+        if not args.resume:
+            shutil.rmtree(parts, ignore_errors=True)
+        data.write_json(settings, parts / "run.json")
+    sync()
+    return parts
+
+def run_prompts(args, jobs: list[tuple[str, dict]], model, tok, magvit, judge, out: Path) -> int:
+    """A prompt set in GenEval's layout. Prompt k is made by process k mod K (its seeds depend on k and the
+    sample, not on the process: the judge's generator too restarts at each image's seed) and kept in its own
+    folder of `prompt_parts` as soon as it is done; then the first process publishes them all as --out."""
+    parts = prompt_parts(args, out)
+    rank, size = world()
+    mine = [k for k in range(rank, len(jobs), size) if not (parts / f"{k:05d}").is_dir()]
+    progress = Progress(strategy_of(args).replace("none", "generate"), len(mine) * args.samples, unit="image",
                         seconds=2.0)
-    for k, (prompt, meta) in enumerate(jobs):
-        folder = f"{k:05d}/"
-        files[folder + "metadata.jsonl"] = json.dumps(meta, indent=4) + "\n"
+    for n, k in enumerate(mine):
+        prompt, meta = jobs[k]
+        files = {"metadata.jsonl": json.dumps(meta, indent=4) + "\n"}
         for j in range(args.samples):
             seed = args.seed + (k * args.samples + j) * args.n
-            result = run_one(args, model, tok, magvit, judge, prompt, seed, "", quiet)
-            progress(k * args.samples + j + 1, f"prompt {k + 1}/{len(jobs)}")
-            chosen = decode_images(magvit, result.codes[None])[0]
-            files[f"{folder}samples/{j:04d}.png"] = chosen
+            if judge is not None:
+                judge.kw["generator"].manual_seed(seed)
+            result = run_one(args, model, tok, magvit, judge, prompt, seed, "", lambda *_: None)
+            progress(n * args.samples + j + 1, f"prompt {k + 1}/{len(jobs)}")
+            files[f"samples/{j:04d}.png"] = decode_images(magvit, result.codes[None])[0]
             if strategy_of(args) != "none":
-                files[f"{folder}traces/{j:04d}.json"] = json.dumps(result.trace, indent=2) + "\n"
-    if args.eval:
-        files.update(score_files(files, jobs, args.samples, f"{args.world} world, {strategy_of(args)}"))
-    write_outputs(out, files)
+                files[f"traces/{j:04d}.json"] = json.dumps(result.trace, indent=2) + "\n"
+        write_outputs(parts / f"{k:05d}", files)
+    sync()
+    if first_process():
+        publish_parts(args, jobs, parts, out)
+    return 0
+
+def publish_parts(args, jobs: list[tuple[str, dict]], parts: Path, out: Path) -> None:
+    """Every prompt's folder copied into --out, which is published in one rename (with --eval scored from the
+    PNGs, which hold the generated pixels exactly); then the parts are removed."""
+    scores = {}
+    with data.atomic_path(out, directory=True) as tmp:
+        for k in range(len(jobs)):
+            shutil.copytree(parts / f"{k:05d}", tmp / f"{k:05d}")
+        if args.eval:
+            names = [f"{k:05d}/samples/{j:04d}.png" for k in range(len(jobs)) for j in range(args.samples)]
+            images = {name: np.asarray(data.load_image(tmp / name)) for name in names}
+            scores = score_files(images, jobs, args.samples, f"{args.world} world, {strategy_of(args)}")
+            write_files(tmp, scores)
+    shutil.rmtree(parts)
     print(f"wrote {len(jobs)} prompt folder(s) under {out}/ in GenEval's layout", file=sys.stderr)
     if args.eval:
-        print(files["scores.md"], file=sys.stderr)
-    return 0
+        print(scores["scores.md"], file=sys.stderr)
 
 def score_files(files: dict, jobs: list[tuple[str, dict]], samples: int, name: str) -> dict:
     """GenEval's scoring of the world's images, from their pixels (data.evaluate): results.jsonl (one row per
@@ -438,12 +534,16 @@ def write_outputs(out: Path, files: dict) -> None:
     """Write every output into a temporary folder, then publish it as `out` in one rename, so a failure or an
     interrupt leaves nothing half written and no file of an earlier run. Values are uint8 images or text."""
     with data.atomic_path(out, directory=True) as tmp:
-        for name, value in files.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(value, np.ndarray):
-                data.save_png(value, tmp / name)
-            else:
-                (tmp / name).write_text(value)
+        write_files(tmp, files)
+
+def write_files(folder: Path, files: dict) -> None:
+    """Each of `files` (relative name: uint8 image or text) into `folder`."""
+    for name, value in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(value, np.ndarray):
+            data.save_png(value, folder / name)
+        else:
+            (folder / name).write_text(value)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -884,9 +884,11 @@ def encode_conversations(tokenizer, records: Sequence[data.Conversation],
     return SFTData(*([row[column] for row in rows] for column in range(4))), problems
 
 def sft_loss(model: LlavaOneVision, pixels: torch.Tensor, ids: Sequence[Sequence[int]],
-             labels: Sequence[Sequence[int]]) -> tuple[torch.Tensor, dict]:
+             labels: Sequence[Sequence[int]], tokens: int | None = None) -> tuple[torch.Tensor, dict]:
     """The fine-tuning loss of the reward models (Sec. 3.2, 4, 5), HF's causal-LM loss as in the released fine-tune:
-    mean next-token cross-entropy over the labelled tokens, the only logits computed. Returns (loss, stats)."""
+    mean next-token cross-entropy over the labelled tokens, the only logits computed. Returns (loss, stats).
+    `tokens`: when these examples are one process's share of a batch, the batch's labelled tokens
+    (`sft_token_count`), so that the mean is the batch's and the shares' losses and stats add up to it."""
     x, lengths = model.splice(ids, model.encode_images(pixels))
     states: list[torch.Tensor] = []
     model.lm(x, lengths, None, states, model.gradient_checkpointing)  # states[-1]: final-normed, every position
@@ -897,10 +899,20 @@ def sft_loss(model: LlavaOneVision, pixels: torch.Tensor, ids: Sequence[Sequence
         target[b, :len(row)] = torch.tensor(row)
     target = target[:, 1:].to(x.device)             # the state at position t predicts token t + 1
     scored = target != IGNORE
+    tokens = tokens or int(scored.sum())
     logits = model.lm.logits(states[-1][:, :-1][scored])
-    loss = F.cross_entropy(logits, target[scored])
-    accuracy = (logits.argmax(-1) == target[scored]).float().mean()
+    loss = F.cross_entropy(logits, target[scored], reduction="sum") / tokens
+    accuracy = (logits.argmax(-1) == target[scored]).float().sum() / tokens
     return loss, {"loss": loss.item(), "token_accuracy": accuracy.item(), "tokens": int(scored.sum())}
+
+def sft_token_count(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> int:
+    """The tokens `sft_loss` scores in these examples: every labelled one but a sequence's first (no state
+    predicts it); the image placeholder's label is never scored."""
+    count = 0
+    for t, row in zip(ids, labels):
+        p = list(t).index(IMAGE_PLACEHOLDER)
+        count += sum(1 for i, y in enumerate(row) if i and i != p and y != IGNORE)
+    return count
 
 # ---- 6. New checkpoints in the lmms-lab format: the tiny random one (`--tiny`), a world's untrained one -------
 

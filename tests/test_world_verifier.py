@@ -1,0 +1,135 @@
+"""The shapes world's verifier (train.py orm|parm --world): the untrained checkpoint the run writes and loads, the
+world tokenizer, a micro run from scratch that resumes exactly, the held-out accuracies against an independent
+count, and the flag combinations that stop before writing anything."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import train
+import verifiers as V
+from dpo import derive_seed
+
+# three specs whose scenes differ, so a scene of one is a wrong image for the next
+SPECS = [data.parse_prompt(p) for p in ("a photo of a red square", "a photo of two rings",
+                                        "a photo of a circle left of a cross")]
+
+
+def write_scenes(folder, name, n, seed):
+    """n ground-truth images: scene i is a correct scene of SPECS[i % 3] or, every other image, of the next spec.
+    Returns [(relative image path, prompt, the evaluator's (correct, reason))]."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        spec, drawn = SPECS[i % 3], SPECS[(i + i % 2) % 3]
+        image = data.render(data.sample_scene(drawn, rng))
+        rel = f"images/{name}{i}.png"
+        data.save_png(image, folder / rel)
+        out.append((rel, spec["prompt"], data.judge_prompt(image, spec["prompt"])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world_data(tmp_path_factory):
+    """orm.json (8 records) and heldout.json (10 records, every task), both labelled by the world's evaluator."""
+    folder = tmp_path_factory.mktemp("world")
+    train_records = [data.llava_record(f"t{i}", rel, [V.orm_question(p), "yes" if ok else "no"])
+                     for i, (rel, p, (ok, _)) in enumerate(write_scenes(folder, "t", 8, 0))]
+    data.write_json(train_records, folder / "orm.json")
+    questions = [lambda p: [V.orm_question(p)], lambda p: [V.prm_question(p)], lambda p: [V.clarity_question(p)],
+                 lambda p: list(V.potential_question(p)), lambda p: [V.reflection_question(p)]]
+    held = []
+    for i, (rel, p, (ok, why)) in enumerate(write_scenes(folder, "h", 10, 1)):
+        task = i % 5
+        answer = ("yes" if ok else f"no. {why}") if task == 4 else "yes" if ok else "no"
+        held.append(data.llava_record(f"h{i}", rel, [*questions[task](p), answer], task=train.HELDOUT_TASKS[task]))
+    data.write_json(held, folder / "heldout.json")
+    return folder
+
+
+def micro(world_data, out, *more):
+    return ["orm", "--world", "shapes", "--data", str(world_data / "orm.json"), "--device", "cpu", "--batch-size",
+            "4", "--epochs", "2", "--out", str(out), *more]
+
+
+def test_world_preset_sees_one_slot_per_patch():
+    cfg = V.LlavaConfig.from_preset("world")
+    assert cfg.vision.n_patches == data.SLOTS ** 2
+    assert data.GRID * data.CELL_PX * cfg.vision.patch_size / cfg.vision.image_size == data.SLOT * data.CELL_PX
+
+
+def test_untrained_world_verifier_round_trips(tmp_path):
+    tok = V.world_tokenizer(["a photo of a red square"], ["a photo of two rings"], ["no. no ring"])
+    init = train.world_verifier(tmp_path / "init", tok, seed=3)
+    v = V.load_verifier(init)
+    want = V.LlavaConfig.from_preset("world")
+    want.vocab_size = want.n_vocab = tok.get_vocab_size(with_added_tokens=True)
+    assert v.model.cfg == want
+    assert json.loads((init / "config.json").read_text())["torch_dtype"] == "float32"
+    model = V.new_llava(want, torch.Generator().manual_seed(derive_seed(3, "init")))     # the same draw, anew
+    got = dict(v.model.named_parameters())
+    assert all(torch.equal(got[k], p) for k, p in model.named_parameters())
+    assert float(got["lm.norm.weight"].min()) == 1.0 and abs(got["lm.embed_tokens.weight"].std().item() - 0.02) < 2e-3
+    image = data.render(data.sample_scene(SPECS[0], np.random.default_rng(0)))
+    assert v.judge_orm([image], ["a photo of a red square"])[0].p_yes > 0      # it runs, on the world's images
+
+
+def test_micro_world_orm_trains_resumes_exactly_and_scores_heldout(world_data, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    held = str(world_data / "heldout.json")
+    assert train.main(micro(world_data, a, "--heldout", held)) == 0
+    assert train.main(micro(world_data, b, "--stop-after", "1")) == 0
+    assert (b / "latest.json").is_file() and not (b / "config.json").exists()
+    assert train.main(micro(world_data, b, "--resume")) == 0
+    want, got = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    init = V.load_verifier(a / "init").model.state_dict()
+    assert not all(torch.equal(init[k], v) for k, v in V.load_verifier(a).model.state_dict().items())  # it trained
+    assert json.loads((a / "run.json").read_text())["train"]["lr"] == 1e-3       # the world's default
+
+    # every word of the world's texts is one token: prompts (training and evaluation), questions, reasons
+    tok = data.load_tokenizer(a / "init")
+    texts = [data.eval_specs()[-1]["prompt"], "a photo of four archs", "no. the ring is left of and above the bar"]
+    for text in texts + V.question_texts(["a photo of a purple triangle below a ring"]):
+        pieces = tok.pre_tokenizer.pre_tokenize_str(text.replace(V.IMAGE_TOKEN, ""))
+        assert len(tok.encode(text.replace(V.IMAGE_TOKEN, "")).ids) == len(pieces), text
+
+    # held-out accuracy, counted independently: one record at a time, the answer's first word
+    report = json.loads((a / "heldout.json").read_text())
+    verifier, counts = V.load_verifier(a), {}
+    for rec in json.loads((world_data / "heldout.json").read_text()):
+        turns = [t["value"] for t in rec["conversations"]]
+        judged = verifier.judge([data.load_image(world_data / rec["image"])], [turns[:-1]])[0].answer
+        c = counts.setdefault(rec["task"], [0, 0])
+        c[0] += judged == turns[-1].split(".")[0]
+        c[1] += 1
+    assert {t: [r["correct"], r["total"]] for t, r in report["tasks"].items()} == counts
+    assert sorted(counts) == sorted(train.HELDOUT_TASKS)
+    assert all(r["accuracy"] == r["correct"] / r["total"] for r in report["tasks"].values())
+    assert "[heldout] orm: accuracy" in capsys.readouterr().err
+
+
+def test_world_defaults_yield_to_flags():
+    parse = lambda *args: train.build_parser().parse_args(["orm", "--data", "x", "--out", "o", *args])  # noqa
+    for args, lr, vision_lr in ((["--world", "shapes"], 1e-3, 1e-3), ((), 1e-5, 2e-6),
+                                (["--world", "shapes", "--lr", "3e-4"], 3e-4, 1e-3)):
+        a = parse(*args)
+        train.sft_defaults(a)
+        assert (a.lr, a.vision_lr) == (lr, vision_lr), args
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--base", "somewhere"], "leave out --base and --tiny"),
+    (["--tiny"], "leave out --base and --tiny"),
+    (["--heldout", "missing.json"], "--heldout missing.json not found"),
+    (["--lr", "0"], "--lr must be positive"),
+])
+def test_world_bad_flags_write_nothing(world_data, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(micro(world_data, tmp_path / "o", *args))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
