@@ -1556,30 +1556,42 @@ def heldout_records(a) -> list[tuple[data.Conversation, str, str]]:
 def heldout_accuracy(verifier: verifiers.Verifier, records, batch: int = 64) -> dict[str, dict]:
     """Each record's question(s) judged as the searches judge (Sec. 3.2, 4, 5: Verifier.judge, the most likely
     first answer token, batched) against its answer. Per task: accuracy, counts, and how often "yes" was the
-    answer and the judgment (a judge that always says yes scores the first share)."""
+    answer and the judgment (a judge that always says yes scores the first share). The control
+    "shuffled_accuracy" judges each question with the NEXT record's image: a verifier that answers from the prompt
+    alone, not the image, scores as well there as with the right images."""
     tally: dict[str, Counter] = {}
     progress = sample.Progress("heldout", len(records), unit="record", seconds=10.0)
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
-        judged = verifier.judge([data.load_image(rec.image) for rec, _, _ in chunk],
-                                [rec.turns[:-1] for rec, _, _ in chunk])
-        for i, ((rec, task, answer), j) in enumerate(zip(chunk, judged)):
+        images = [data.load_image(rec.image) for rec, _, _ in chunk]
+        questions = [rec.turns[:-1] for rec, _, _ in chunk]
+        judged = verifier.judge(images, questions)
+        shuffled = verifier.judge(images[1:] + images[:1], questions)
+        for i, ((rec, task, answer), j, s) in enumerate(zip(chunk, judged, shuffled)):
             tally.setdefault(task, Counter()).update(total=1, correct=int(j.answer == answer),
-                                                     answer_yes=int(answer == "yes"), judged_yes=int(j.is_yes))
+                                                     answer_yes=int(answer == "yes"), judged_yes=int(j.is_yes),
+                                                     shuffled_correct=int(s.answer == answer))
             progress(start + i + 1)         # per record, so the line's rate is per record
-    return {task: {**tally[task], "accuracy": tally[task]["correct"] / tally[task]["total"]}
+    return {task: {**tally[task], "accuracy": tally[task]["correct"] / tally[task]["total"],
+                   "shuffled_accuracy": tally[task]["shuffled_correct"] / tally[task]["total"]}
             for task in HELDOUT_TASKS if task in tally}
 
 def report_heldout(a, out: Path, records, device: torch.device) -> int:
     """--heldout: the saved verifier, loaded as `--verifier OUT` loads it, judges the held-out records; the
     accuracies are printed and written to OUT/heldout.json."""
-    if not records:
+    if not records or not sample.first_process():     # one process judges and writes heldout.json
         return 0
-    tasks = heldout_accuracy(verifiers.load_verifier(out, device=device), records)
+    done = out / "heldout.json"
+    old = data.read_config(out, "heldout.json") if done.is_file() else {}
+    if old.get("heldout") == resolved(a.heldout) and all("shuffled_accuracy" in t for t in old["tasks"].values()):
+        tasks = old["tasks"]        # a finished run asked again: judged already
+    else:
+        tasks = heldout_accuracy(verifiers.load_verifier(out, device=device), records)
     for task, t in tasks.items():
         print(f"[heldout] {task}: accuracy {t['accuracy']:.3f} ({t['correct']}/{t['total']}; the answer is yes "
-              f"{t['answer_yes']} times, the verifier said yes {t['judged_yes']} times)", file=sys.stderr)
-    data.write_json({"heldout": resolved(a.heldout), "verifier": resolved(out), "tasks": tasks}, out / "heldout.json")
+              f"{t['answer_yes']} times, the verifier said yes {t['judged_yes']} times); with another record's "
+              f"image {t['shuffled_accuracy']:.3f}", file=sys.stderr)
+    data.write_json({"heldout": resolved(a.heldout), "verifier": resolved(out), "tasks": tasks}, done)
     return 0
 
 def run_sft(a, task: str) -> int:

@@ -133,3 +133,33 @@ def test_world_bad_flags_write_nothing(world_data, tmp_path, capsys, args, messa
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_heldout_control_tells_a_verifier_that_looks_from_one_that_does_not(tmp_path):
+    """The shuffled-image control: a judge that answers from the image loses accuracy when each question is
+    shown another record's image; a judge that answers from the prompt alone does not."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import verifiers
+
+    records = []
+    for k in range(6):                                   # bright image = "yes", dark = "no", alternating
+        path = tmp_path / f"{k}.png"
+        data.save_png(np.full((8, 8, 3), 250 if k % 2 == 0 else 5, dtype=np.uint8), path)
+        rec = SimpleNamespace(image=path, turns=[verifiers.orm_question(f"a photo of {k} things"), "?"])
+        records.append((rec, "orm", "yes" if k % 2 == 0 else "no"))
+    said = lambda yes: verifiers.Judgment(float(yes), float(not yes), "yes" if yes else "no", 0, 1)  # noqa: E731
+
+    class Looks:
+        def judge(self, images, questions):
+            return [said(np.asarray(im).mean() > 128) for im in images]
+
+    class Guesses:
+        def judge(self, images, questions):
+            return [said(int(q[0].split("photo of ")[1].split()[0]) % 2 == 0) for q in questions]
+
+    looks, guesses = train.heldout_accuracy(Looks(), records)["orm"], train.heldout_accuracy(Guesses(), records)["orm"]
+    assert looks["accuracy"] == 1.0 and looks["shuffled_accuracy"] == 0.0    # the next image has the other label
+    assert guesses["accuracy"] == 1.0 and guesses["shuffled_accuracy"] == 1.0
