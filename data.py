@@ -1038,6 +1038,12 @@ def draw_specs(specs: Sequence[dict], rng: np.random.Generator) -> Iterator[dict
         pool = by_tag[tags[rng.integers(len(tags))]]
         yield pool[rng.integers(len(pool))]
 
+def world_prompts(n: int, seed: int) -> list[str]:
+    """n of the world's training prompts (never its evaluation prompts), drawn as pretraining draws them: the
+    prompts `train.py curate --world` and `dpo --world --geneval N` work on."""
+    draw = draw_specs(train_specs(eval_specs()), np.random.default_rng(seed))
+    return [spec["prompt"] for spec in itertools.islice(draw, n)]
+
 def training_scenes(specs: Sequence[dict], n: int, seed: int, progress=None) -> tuple[list[str], torch.Tensor]:
     """The pretraining set: n (prompt, scene) examples, each a drawn spec (`draw_specs`) and a random correct scene
     of it (`sample_scene`). Returns the prompts and the scenes as slot codes [n, SLOTS * SLOTS] (SlotCodec's

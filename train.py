@@ -828,8 +828,7 @@ class DPORun:
         if a.prompts:
             prompts = data.read_prompts(a.prompts)
         elif a.geneval and a.world:
-            draw = data.draw_specs(data.train_specs(data.eval_specs()), np.random.default_rng(derive_seed(a.seed, r)))
-            prompts = [spec["prompt"] for spec in itertools.islice(draw, a.geneval)]
+            prompts = data.world_prompts(a.geneval, derive_seed(a.seed, r))
         elif a.geneval:
             prompts = data.training_prompts(a.geneval)
         else:
@@ -1090,9 +1089,8 @@ def curation_prompts(a) -> list[str]:
         if not prompts:
             raise DataError(f"every prompt of {a.prompts} is in the --exclude list: nothing is left to curate")
         return prompts
-    if a.world:     # N of the world's training prompts (never its evaluation prompts), drawn as pretraining does
-        draw = data.draw_specs(data.train_specs(data.eval_specs()), np.random.default_rng(a.seed))
-        return [spec["prompt"] for spec in itertools.islice(draw, a.num_prompts)]
+    if a.world:
+        return data.world_prompts(a.num_prompts, a.seed)
     kw = {}
     if a.objects:
         kw["objects"] = data.read_prompts(a.objects)
