@@ -1320,6 +1320,8 @@ def run_curate(a) -> int:
     if begin(out, curate_settings(a), a.resume, "curate", done=f"{a.task}.json"):
         return 0
     prompts = curation_prompts(a)
+    if a.reasons:       # read now, so a bad reasons file stops the run before any image is generated
+        data.read_reasons(a.reasons)
     device, showo, phi, magvit_dir = showo_run(a)
     model, tok = cotgen.load_showo(showo, phi, dtype=torch.float32, device=device)
     magvit = sample.image_tokenizer(a, magvit_dir, device=device)

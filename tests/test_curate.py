@@ -280,3 +280,15 @@ def test_an_interrupted_curation_continues_where_it_stopped(showo, tmp_path):
     assert sorted(p.name for p in (tmp_path / "split" / ".parts").iterdir()) == ["p000000.json", "p000001.json"]
     assert json.loads(run(tmp_path / "split", Interrupted).read_text()) == whole
     assert made == [0, 1, 2, 2]                       # the second run made only the missing prompt
+
+
+def test_a_bad_reasons_file_stops_curation_before_any_image(tiny, tmp_path, capsys):
+    bad = tmp_path / "r.jsonl"
+    bad.write_text('{"id": "reflect-p000000-k00"}\n')            # no reason
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        train.main(["curate", "--tiny", "--cache", cache_of(tiny), "--task", "reflect", "--num-prompts", "2",
+                    "--reasons", str(bad), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "r.jsonl line 1" in err and "non-empty reason" in err
+    assert not out.exists() or not any(out.rglob("*.png"))
