@@ -1057,6 +1057,56 @@ def training_scenes(specs: Sequence[dict], n: int, seed: int, progress=None) -> 
             progress(len(codes))
     return prompts, torch.from_numpy(np.stack(codes)).long()
 
+def caption(objs: Iterable[Obj]) -> str:
+    """What a scene shows, in the prompts' words: "a photo of a red circle and a blue square", objects in reading
+    order (slot row by slot row, left to right). The world verifier learns to see by writing these."""
+    ordered = sorted(objs, key=lambda o: (o.row // SLOT, o.col))
+    return "a photo of " + " and ".join(f"{with_article(o.color)} {o.shape}" for o in ordered)
+
+def near_miss(objs: Sequence[Obj], rng: np.random.Generator) -> list[Obj]:
+    """One random edit of a scene, the kind of mistake a generator makes: an object recoloured, reshaped,
+    dropped, added (half the time a copy of a present shape) or moved to a free slot."""
+    items = [(o.shape, o.color, (o.row // SLOT) * SLOTS + o.col // SLOT) for o in objs]
+    free = sorted(set(range(SLOTS * SLOTS)) - {slot for _, _, slot in items})
+    k, edit = int(rng.integers(len(items))), int(rng.integers(5))
+    shape, color, slot = items[k]
+    any_shape = lambda: SHAPE_NAMES[int(rng.integers(len(SHAPE_NAMES)))]  # noqa: E731
+    any_color = lambda: GENEVAL_COLORS[int(rng.integers(len(GENEVAL_COLORS)))]  # noqa: E731
+    if edit == 0:
+        items[k] = (shape, any_color(), slot)
+    elif edit == 1:
+        items[k] = (any_shape(), color, slot)
+    elif edit == 2 and len(items) > 1:
+        items.pop(k)
+    elif edit == 3 and free:
+        items.append((shape if rng.random() < 0.5 else any_shape(), any_color(), free[int(rng.integers(len(free)))]))
+    elif free:
+        items[k] = (shape, color, free[int(rng.integers(len(free)))])
+    return [in_slot(sh, co, int(sl)) for sh, co, sl in items]
+
+def verifier_scenes(n: int, seed: int) -> Iterator[tuple[np.ndarray, str, str, bool]]:
+    """The world verifier's pretraining set, as LLaVA-OneVision is trained on captions and questions before the
+    reward fine-tune: n painted scenes (no generator), each as (uint8 image, prompt, caption, does the evaluator
+    accept the image for the prompt). The prompt is a training prompt drawn as pretraining draws them; the scene
+    is a correct one half the time, a near miss of one a quarter, and a correct scene of another prompt of the
+    same template otherwise, so "yes" and "no" are about equally common and only the image tells them apart."""
+    rng = np.random.default_rng(seed)
+    specs = train_specs(eval_specs())
+    by_tag: dict[str, list[dict]] = {}
+    for spec in specs:
+        by_tag.setdefault(spec["tag"], []).append(spec)
+    for spec in itertools.islice(draw_specs(specs, rng), n):
+        r = rng.random()
+        if r < 0.5:
+            objs = sample_scene(spec, rng)
+        elif r < 0.75:
+            objs = near_miss(sample_scene(spec, rng), rng)
+        else:
+            pool = by_tag[spec["tag"]]
+            objs = sample_scene(pool[int(rng.integers(len(pool)))], rng)
+        cells = paint(objs)
+        yield cells_to_image(cells), spec["prompt"], caption(objs), judge_cells(cells, spec)[0]
+
 # ---- the shapes world: the evaluator (pixels only) -------------------------------------------------------
 
 DETECT_IOU = 0.6   # a component is an object when its best template IoU exceeds this (GenEval's 0.3 score cut)

@@ -25,6 +25,7 @@ import math
 import re
 import shutil
 import sys
+import textwrap
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -1014,9 +1015,14 @@ CURATE_DOC = """Ranking data for fine-tuning the reward models, in LLaVA's conve
 Show-o generates --samples paths per prompt, each with its own seed; the --verifier labels them (orm: final
 images; prm: every step, "yes" if any of --rollouts continuations ends "yes"; parm: clarity by the paper's static
 rule, potential answered by the final label, plus --orm-fraction of the orm records; reflect: "yes", or "no" with
-the reason). Writes OUT/TASK.json and OUT/images/; each prompt is saved as it finishes (--resume continues)."""
+the reason). Writes OUT/TASK.json and OUT/images/; each prompt is saved as it finishes (--resume continues).
 
-CURATE_TASKS = ("orm", "prm", "parm", "reflect")
+--world shapes --task scenes needs no generator: --num-prompts N painted scenes, each with a caption record and an
+outcome question on a drawn prompt answered by the evaluator (data.verifier_scenes): the world verifier's
+pretraining, as LLaVA-OneVision learns captions and questions before the paper fine-tunes it. Without it, a
+verifier trained from scratch on the generator's images answers from the prompt alone (README)."""
+
+CURATE_TASKS = ("orm", "prm", "parm", "reflect", "scenes")
 CURATE_SAMPLES = {"orm": 50, "prm": 1, "parm": 2, "reflect": 50}   # orm: the paper's ~50; prm: one path
 
 def add_curate_parser(sub) -> argparse.ArgumentParser:
@@ -1079,6 +1085,9 @@ def check_curate_args(a) -> None:
         fail("--reasons applies to --task reflect only")
     if a.task == "prm" and a.steps < 2:
         fail("--task prm needs --steps of at least 2: the rollouts continue from an intermediate step")
+    if a.task == "scenes" and not (a.world and a.num_prompts and not a.showo):
+        fail("--task scenes paints a world's scenes (no generator): give --world shapes and --num-prompts N (the "
+             "number of scenes), and leave out --prompts and --showo")
 
 def curation_prompts(a) -> list[str]:
     """The prompts of a curate run: a file (test prompts left out) or the template generator."""
@@ -1319,6 +1328,9 @@ def run_curate(a) -> int:
     out = Path(a.out)
     if begin(out, curate_settings(a), a.resume, "curate", done=f"{a.task}.json"):
         return 0
+    if a.task == "scenes":
+        claim_out(out, curate_settings(a))
+        return curate_scenes(a)
     prompts = curation_prompts(a)
     if a.reasons:       # read now, so a bad reasons file stops the run before any image is generated
         data.read_reasons(a.reasons)
@@ -1335,6 +1347,29 @@ def run_curate(a) -> int:
     tell(f"[curate {a.task}] {len(prompts)} prompts, {a.samples or CURATE_SAMPLES[a.task]} paths each, labelled "
          f"by {labeller}")
     Curate(a, model, tok, magvit, score_for, explain)(prompts)
+    return 0
+
+def curate_scenes(a) -> int:
+    """--task scenes: the world verifier's pretraining records, two per painted scene (data.verifier_scenes): its
+    caption, and the outcome question (Sec. 3.2) on a drawn prompt with the evaluator's answer. The first process
+    writes them all (no generator runs: a minute for 10k scenes); scenes.json is written last."""
+    out = Path(a.out)
+    if first_process():
+        records = []
+        progress = sample.Progress("curate scenes", a.num_prompts, unit="scene", seconds=2.0)
+        for i, (image, prompt, text, ok) in enumerate(data.verifier_scenes(a.num_prompts, a.seed)):
+            name, label = f"images/s{i:06d}.png", "yes" if ok else "no"
+            data.save_png(image, out / name)
+            records.append(data.llava_record(f"caption-s{i:06d}", name, [verifiers.CAPTION_QUESTION, text],
+                                             task="caption"))
+            records.append(data.llava_record(f"orm-s{i:06d}", name, [verifiers.orm_question(prompt), label],
+                                             prompt=prompt, label=label, task="orm"))
+            progress(i + 1)
+        data.write_json(records, out / "scenes.json", indent=1)
+        yes = sum(r.get("label") == "yes" for r in records)
+        tell(f"[curate scenes] wrote {out / 'scenes.json'}: {a.num_prompts} scenes, each captioned and judged "
+             f"({yes} yes, {a.num_prompts - yes} no)")
+    sync()
     return 0
 
 def verifier_labeller(a, device: torch.device):
@@ -1363,15 +1398,20 @@ Next-token cross-entropy on the assistant turns (--labels); AdamW, lr 1e-5 (2e-6
 with 3% warm-up, clipping at 1.0, one epoch. --out gets the lmms-lab layout (bf16) that `--verifier OUT` loads;
 checkpoints keep fp32 weights, so --resume continues exactly.
 
---world (README: The paper in miniature) has no pretrained LLaVA to start from: the same model at the size of
-LlavaConfig preset "world", with a tokenizer of the world's texts, is written untrained to OUT/init and trained
-from scratch, by default with lr 1e-3 for the LM and the tower, batch 32, 8 epochs, 5% warm-up (the flags still
-override them). --heldout FILE (curated with another --seed) is judged at the end by the saved verifier, greedily
-as the searches judge, and the accuracy per task (orm, prm, clarity, potential, reflect) goes to OUT/heldout.json."""
+--world (README: The paper in miniature) has no downloaded LLaVA to start from: the same model at the size of
+LlavaConfig preset "world", with a tokenizer of the world's texts, is written untrained to OUT/init and trained from
+scratch (or from a world verifier given as --base, as the pipeline starts from one pretrained on painted scenes:
+`curate --world shapes --task scenes`), by default with lr 1e-3 for the LM and the tower, batch 32, 8 epochs, 5%
+warm-up (the flags still override them). --heldout FILE (curated with another --seed) is judged at the end by the
+saved verifier, greedily as the searches judge, and the accuracy per task (orm, prm, clarity, potential, reflect)
+goes to OUT/heldout.json."""
 
 SFT_BASE = "weights/llava-onevision-qwen2-7b-ov"
 HELDOUT_TASKS = ("orm", "prm", "clarity", "potential", "reflect")
 WORLD_REASONS = 300     # reflection answers in the world tokenizer's corpus: enough to hold every reason's words
+# std of the world verifier's initial weights: with GPT-2's 0.02 a width-128 model starts with near-uniform
+# attention (verifiers._tiny_model notes the same), and the first world ORM's p(yes) hardly moved with the image
+WORLD_INIT_STD = 0.15
 
 def add_sft_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     d = TrainConfig.preset("sft")
@@ -1379,9 +1419,10 @@ def add_sft_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     g = sample.add_model_args(p, generator=False)
     g.add_argument("--base", default=None,
                    help=f"lmms-lab LLaVA-OneVision folder to fine-tune (default: the paper's 7B base, {SFT_BASE}; "
-                        "--tiny: the built-in tiny one)")
+                        "--tiny: the built-in tiny one; --world: a world verifier to start from, e.g. one trained "
+                        "on `curate --task scenes` data, instead of an untrained one)")
     g.add_argument("--world", choices=sample.WORLDS, default=None,
-                   help="train a miniature world's verifier from scratch (no --base; see above)")
+                   help="train a miniature world's verifier (from scratch unless --base; see above)")
     g.add_argument("--save-dtype", default="bf16", choices=("bf16", "fp32"),
                    help="dtype of the saved model (default bf16, as the released checkpoints)")
     g = p.add_argument_group("data")
@@ -1418,8 +1459,9 @@ def sft_defaults(a) -> None:
             setattr(a, f, getattr(preset, f))
 
 def check_sft_args(a) -> None:
-    if a.world and (a.base or a.tiny):
-        fail(f"--world {a.world} trains its verifier from scratch (written to OUT/init): leave out --base and --tiny")
+    if a.world and a.tiny:
+        fail(f"--world {a.world} trains its own verifier (from scratch, or from a world verifier given as --base): "
+             "leave out --tiny")
     if a.heldout and not Path(a.heldout).is_file():
         fail(f"--heldout {a.heldout} not found: pass a TASK.json written by `train.py curate` (another --seed)")
     check_optim_args(a)
@@ -1473,9 +1515,13 @@ def sft_trainer(verifier: verifiers.Verifier, examples: verifiers.SFTData, cfg: 
     return Trainer(model, objective, examples.source, cfg, lr_of=vision_lr)
 
 def sft_base(a, out: Path) -> Path:
-    """The folder the fine-tune starts from: --base, the tiny one, the paper's 7B, or with --world OUT/init."""
-    if a.world:
+    """The folder the fine-tune starts from: --base, the tiny one, the paper's 7B, or with --world and no --base
+    OUT/init (from scratch)."""
+    if a.world and not a.base:
         return out / "init"
+    if a.world and not (Path(a.base) / "config.json").is_file():
+        fail(f"--base {a.base} not found or not a verifier folder: with --world pass a world verifier that "
+             "`train.py orm --world ... --out DIR` wrote, or leave --base out to train from scratch")
     base = Path(a.base or (sample.tiny_checkpoints(a.cache)["llava"] if a.tiny else SFT_BASE))
     if not base.is_dir():
         fail(f"base model folder {base} not found: download lmms-lab/llava-onevision-qwen2-7b-ov (or -0.5b-ov) there, "
@@ -1502,14 +1548,14 @@ def world_texts() -> tuple[list[str], list[str], list[str]]:
 
 def world_verifier(init: Path, tok, seed: int) -> Path:
     """The untrained verifier of a world run, written once as OUT/init in the lmms-lab layout (fp32, weights
-    ~ N(0, 0.02): verifiers.new_llava), so that the fine-tune starts from it as from any base: the LlavaConfig
+    ~ N(0, WORLD_INIT_STD): verifiers.new_llava), so that the fine-tune starts from it as from any base: the LlavaConfig
     preset "world" with `tok`'s vocabulary. The first process writes it; the others wait for it."""
     if first_process() and not (init / "config.json").is_file():
         cfg = verifiers.LlavaConfig.from_preset("world")
         cfg.vocab_size = cfg.n_vocab = tok.get_vocab_size(with_added_tokens=True)
         gen = torch.Generator().manual_seed(derive_seed(seed, "init"))
         with data.atomic_path(init, directory=True) as d:
-            verifiers.write_llava(d, tok, verifiers.new_llava(cfg, gen), gen, dtype=torch.float32)
+            verifiers.write_llava(d, tok, verifiers.new_llava(cfg, gen, WORLD_INIT_STD), gen, dtype=torch.float32)
     sync()
     return init
 
@@ -1517,7 +1563,7 @@ def sft_start(a, base: Path, settings: dict, cfg: TrainConfig, device: torch.dev
     """(the verifier to fine-tune, fp32 master weights; the checked examples). --out is claimed once the data has
     been read and checked; with --world the data is tokenised by the world's tokenizer (OUT/init's when it is
     there) before the untrained verifier is written to OUT/init."""
-    if not a.world:
+    if not a.world or a.base:
         verifier = verifiers.load_verifier(base, dtype=torch.float32, device=device)
         examples = sft_examples(a, verifier.tokenizer, cfg)
         claim_out(Path(a.out), settings)
@@ -1553,28 +1599,58 @@ def heldout_records(a) -> list[tuple[data.Conversation, str, str]]:
         raise DataError(f"--heldout {a.heldout} holds no usable record")
     return usable
 
+def other_image(questions: Sequence) -> list[int]:
+    """For each record, the next one (cyclically) that asks another question: curated records come in groups of
+    one prompt's images, and a neighbour in the same group would share the prompt and mostly the label."""
+    n, partner = len(questions), []
+    for i, q in enumerate(questions):
+        partner.append(next((j % n for j in range(i + 1, i + n) if questions[j % n] != q), i))
+    return partner
+
 def heldout_accuracy(verifier: verifiers.Verifier, records, batch: int = 64) -> dict[str, dict]:
     """Each record's question(s) judged as the searches judge (Sec. 3.2, 4, 5: Verifier.judge, the most likely
     first answer token, batched) against its answer. Per task: accuracy, counts, and how often "yes" was the
     answer and the judgment (a judge that always says yes scores the first share). The control
-    "shuffled_accuracy" judges each question with the NEXT record's image: a verifier that answers from the prompt
-    alone, not the image, scores as well there as with the right images."""
+    "shuffled_accuracy" judges each question with another prompt's image (`other_image`): a verifier that answers
+    from the prompt alone, not the image, scores as well there as with the right images. "ranking" is what a
+    best-of-N search needs (`pair_ranking`)."""
     tally: dict[str, Counter] = {}
+    other = other_image([rec.turns[:-1] for rec, _, _ in records])
+    p_yes: list[float] = []
     progress = sample.Progress("heldout", len(records), unit="record", seconds=10.0)
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
         images = [data.load_image(rec.image) for rec, _, _ in chunk]
         questions = [rec.turns[:-1] for rec, _, _ in chunk]
         judged = verifier.judge(images, questions)
-        shuffled = verifier.judge(images[1:] + images[:1], questions)
+        shuffled = verifier.judge([data.load_image(records[other[start + i]][0].image) for i in range(len(chunk))],
+                                  questions)
+        p_yes += [j.p_yes for j in judged]
         for i, ((rec, task, answer), j, s) in enumerate(zip(chunk, judged, shuffled)):
             tally.setdefault(task, Counter()).update(total=1, correct=int(j.answer == answer),
                                                      answer_yes=int(answer == "yes"), judged_yes=int(j.is_yes),
                                                      shuffled_correct=int(s.answer == answer))
             progress(start + i + 1)         # per record, so the line's rate is per record
+    ranked = {task: pair_ranking([(str(rec.turns[:-1]), answer, p) for (rec, t, answer), p in zip(records, p_yes)
+                                  if t == task]) for task in tally}
     return {task: {**tally[task], "accuracy": tally[task]["correct"] / tally[task]["total"],
-                   "shuffled_accuracy": tally[task]["shuffled_correct"] / tally[task]["total"]}
+                   "shuffled_accuracy": tally[task]["shuffled_correct"] / tally[task]["total"],
+                   "ranking": ranked[task][0], "ranking_pairs": ranked[task][1]}
             for task in HELDOUT_TASKS if task in tally}
+
+def pair_ranking(judged: Sequence[tuple[str, str, float]]) -> tuple[float | None, int]:
+    """Over every pair of records that ask the same question (one prompt's images) where one answer is "yes" and
+    the other "no": the share where the "yes" image gets the higher p(yes), ties counting half; and the number of
+    pairs (None, 0 without any). 0.5 is a judge blind to the image: the searches' best-of-N needs this above it."""
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for question, answer, p in judged:
+        groups.setdefault(question, []).append((answer, p))
+    wins, pairs = 0.0, 0
+    for group in groups.values():
+        for yes in (p for a, p in group if a == "yes"):
+            for no in (p for a, p in group if a == "no"):
+                wins, pairs = wins + (yes > no) + 0.5 * (yes == no), pairs + 1
+    return (wins / pairs if pairs else None), pairs
 
 def report_heldout(a, out: Path, records, device: torch.device) -> int:
     """--heldout: the saved verifier, loaded as `--verifier OUT` loads it, judges the held-out records; the
@@ -1583,14 +1659,16 @@ def report_heldout(a, out: Path, records, device: torch.device) -> int:
         return 0
     done = out / "heldout.json"
     old = data.read_config(out, "heldout.json") if done.is_file() else {}
-    if old.get("heldout") == resolved(a.heldout) and all("shuffled_accuracy" in t for t in old["tasks"].values()):
+    if old.get("heldout") == resolved(a.heldout) and all("ranking" in t for t in old["tasks"].values()):
         tasks = old["tasks"]        # a finished run asked again: judged already
     else:
         tasks = heldout_accuracy(verifiers.load_verifier(out, device=device), records)
     for task, t in tasks.items():
         print(f"[heldout] {task}: accuracy {t['accuracy']:.3f} ({t['correct']}/{t['total']}; the answer is yes "
-              f"{t['answer_yes']} times, the verifier said yes {t['judged_yes']} times); with another record's "
-              f"image {t['shuffled_accuracy']:.3f}", file=sys.stderr)
+              f"{t['answer_yes']} times, the verifier said yes {t['judged_yes']} times); with another prompt's "
+              f"image {t['shuffled_accuracy']:.3f}; ranks a prompt's yes image above its no image "
+              f"{'-' if t.get('ranking') is None else format(t['ranking'], '.3f')} ({t.get('ranking_pairs', 0)} "
+              "pairs)", file=sys.stderr)
     data.write_json({"heldout": resolved(a.heldout), "verifier": resolved(out), "tasks": tasks}, done)
     return 0
 
@@ -1603,7 +1681,8 @@ def run_sft(a, task: str) -> int:
     cfg = train_config(a, device, "world_sft" if a.world else "sft", max_grad_norm=a.max_grad_norm or None,
                        label_rule=a.labels)
     settings = {"task": task, "train": cfg.fingerprint(),
-                "base": "tiny" if a.tiny else f"{a.world} world, from scratch" if a.world else resolved(base),
+                "base": "tiny" if a.tiny else f"{a.world} world, from scratch" if a.world and not a.base
+                        else resolved(base),
                 "data": [resolved(f) for f in a.data], "image_root": resolved(a.image_root), "fraction": a.fraction,
                 "skip_bad": a.skip_bad}
     heldout = heldout_records(a)
@@ -1721,19 +1800,21 @@ SHAPES_DOC = """The whole method in the shapes world, from scratch, and the pape
     python train.py shapes --out runs/shapes
 
 World -> pretrain Show-o -> curate with the world's evaluator as the automatic labeller (orm, prm, parm,
-reflect, and held-out sets from another seed) -> train the ORM, PRM, PARM and PARM++ verifiers from scratch ->
+reflect, and held-out sets from another seed) -> pretrain a LLaVA-OneVision on painted scenes (captions and
+outcome questions, `curate --task scenes`) -> fine-tune the ORM, PRM, PARM and PARM++ verifiers from it ->
 DPO and iterative DPO with pairs labelled by the trained ORM (as the paper) -> self-correction -> evaluate every
 row. Each stage is a `train.py` / `sample.py` command whose output folder is kept, so a killed run continues
 where it stopped (run the same command again). Writes OUT/results.md, results.png and examples.png."""
 
 # stage sizes: the defaults, and --micro (a smoke run in seconds that only checks that every row is produced)
 SHAPES_SIZES = {
-    "full": dict(pretrain=[], curate=1000, heldout=150, prm=150, reflect=500, dpo=600, paths=8, samples=4,
-                 limit=None, steps=18, examples=4, fast=[], dpo_labels=lambda v: ["--verifier", str(v / "orm")]),
+    "full": dict(pretrain=[], scenes=24000, curate=1000, heldout=150, prm=150, reflect=500, dpo=600, paths=8,
+                 samples=4, limit=None, steps=18, examples=4, fast=[],
+                 dpo_labels=lambda v: ["--verifier", str(v / "orm")]),
     "micro": dict(pretrain=["--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "120", "--scenes", "64",
                             "--batch-size", "16"],
-                  curate=6, heldout=3, prm=2, reflect=6, dpo=16, paths=2, samples=1, limit=2, steps=4, examples=1,
-                  fast=["--max-steps", "2"], dpo_labels=lambda v: []),   # the evaluator: a 2-step ORM may
+                  scenes=8, curate=6, heldout=3, prm=2, reflect=6, dpo=16, paths=2, samples=1, limit=2, steps=4,
+                  examples=1, fast=["--max-steps", "2"], dpo_labels=lambda v: []),   # the evaluator: a 2-step ORM may
                                                                            # label every image alike
 }
 
@@ -1743,14 +1824,27 @@ SHAPES_SIZES = {
 SHAPES_SHOWO_TUNING = ["--lr", "3e-4", "--epochs", "6", "--batch-size", "16", "--sft-coef", "1"]
 
 # PARM's data is ~24 records per path (clarity at 16 steps, potential after each clear one, 70% of the ORM
-# records): half of them for 2 epochs keeps its fine-tune near the ORM's cost
-PARM_SHARE = ["--fraction", "0.5", "--epochs", "2"]
+# records): half of them keeps its fine-tune near the ORM's cost
+PARM_SHARE = ["--fraction", "0.5"]
+
+# the world verifier's pretraining on painted scenes (curate --task scenes): one pass over 2 records per scene;
+# saved in fp32, as every verifier fine-tune starts from it (README: why the verifiers need it)
+VERIFIER_PRETRAINING = ["--epochs", "1", "--save-dtype", "fp32"]
+
+# the verifiers' fine-tune from that base: a lower lr than from scratch keeps what the base learned to see (seed-0
+# ORM data, 4000 records: lr 3e-4 ranked a prompt's "yes" image above its "no" image 0.84-0.88 of the time after
+# 1-4 epochs, lr 1e-3 0.54-0.77, from scratch 0.65-0.67)
+SHAPES_VERIFIER_TUNING = ["--lr", "3e-4", "--vision-lr", "3e-4", "--epochs", "2"]
 
 SHAPES_ROWS = (  # (row, generator, search flags, verifier): the rows of the paper's Tables 1, 3 and 5
     ("Baseline", "showo", [], None), ("Ft. ORM", "showo", ["--orm"], "orm"), ("Ft. PRM", "showo", ["--prm"], "prm"),
     ("PARM", "showo", ["--parm"], "parm"), ("PARM++", "selfcorrect", ["--parm++"], "parmpp"),
     ("DPO", "dpo/round_1/model", [], None), ("It. DPO", "dpo/round_2/model", [], None),
-    ("It. DPO + PARM", "dpo/round_2/model", ["--parm"], "parm"))
+    ("It. DPO + PARM", "dpo/round_2/model", ["--parm"], "parm"),
+    # the same DPO with pairs labelled by the evaluator instead of the trained ORM (the issue asks for both)
+    ("DPO, evaluator pairs", "dpo_evaluator/round_1/model", [], None),
+    ("It. DPO, evaluator pairs", "dpo_evaluator/round_2/model", [], None),
+    ("It. DPO, evaluator pairs + PARM", "dpo_evaluator/round_2/model", ["--parm"], "parm"))
 
 def add_shapes_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("shapes", help="the paper's tables in miniature: every step in the shapes world",
@@ -1772,28 +1866,38 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
                                     "--samples", str(samples), "--temperature", "1", "--steps", str(z["steps"]),
                                     "--seed", str(k)]
 
-    sft = lambda task, *files: ["parm" if task == "parm" else "orm", *w, *s, *z["fast"], *(  # noqa: E731
-        a for f in files for a in ("--data", str(d / f)))]
+    dpo_argv = ["dpo", *w, *s, *z["fast"], "--showo", showo, "--rounds", "2", "--geneval", str(z["dpo"]),
+                "--gen-steps", str(z["steps"]), *SHAPES_SHOWO_TUNING]     # without --verifier: evaluator pairs
+    sft = lambda task, *files: ["parm" if task == "parm" else "orm", *w, *s, "--base", str(v / "base"),  # noqa
+                                *SHAPES_VERIFIER_TUNING, *z["fast"],
+                                *(a for f in files for a in ("--data", str(d / f)))]
     return [(o / "showo", ["pretrain", *w, *s, *z["pretrain"]]),
             curate("orm", z["curate"]), curate("orm", z["heldout"], "orm_heldout", seed + 1),
             curate("prm", z["prm"], samples=1), curate("prm", z["heldout"] // 3, "prm_heldout", seed + 1, samples=1),
             curate("parm", z["curate"] // 4, samples=2),     # ~24 records per path: clarity at 16 steps, potential
             curate("parm", z["heldout"], "parm_heldout", seed + 1, 2),
             curate("reflect", z["reflect"]),
+            (d / "scenes", ["curate", "--world", "shapes", "--task", "scenes", "--num-prompts", str(z["scenes"]), *s]),
+            (v / "base", ["orm", *w, *s, *z["fast"], "--data", str(d / "scenes/scenes.json"), *VERIFIER_PRETRAINING,
+                          "--heldout", str(d / "orm_heldout/orm.json")]),
             (v / "orm", sft("orm", "orm/orm.json") + ["--heldout", str(d / "orm_heldout/orm.json")]),
             (v / "prm", sft("orm", "prm/prm.json") + ["--heldout", str(d / "prm_heldout/prm.json")]),
             (v / "parm", sft("parm", "parm/parm.json") + [*PARM_SHARE, "--heldout", str(d / "parm_heldout/parm.json")]),
             (v / "parmpp", sft("parm", "parm/parm.json", "reflect/reflect.json") + PARM_SHARE),
-            (o / "dpo", ["dpo", *w, *s, *z["fast"], "--showo", showo, *z["dpo_labels"](v), "--rounds", "2",
-                         "--geneval", str(z["dpo"]), "--gen-steps", str(z["steps"]), *SHAPES_SHOWO_TUNING]),
+            (o / "dpo", dpo_argv + z["dpo_labels"](v)), (o / "dpo_evaluator", dpo_argv),
             (o / "selfcorrect", ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
                                  str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING[:6]])]
+
+def row_folder(o: Path, row: str) -> Path:
+    """Where a row of the tables is evaluated: OUT/eval/<row in lower case, "++" as "pp", other marks as "_">
+    ("PARM++" -> parmpp, "It. DPO + PARM" -> it_dpo_parm), one folder per row."""
+    return o / "eval" / re.sub(r"[^a-z0-9]+", "_", row.lower().replace("++", "pp")).strip("_")
 
 def shapes_evaluate(o: Path, z: dict, seed: int, device: str) -> dict[str, dict[str, data.Score]] | None:
     """Every row of the tables scored on the world's evaluation prompts (sample.py --world shapes --eval)."""
     rows = {}
     for name, generator, search, verifier in SHAPES_ROWS:
-        folder = o / "eval" / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        folder = row_folder(o, name)
         if not (folder / "scores.json").is_file():
             argv = ["--world", "shapes", "--eval", "--showo", str(o / generator), *search, "--n", str(z["paths"]),
                     "--samples", str(z["samples"]), "--steps", str(z["steps"]), "--seed", str(seed),
@@ -1839,15 +1943,18 @@ def write_shapes_results(o: Path, rows: dict, seconds: float) -> None:
     """results.md (the table, the verifiers' held-out accuracies, the work per image) and results.png."""
     lines = ["# The paper's tables in the shapes world", "", data.markdown_table(rows), "",
              "## Verifiers: held-out accuracy against the evaluator", "",
-             "| verifier | task | accuracy | answer is yes (an always-yes judge scores this) | n |", "|---|---|---|---|---|"]
-    for name in ("orm", "prm", "parm"):
+             "| verifier | task | accuracy | with another prompt's image (a judge blind to the image keeps its "
+             "accuracy) | answer is yes (an always-yes judge scores this) | n | ranks a prompt's yes image above "
+             "its no image (blind: 0.5) | pairs |", "|---|---|---|---|---|---|---|---|"]
+    for name in ("base", "orm", "prm", "parm"):
         held = o / "verifiers" / name / "heldout.json"
         for task, r in (json.loads(held.read_text())["tasks"] if held.is_file() else {}).items():
-            lines.append(f"| {name} | {task} | {r['accuracy']:.3f} | {r['answer_yes'] / r['total']:.3f} | "
-                         f"{r['total']} |")
+            rank = "-" if r.get("ranking") is None else f"{r['ranking']:.3f}"
+            lines.append(f"| {name} | {task} | {r['accuracy']:.3f} | {r['shuffled_accuracy']:.3f} | "
+                         f"{r['answer_yes'] / r['total']:.3f} | {r['total']} | {rank} | {r.get('ranking_pairs', 0)} |")
     lines += ["", "## Work per image", "", "| row | Show-o token-forwards | verifier tokens |", "|---|---|---|"]
     for name, _, _, _ in SHAPES_ROWS:
-        work = search_work(o / "eval" / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
+        work = search_work(row_folder(o, name))
         if work:
             lines.append(f"| {name} | {work['showo_token_forwards']:.0f} | {work['verifier_tokens']:.0f} |")
     lines += ["", f"Total time of this invocation: {seconds / 60:.1f} min."]
@@ -1859,42 +1966,62 @@ def write_shapes_results(o: Path, rows: dict, seconds: float) -> None:
 EXAMPLE_TAGS = ("counting", "position", "color_attr", "two_object", "colors", "single_object")
 
 def verdict(image: np.ndarray, prompt: str) -> str:
+    """The evaluator's verdict as a tile caption: two lines of at most 20 characters, the width of a tile."""
     ok, reason = data.judge_prompt(image, prompt)
-    return "yes" if ok else f"no: {reason}"[:40]
+    return "yes" if ok else "\n".join(textwrap.wrap(f"no: {reason}", 20)[:2])
+
+def correction(o: Path, k: int, prompt: str, codec) -> tuple[int, Path | None, dict | None]:
+    """PARM++'s best story on evaluation prompt k, from the PARM++ row's traces: (kind, final image, its first
+    reflection), kind 0 when it said "no" to a wrong image and the corrected one is right, 1 when it said "no",
+    2 otherwise (no trace: (3, None, None))."""
+    best: tuple[int, Path | None, dict | None] = (3, None, None)
+    for trace in sorted((row_folder(o, "PARM++") / f"{k:05d}" / "traces").glob("*.json")):
+        first = (json.loads(trace.read_text()).get("reflections") or [None])[0]
+        if first is None:
+            continue
+        final = trace.parent.parent / "samples" / f"{trace.stem}.png"
+        before = sample.decode_images(codec, torch.tensor([first["codes"]]))[0]
+        fixed = not data.judge_prompt(before, prompt)[0] and data.judge_prompt(np.asarray(data.load_image(final)),
+                                                                                prompt)[0]
+        kind = 2 if first["answer"] != "no" else 0 if fixed else 1
+        best = min(best, (kind, final, first), key=lambda b: b[0])
+    return best
 
 def shapes_examples(o: Path, z: dict, seed: int, device: torch.device) -> np.ndarray:
-    """examples.png: for a few evaluation prompts (counting, position and colour attribution first), the baseline's
-    image, PARM's paths (each with the step its potential assessment pruned it at), PARM's choice, and PARM++'s
-    first image and its correction with the verifier's reason; every caption ends with the evaluator's verdict."""
+    """examples.png: a few evaluation prompts, one per tag first, those where PARM++ fixed an image first (then
+    counting, position, colour attribution): the baseline's image, PARM's paths (each with the step its potential
+    assessment pruned it at), PARM's choice, and from the PARM++ row's evaluation its first image, the verifier's
+    reason and the corrected image; every caption ends with the evaluator's verdict."""
     codec, specs = data.SlotCodec(), data.eval_specs()
     base, tok = cotgen.load_showo(o / "showo", None, dtype=torch.float32, device=device)
-    fixer, fixer_tok = cotgen.load_showo(o / "selfcorrect", None, dtype=torch.float32, device=device)
-    parm, parmpp = (cotgen.Judge(verifiers.load_verifier(o / "verifiers" / v, device=device))
-                    for v in ("parm", "parmpp"))
+    parm = cotgen.Judge(verifiers.load_verifier(o / "verifiers" / "parm", device=device))
     evaluated = range(min(len(specs), z["limit"] or len(specs)))
-    order = sorted(evaluated, key=lambda k: EXAMPLE_TAGS.index(specs[k]["tag"]))
+    stories = {k: correction(o, k, specs[k]["prompt"], codec) for k in evaluated}
+    order = sorted(evaluated, key=lambda k: (stories[k][0], EXAMPLE_TAGS.index(specs[k]["tag"])))
+    seen: set[str] = set()
+    one_per_tag = [k for k in order if not (specs[k]["tag"] in seen or seen.add(specs[k]["tag"]))]
     rows = []
-    for k in order[:z["examples"]]:
+    for k in (one_per_tag + [k for k in order if k not in one_per_tag])[:z["examples"]]:
         prompt = specs[k]["prompt"]
         first = np.asarray(data.load_image(o / "eval" / "baseline" / f"{k:05d}" / "samples" / "0000.png"))
         tiles = [(first, f"baseline\n{verdict(first, prompt)}")]
         with torch.inference_mode():
             r = cotgen.parm_search(base, tok, codec, parm, prompt, z["paths"], steps=z["steps"], seed=seed)
-            pp = cotgen.parm_plus_plus(fixer, fixer_tok, codec, parmpp, prompt, z["paths"], steps=z["steps"],
-                                       seed=seed, rounds=1)
         finals = sample.decode_images(codec, r.finals.clamp(min=0))
         for i, path in enumerate(r.trace["paths"]):
             ended = path["ended"] or ""
-            state = ended.split(":")[0].replace("truncated", "pruned") if "truncated" in ended else "kept"
-            tiles.append((finals[i], f"PARM path {i}: {state}\n{verdict(finals[i], prompt)}"))
+            step = re.search(r"step (\d+)", ended) if "truncated" in ended else None
+            tiles.append((finals[i], f"path {i} " + (f"pruned, step {step.group(1)}" if step else "kept") +
+                          f"\n{verdict(finals[i], prompt)}"))
         chosen = sample.decode_images(codec, r.codes[None])[0]
-        tiles.append((chosen, f"PARM's choice (path {r.winner})\n{verdict(chosen, prompt)}"))
-        reflections = pp.trace["reflections"]
-        before = sample.decode_images(codec, torch.tensor([reflections[0]["codes"]]))[0]
-        tiles.append((before, f"PARM++ before: {reflections[0]['answer']}\n{verdict(before, prompt)}"))
-        if "reason" in reflections[0]:
-            after = sample.decode_images(codec, pp.codes[None])[0]
-            tiles.append((after, f"corrected: {reflections[0]['reason'][:34]}\n{verdict(after, prompt)}"))
+        tiles.append((chosen, f"PARM's choice: {r.winner}\n{verdict(chosen, prompt)}"))
+        _, final, reflection = stories[k]
+        if reflection is not None:
+            before = sample.decode_images(codec, torch.tensor([reflection["codes"]]))[0]
+            tiles.append((before, f"PARM++ 1st: {reflection['answer']}\n{verdict(before, prompt)}"))
+        if reflection is not None and "reason" in reflection:
+            after = np.asarray(data.load_image(final))
+            tiles.append((after, f"fixed: {strip_no(reflection['reason'])[:13]}\n{verdict(after, prompt)}"))
         rows.append((prompt, tiles))
     return data.captioned_rows(rows)
 

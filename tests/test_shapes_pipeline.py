@@ -47,14 +47,50 @@ def test_world_curation_refuses_a_verifier(world_showo, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_scenes_are_captioned_and_judged_from_their_pixels(tmp_path):
+    """curate --task scenes: every caption names the objects the evaluator's detector finds on the saved PNG, in
+    reading order; every outcome answer is the evaluator's verdict on it; both answers occur."""
+    out = tmp_path / "scenes"
+    assert train.main(["curate", "--world", "shapes", "--task", "scenes", "--num-prompts", "60", "--seed", "3",
+                       "--out", str(out)]) == 0
+    records = json.loads((out / "scenes.json").read_text())
+    assert [r["task"] for r in records] == ["caption", "orm"] * 60
+    for caption, judged in zip(records[::2], records[1::2]):
+        assert caption["image"] == judged["image"]
+        image = np.asarray(data.load_image(out / caption["image"]))
+        found = [d for ds in data.detect(data.snap_cells(image)).values() for d in ds]
+        found.sort(key=lambda d: (d.box[1] // (data.SLOT * data.CELL_PX), d.box[0]))     # slot row, then x
+        words = " and ".join(f"{'an' if d.color[0] in 'aeiou' else 'a'} {d.color} {d.shape}" for d in found)
+        assert caption["conversations"][1]["value"] == f"a photo of {words}"
+        ok, _ = data.judge_prompt(image, judged["prompt"])
+        assert judged["conversations"][1]["value"] == ("yes" if ok else "no")
+        assert judged["prompt"] in judged["conversations"][0]["value"]
+    assert {r["label"] for r in records[1::2]} == {"yes", "no"}
+    # reading order is by slot: a bar sits one cell lower in its slot than a circle does in the next one
+    scene = [data.in_slot("circle", "blue", 2), data.in_slot("bar", "orange", 0), data.in_slot("ring", "red", 4)]
+    assert data.caption(scene) == "a photo of an orange bar and a blue circle and a red ring"
+
+
+def test_scenes_need_the_world_and_no_generator(tmp_path, capsys):
+    for extra in ([], ["--world", "shapes", "--showo", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            train.main(["curate", "--task", "scenes", "--num-prompts", "2", *extra, "--out", str(tmp_path / "o")])
+        assert e.value.code == 2 and "--task scenes paints a world's scenes" in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+
+
 def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_path):
     out = tmp_path / "shapes"
     assert train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu"]) == 0
     table = (out / "results.md").read_text()
     rows = [name for name, *_ in train.SHAPES_ROWS]
-    assert rows == ["Baseline", "Ft. ORM", "Ft. PRM", "PARM", "PARM++", "DPO", "It. DPO", "It. DPO + PARM"]
+    assert rows == ["Baseline", "Ft. ORM", "Ft. PRM", "PARM", "PARM++", "DPO", "It. DPO", "It. DPO + PARM",
+                    "DPO, evaluator pairs", "It. DPO, evaluator pairs", "It. DPO, evaluator pairs + PARM"]
     for name in rows:
         assert f"| {name} | " in table
+    folders = sorted(p.name for p in (out / "eval").iterdir() if (p / "scores.json").is_file())
+    assert folders == sorted(["baseline", "ft_orm", "ft_prm", "parm", "parmpp", "dpo", "it_dpo", "it_dpo_parm",
+                              "dpo_evaluator_pairs", "it_dpo_evaluator_pairs", "it_dpo_evaluator_pairs_parm"])
     for verifier, task in (("orm", "orm"), ("prm", "prm"), ("parm", "clarity"), ("parm", "potential")):
         assert f"| {verifier} | {task} | " in table
     assert data.load_image(out / "results.png").size[0] > 0 and data.load_image(out / "examples.png").size[0] > 0

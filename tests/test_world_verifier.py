@@ -69,10 +69,10 @@ def test_untrained_world_verifier_round_trips(tmp_path):
     want.vocab_size = want.n_vocab = tok.get_vocab_size(with_added_tokens=True)
     assert v.model.cfg == want
     assert json.loads((init / "config.json").read_text())["torch_dtype"] == "float32"
-    model = V.new_llava(want, torch.Generator().manual_seed(derive_seed(3, "init")))     # the same draw, anew
+    model = V.new_llava(want, torch.Generator().manual_seed(derive_seed(3, "init")), 0.15)   # the same draw, anew
     got = dict(v.model.named_parameters())
     assert all(torch.equal(got[k], p) for k, p in model.named_parameters())
-    assert float(got["lm.norm.weight"].min()) == 1.0 and abs(got["lm.embed_tokens.weight"].std().item() - 0.02) < 2e-3
+    assert float(got["lm.norm.weight"].min()) == 1.0 and abs(got["lm.embed_tokens.weight"].std().item() - 0.15) < 0.015
     image = data.render(data.sample_scene(SPECS[0], np.random.default_rng(0)))
     assert v.judge_orm([image], ["a photo of a red square"])[0].p_yes > 0      # it runs, on the world's images
 
@@ -122,8 +122,8 @@ def test_world_defaults_yield_to_flags():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--base", "somewhere"], "leave out --base and --tiny"),
-    (["--tiny"], "leave out --base and --tiny"),
+    (["--base", "somewhere"], "--base somewhere not found or not a verifier folder"),
+    (["--tiny"], "leave out --tiny"),
     (["--heldout", "missing.json"], "--heldout missing.json not found"),
     (["--lr", "0"], "--lr must be positive"),
 ])
@@ -137,7 +137,8 @@ def test_world_bad_flags_write_nothing(world_data, tmp_path, capsys, args, messa
 
 def test_heldout_control_tells_a_verifier_that_looks_from_one_that_does_not(tmp_path):
     """The shuffled-image control: a judge that answers from the image loses accuracy when each question is
-    shown another record's image; a judge that answers from the prompt alone does not."""
+    shown another prompt's image; a judge that answers from the prompt alone does not. Records come two per
+    prompt, as curated ones come in groups: the control must skip the group's other image, whose label is the same."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -145,11 +146,11 @@ def test_heldout_control_tells_a_verifier_that_looks_from_one_that_does_not(tmp_
     import verifiers
 
     records = []
-    for k in range(6):                                   # bright image = "yes", dark = "no", alternating
-        path = tmp_path / f"{k}.png"
-        data.save_png(np.full((8, 8, 3), 250 if k % 2 == 0 else 5, dtype=np.uint8), path)
-        rec = SimpleNamespace(image=path, turns=[verifiers.orm_question(f"a photo of {k} things"), "?"])
-        records.append((rec, "orm", "yes" if k % 2 == 0 else "no"))
+    for k in range(8):                       # bright image = "yes", dark = "no", alternating prompt by prompt
+        path, yes = tmp_path / f"{k}.png", (k // 2) % 2 == 0
+        data.save_png(np.full((8, 8, 3), 250 if yes else 5, dtype=np.uint8), path)
+        rec = SimpleNamespace(image=path, turns=[verifiers.orm_question(f"a photo of {k // 2} things"), "?"])
+        records.append((rec, "orm", "yes" if yes else "no"))
     said = lambda yes: verifiers.Judgment(float(yes), float(not yes), "yes" if yes else "no", 0, 1)  # noqa: E731
 
     class Looks:
@@ -161,5 +162,13 @@ def test_heldout_control_tells_a_verifier_that_looks_from_one_that_does_not(tmp_
             return [said(int(q[0].split("photo of ")[1].split()[0]) % 2 == 0) for q in questions]
 
     looks, guesses = train.heldout_accuracy(Looks(), records)["orm"], train.heldout_accuracy(Guesses(), records)["orm"]
-    assert looks["accuracy"] == 1.0 and looks["shuffled_accuracy"] == 0.0    # the next image has the other label
+    assert looks["accuracy"] == 1.0 and looks["shuffled_accuracy"] == 0.0    # the next prompt has the other label
     assert guesses["accuracy"] == 1.0 and guesses["shuffled_accuracy"] == 1.0
+
+
+def test_pair_ranking_by_hand():
+    """Pairs are formed within one question only; ties count half; a question without both answers adds none."""
+    judged = [("q1", "yes", 0.9), ("q1", "no", 0.2), ("q1", "no", 0.95), ("q2", "yes", 0.5), ("q2", "no", 0.5),
+              ("q3", "yes", 0.1), ("q4", "no", 0.99)]
+    assert train.pair_ranking(judged) == (1.5 / 3, 3)
+    assert train.pair_ranking([("q", "yes", 0.3)]) == (None, 0)
