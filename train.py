@@ -1352,7 +1352,7 @@ def run_curate(a) -> int:
 def curate_scenes(a) -> int:
     """--task scenes: the world verifier's pretraining records, two per painted scene (data.verifier_scenes): its
     caption, and the outcome question (Sec. 3.2) on a drawn prompt with the evaluator's answer. The first process
-    writes them all (no generator runs: a minute for 10k scenes); scenes.json is written last."""
+    writes them all (no generator runs: about a minute for 24,000); scenes.json is written last."""
     out = Path(a.out)
     if first_process():
         records = []
