@@ -858,6 +858,11 @@ class Obj:
         h, w = SHAPES[self.shape].shape
         return self.row, self.col, self.row + h, self.col + w
 
+    @property
+    def slot(self) -> int:
+        """The slot (raster order) holding the object's top-left cell."""
+        return (self.row // SLOT) * SLOTS + self.col // SLOT
+
 def paint(objects: Iterable[Obj], grid: int = GRID) -> np.ndarray:
     """Objects -> the [grid, grid] map of palette codes (0 = background)."""
     cells = np.zeros((grid, grid), dtype=np.int64)
@@ -1027,12 +1032,17 @@ def sample_scene(spec: dict, rng: np.random.Generator) -> list[Obj]:
             return objs
     raise RuntimeError(f"no scene found for {spec['prompt']!r}")
 
-def draw_specs(specs: Sequence[dict], rng: np.random.Generator) -> Iterator[dict]:
-    """An endless draw of specs: the template uniform over the tags present, then the prompt uniform within it
-    (so the 3780 colour-attribution prompts do not swamp the 14 counting ones)."""
+def specs_by_tag(specs: Iterable[dict]) -> dict[str, list[dict]]:
+    """The specs grouped by their GenEval tag, each group in the given order."""
     by_tag: dict[str, list[dict]] = {}
     for spec in specs:
         by_tag.setdefault(spec["tag"], []).append(spec)
+    return by_tag
+
+def draw_specs(specs: Sequence[dict], rng: np.random.Generator) -> Iterator[dict]:
+    """An endless draw of specs: the template uniform over the tags present, then the prompt uniform within it
+    (so the 3780 colour-attribution prompts do not swamp the 14 counting ones)."""
+    by_tag = specs_by_tag(specs)
     tags = sorted(by_tag)
     while True:
         pool = by_tag[tags[rng.integers(len(tags))]]
@@ -1060,13 +1070,13 @@ def training_scenes(specs: Sequence[dict], n: int, seed: int, progress=None) -> 
 def caption(objs: Iterable[Obj]) -> str:
     """What a scene shows, in the prompts' words: "a photo of a red circle and a blue square", objects in reading
     order (slot row by slot row, left to right). The world verifier learns to see by writing these."""
-    ordered = sorted(objs, key=lambda o: (o.row // SLOT, o.col))
+    ordered = sorted(objs, key=lambda o: (o.slot // SLOTS, o.col))
     return "a photo of " + " and ".join(f"{with_article(o.color)} {o.shape}" for o in ordered)
 
 def near_miss(objs: Sequence[Obj], rng: np.random.Generator) -> list[Obj]:
     """One random edit of a scene, the kind of mistake a generator makes: an object recoloured, reshaped,
     dropped, added (half the time a copy of a present shape) or moved to a free slot."""
-    items = [(o.shape, o.color, (o.row // SLOT) * SLOTS + o.col // SLOT) for o in objs]
+    items = [(o.shape, o.color, o.slot) for o in objs]
     free = sorted(set(range(SLOTS * SLOTS)) - {slot for _, _, slot in items})
     k, edit = int(rng.integers(len(items))), int(rng.integers(5))
     shape, color, slot = items[k]
@@ -1092,9 +1102,7 @@ def verifier_scenes(n: int, seed: int) -> Iterator[tuple[np.ndarray, str, str, b
     same template otherwise, so "yes" and "no" are about equally common and only the image tells them apart."""
     rng = np.random.default_rng(seed)
     specs = train_specs(eval_specs())
-    by_tag: dict[str, list[dict]] = {}
-    for spec in specs:
-        by_tag.setdefault(spec["tag"], []).append(spec)
+    by_tag = specs_by_tag(specs)
     for spec in itertools.islice(draw_specs(specs, rng), n):
         r = rng.random()
         if r < 0.5:
@@ -1393,7 +1401,7 @@ def slot_codes(objs: Iterable[Obj]) -> np.ndarray:
     """A ground-truth scene's codes [SLOTS * SLOTS]: what each slot holds (scenes built by `place`)."""
     codes = np.zeros(SLOTS * SLOTS, dtype=np.int64)
     for o in objs:
-        codes[(o.row // SLOT) * SLOTS + o.col // SLOT] = SLOT_CONTENTS.index((o.shape, o.color))
+        codes[o.slot] = SLOT_CONTENTS.index((o.shape, o.color))
     return codes
 
 class SlotCodec:

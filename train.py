@@ -1534,9 +1534,7 @@ def world_texts() -> tuple[list[str], list[str], list[str]]:
     answers (Sec. 5) "no. <reason>", the evaluator's reason on a correct scene of a same-template prompt."""
     evaluation = data.eval_specs()
     specs = data.train_specs(evaluation) + evaluation
-    by_tag: dict[str, list[dict]] = {}
-    for spec in specs:
-        by_tag.setdefault(spec["tag"], []).append(spec)
+    by_tag = data.specs_by_tag(specs)
     rng = np.random.default_rng(0)      # a fixed draw: one tokenizer for every run of the world
     answers = []
     for spec in itertools.islice(data.draw_specs(specs, rng), WORLD_REASONS):
@@ -1667,8 +1665,8 @@ def report_heldout(a, out: Path, records, device: torch.device) -> int:
         print(f"[heldout] {task}: accuracy {t['accuracy']:.3f} ({t['correct']}/{t['total']}; the answer is yes "
               f"{t['answer_yes']} times, the verifier said yes {t['judged_yes']} times); with another prompt's "
               f"image {t['shuffled_accuracy']:.3f}; ranks a prompt's yes image above its no image "
-              f"{'-' if t.get('ranking') is None else format(t['ranking'], '.3f')} ({t.get('ranking_pairs', 0)} "
-              "pairs)", file=sys.stderr)
+              f"{'-' if t['ranking'] is None else format(t['ranking'], '.3f')} ({t['ranking_pairs']} pairs)",
+              file=sys.stderr)
     data.write_json({"heldout": resolved(a.heldout), "verifier": resolved(out), "tasks": tasks}, done)
     return 0
 
@@ -2021,7 +2019,7 @@ def shapes_examples(o: Path, z: dict, seed: int, device: torch.device) -> np.nda
             tiles.append((before, f"PARM++ 1st: {reflection['answer']}\n{verdict(before, prompt)}"))
         if reflection is not None and "reason" in reflection:
             after = np.asarray(data.load_image(final))
-            tiles.append((after, f"fixed: {strip_no(reflection['reason'])[:13]}\n{verdict(after, prompt)}"))
+            tiles.append((after, f"after: {strip_no(reflection['reason'])[:13]}\n{verdict(after, prompt)}"))
         rows.append((prompt, tiles))
     return data.captioned_rows(rows)
 
