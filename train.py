@@ -1800,8 +1800,8 @@ SHAPES_DOC = """The whole method in the shapes world, from scratch, and the pape
 World -> pretrain Show-o -> curate with the world's evaluator as the automatic labeller (orm, prm, parm,
 reflect, and held-out sets from another seed) -> pretrain a LLaVA-OneVision on painted scenes (captions and
 outcome questions, `curate --task scenes`) -> fine-tune the ORM, PRM, PARM and PARM++ verifiers from it ->
-DPO and iterative DPO with pairs labelled by the trained ORM (as the paper) -> self-correction -> evaluate every
-row. Each stage is a `train.py` / `sample.py` command whose output folder is kept, so a killed run continues
+DPO and iterative DPO with pairs labelled by the automatic labeller (as the paper's Sec. 3.3: its pairs are the
+ORM's ranking data), and again by the trained ORM -> self-correction -> evaluate every row. Each stage is a `train.py` / `sample.py` command whose output folder is kept, so a killed run continues
 where it stopped (run the same command again). Writes OUT/results.md, results.png and examples.png."""
 
 # stage sizes: the defaults, and --micro (a smoke run in seconds that only checks that every row is produced)
@@ -1837,12 +1837,13 @@ SHAPES_VERIFIER_TUNING = ["--lr", "3e-4", "--vision-lr", "3e-4", "--epochs", "2"
 SHAPES_ROWS = (  # (row, generator, search flags, verifier): the rows of the paper's Tables 1, 3 and 5
     ("Baseline", "showo", [], None), ("Ft. ORM", "showo", ["--orm"], "orm"), ("Ft. PRM", "showo", ["--prm"], "prm"),
     ("PARM", "showo", ["--parm"], "parm"), ("PARM++", "selfcorrect", ["--parm++"], "parmpp"),
+    # Sec. 3.3 pairs "the ranking data for training ORM", so their yes/no is the automatic labeller's: the evaluator
     ("DPO", "dpo/round_1/model", [], None), ("It. DPO", "dpo/round_2/model", [], None),
     ("It. DPO + PARM", "dpo/round_2/model", ["--parm"], "parm"),
-    # the same DPO with pairs labelled by the evaluator instead of the trained ORM (the issue asks for both)
-    ("DPO, evaluator pairs", "dpo_evaluator/round_1/model", [], None),
-    ("It. DPO, evaluator pairs", "dpo_evaluator/round_2/model", [], None),
-    ("It. DPO, evaluator pairs + PARM", "dpo_evaluator/round_2/model", ["--parm"], "parm"))
+    # the same DPO with pairs labelled by the trained ORM instead (sampled answers, as the released code decides)
+    ("DPO, ORM pairs", "dpo_orm/round_1/model", [], None),
+    ("It. DPO, ORM pairs", "dpo_orm/round_2/model", [], None),
+    ("It. DPO, ORM pairs + PARM", "dpo_orm/round_2/model", ["--parm"], "parm"))
 
 def add_shapes_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("shapes", help="the paper's tables in miniature: every step in the shapes world",
@@ -1882,7 +1883,7 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
             (v / "prm", sft("orm", "prm/prm.json") + ["--heldout", str(d / "prm_heldout/prm.json")]),
             (v / "parm", sft("parm", "parm/parm.json") + [*PARM_SHARE, "--heldout", str(d / "parm_heldout/parm.json")]),
             (v / "parmpp", sft("parm", "parm/parm.json", "reflect/reflect.json") + PARM_SHARE),
-            (o / "dpo", dpo_argv + z["dpo_labels"](v)), (o / "dpo_evaluator", dpo_argv),
+            (o / "dpo", dpo_argv), (o / "dpo_orm", dpo_argv + z["dpo_labels"](v)),
             (o / "selfcorrect", ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
                                  str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING[:6]])]
 

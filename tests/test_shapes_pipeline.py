@@ -85,12 +85,12 @@ def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_pa
     table = (out / "results.md").read_text()
     rows = [name for name, *_ in train.SHAPES_ROWS]
     assert rows == ["Baseline", "Ft. ORM", "Ft. PRM", "PARM", "PARM++", "DPO", "It. DPO", "It. DPO + PARM",
-                    "DPO, evaluator pairs", "It. DPO, evaluator pairs", "It. DPO, evaluator pairs + PARM"]
+                    "DPO, ORM pairs", "It. DPO, ORM pairs", "It. DPO, ORM pairs + PARM"]
     for name in rows:
         assert f"| {name} | " in table
     folders = sorted(p.name for p in (out / "eval").iterdir() if (p / "scores.json").is_file())
     assert folders == sorted(["baseline", "ft_orm", "ft_prm", "parm", "parmpp", "dpo", "it_dpo", "it_dpo_parm",
-                              "dpo_evaluator_pairs", "it_dpo_evaluator_pairs", "it_dpo_evaluator_pairs_parm"])
+                              "dpo_orm_pairs", "it_dpo_orm_pairs", "it_dpo_orm_pairs_parm"])
     for verifier, task in (("orm", "orm"), ("prm", "prm"), ("parm", "clarity"), ("parm", "potential")):
         assert f"| {verifier} | {task} | " in table
     assert data.load_image(out / "results.png").size[0] > 0 and data.load_image(out / "examples.png").size[0] > 0
