@@ -303,28 +303,25 @@ def sample_images(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotge
 
 def curate_pairs(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotgen.MAGVITv2, score: Scorer,
                  prompts: Sequence[str], n: int = 4, *, seed: int = 0, steps: int = 18, cfg: float = 1.75,
-                 progress: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
+                 per_prompt: int = 1, progress: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
     """Sec. 3.3, ranking data for DPO and for each round of iterative DPO: generate n images per prompt with
-    `model`, label each yes/no with the verifier, and pair one random "yes" with one random "no"; prompts
+    `model`, label each yes/no with the verifier, and pair a random "yes" with a random "no" (the paper: one pair
+    per prompt; `per_prompt` > 1 keeps up to that many different pairs, for a world with few prompts); prompts
     whose images all get the same label are dropped. Returns (records with token lists, counts)."""
     records, dropped = [], 0
     t0 = time.time()
     for j, prompt in enumerate(prompts):
         codes, images = sample_images(model, tok, magvit, prompt, n, derive_seed(seed, "curate", j), steps, cfg)
         p_yes, yes = score(images, [prompt] * n)
-        yes = torch.as_tensor(yes, dtype=torch.bool).cpu()
-        if yes.all() or not yes.any():
-            dropped += 1
-        else:
-            g = torch.Generator().manual_seed(derive_seed(seed, "pair", j))
-            ys, ns = yes.nonzero()[:, 0], (~yes).nonzero()[:, 0]
-            w = int(ys[torch.randint(len(ys), (1,), generator=g)])
-            l = int(ns[torch.randint(len(ns), (1,), generator=g)])
-            if torch.equal(codes[w], codes[l]):
-                dropped += 1
-            else:
-                records.append({"prompt": prompt, "chosen": codes[w].tolist(), "rejected": codes[l].tolist(),
-                                "p_yes_chosen": float(p_yes[w]), "p_yes_rejected": float(p_yes[l])})
+        yes = torch.as_tensor(yes, dtype=torch.bool).cpu().tolist()
+        # every (yes, no) pair of different images, in a random order drawn from the prompt's own generator
+        pairs = [(w, l) for w in range(n) for l in range(n)
+                 if yes[w] and not yes[l] and not torch.equal(codes[w], codes[l])]
+        g = torch.Generator().manual_seed(derive_seed(seed, "pair", j))
+        chosen = [pairs[int(i)] for i in torch.randperm(len(pairs), generator=g)[:per_prompt]]
+        dropped += not chosen
+        records += [{"prompt": prompt, "chosen": codes[w].tolist(), "rejected": codes[l].tolist(),
+                     "p_yes_chosen": float(p_yes[w]), "p_yes_rejected": float(p_yes[l])} for w, l in chosen]
         if progress is not None:
             progress(f"curate {j + 1}/{len(prompts)} prompts  {len(records)} pairs  {dropped} dropped (labels agree)"
                      f"  {time.time() - t0:.1f}s")

@@ -698,6 +698,9 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
                         "of the world's training prompts, drawn as its pretraining draws them)")
     g.add_argument("--curate-samples", type=int, default=4, help="images generated per prompt when curating pairs "
                                                                  "(default 4)")
+    g.add_argument("--pairs-per-prompt", type=int, default=1, metavar="K",
+                   help="preference pairs kept per prompt when curating: up to K different (yes, no) image pairs "
+                        "(default 1, as the paper; more suits a world with few distinct prompts)")
     g.add_argument("--judge", default="sample", choices=("sample", "greedy"),
                    help="how the verifier's yes/no label is decided when curating: sampled as the released code "
                         "does (default), or the most likely answer")
@@ -726,7 +729,7 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
 
 def check_dpo_args(a) -> None:
     check_optim_args(a)
-    at_least(a, 1, "rounds", "curate_samples", "gen_steps", "online_per_step", "geneval")
+    at_least(a, 1, "rounds", "curate_samples", "pairs_per_prompt", "gen_steps", "online_per_step", "geneval")
     at_least(a, 0, "gen_cfg", "sft_coef", "reward_coef")
     at_least(a, 0, "beta", above=True)
     if a.reward_coef and a.online_samples < 2:
@@ -791,8 +794,8 @@ class DPORun:
         a = self.a
         return {"train": self.cfg.fingerprint(), "showo": "tiny" if a.tiny and not a.showo else resolved(self.showo),
                 "data": resolved(a.data), "prompts": resolved(a.prompts), "geneval": a.geneval, "rounds": a.rounds,
-                "curate_samples": a.curate_samples, "judge": a.judge, "skip_bad": a.skip_bad,
-                "online_prompts": resolved(a.online_prompts), "world": a.world,
+                "curate_samples": a.curate_samples, "pairs_per_prompt": a.pairs_per_prompt, "judge": a.judge,
+                "skip_bad": a.skip_bad, "online_prompts": resolved(a.online_prompts), "world": a.world,
                 "verifier": resolved(self.verifier_dir)}
 
     def scorer(self, decide: str = "greedy", seed: int = 0) -> dpo.Scorer:
@@ -837,6 +840,7 @@ class DPORun:
         score = self.scorer(a.judge, derive_seed(a.seed, r, "judge"))
         records, stats = dpo.curate_pairs(model, tok, self.magvit, score, prompts, a.curate_samples,
                                           seed=derive_seed(a.seed, r), steps=a.gen_steps, cfg=a.gen_cfg,
+                                          per_prompt=a.pairs_per_prompt,
                                           progress=sample.Progress(f"round {r}", 1, seconds=2.0).note)
         print(f"[round {r}] curated {stats['pairs']} pairs from {stats['prompts']} prompts ({stats['dropped']} "
               "dropped: all images got the same label)", file=sys.stderr)
@@ -1817,9 +1821,16 @@ SHAPES_SIZES = {
 }
 
 # fine-tuning the world's Show-o (DPO, self-correction): a small model trained from scratch takes a larger lr and
-# more epochs than the released 1.3B recipe; the SFT term keeps DPO from drifting (tried on the seed-0 world:
-# lr 1e-4 x 2 epochs 0.61, 3e-4 x 6 0.62, + sft-coef 1 0.63, 1e-3 x 10 collapsed to 0.40; baseline 0.58)
-SHAPES_SHOWO_TUNING = ["--lr", "3e-4", "--epochs", "6", "--batch-size", "16", "--sft-coef", "1"]
+# more epochs than the released 1.3B recipe (seed-0 world: lr 1e-3 x 10 epochs collapsed DPO to 0.40)
+SHAPES_SHOWO_TUNING = ["--lr", "3e-4", "--epochs", "6", "--batch-size", "16"]
+
+# DPO in the world: the paper trains on 10K pairs, 600 prompts x 4 images give ~150-220, too few to move it. More
+# images per prompt and up to 4 pairs from each give ~800; a larger beta and one shared mask per pair keep it from
+# drifting without an SFT term. Scratch experiments, one round, judged by the evaluator on 300 training-template
+# prompts x 2 images (not the evaluation prompts): seed 0 0.638 -> 0.688, seed 1 0.562 -> 0.623; with 4 images,
+# 1 pair, beta 0.1 and SFT weight 1 (the earlier setting) 0.629 on seed 0; beta 2 on ~150 pairs collapsed counting
+SHAPES_DPO = ["--curate-samples", "8", "--pairs-per-prompt", "4", "--beta", "2", "--shared-mask",
+              "--sft-coef", "0"]
 
 # PARM's data is ~24 records per path (clarity at 16 steps, potential after each clear one, 70% of the ORM
 # records): half of them keeps its fine-tune near the ORM's cost
@@ -1866,7 +1877,7 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
                                     "--seed", str(k)]
 
     dpo_argv = ["dpo", *w, *s, *z["fast"], "--showo", showo, "--rounds", "2", "--geneval", str(z["dpo"]),
-                "--gen-steps", str(z["steps"]), *SHAPES_SHOWO_TUNING]     # without --verifier: evaluator pairs
+                "--gen-steps", str(z["steps"]), *SHAPES_SHOWO_TUNING, *SHAPES_DPO]   # no --verifier: evaluator pairs
     sft = lambda task, *files: ["parm" if task == "parm" else "orm", *w, *s, "--base", str(v / "base"),  # noqa
                                 *SHAPES_VERIFIER_TUNING, *z["fast"],
                                 *(a for f in files for a in ("--data", str(d / f)))]
@@ -1885,7 +1896,7 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
             (v / "parmpp", sft("parm", "parm/parm.json", "reflect/reflect.json") + PARM_SHARE),
             (o / "dpo", dpo_argv), (o / "dpo_orm", dpo_argv + z["dpo_labels"](v)),
             (o / "selfcorrect", ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
-                                 str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING[:6]])]
+                                 str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING])]
 
 def row_folder(o: Path, row: str) -> Path:
     """Where a row of the tables is evaluated: OUT/eval/<row in lower case, "++" as "pp", other marks as "_">

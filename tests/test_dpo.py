@@ -183,6 +183,24 @@ def test_curation_pairs_a_yes_with_a_no_and_drops_agreeing_prompts(tiny, showo, 
         assert p[0] > p[1]
 
 
+def test_curation_keeps_up_to_k_different_yes_no_pairs_per_prompt(tiny, showo, magvit):
+    model, tok = showo
+    prompts = ["a photo of a cat", "a photo of a red apple"]
+    for k in (2, 10):
+        records, stats = dpo.curate_pairs(model, tok, magvit, brightness_scorer, prompts, 4, seed=1, steps=2,
+                                          per_prompt=k)
+        for j, prompt in enumerate(prompts):     # the prompt's 4 images again, labelled by the scorer itself
+            codes, images = dpo.sample_images(model, tok, magvit, prompt, 4, dpo.derive_seed(1, "curate", j), 2, 1.75)
+            yes = brightness_scorer(images, [prompt] * 4)[1].tolist()
+            codes = [tuple(c) for c in codes.tolist()]
+            possible = {(codes[w], codes[l]) for w in range(4) for l in range(4)
+                        if yes[w] and not yes[l] and codes[w] != codes[l]}
+            mine = [(tuple(r["chosen"]), tuple(r["rejected"])) for r in records if r["prompt"] == prompt]
+            assert len(possible) >= 3 and len(mine) == len(set(mine)) == min(k, len(possible))
+            assert set(mine) <= possible
+        assert stats == {"prompts": 2, "pairs": len(records), "dropped": 0}
+
+
 def test_checkpoint_reloads_in_sample_py_with_identical_logits(tiny, showo, tmp_path):
     _, tok = showo
     policy = fresh(tiny)

@@ -349,6 +349,7 @@ def test_every_user_error_of_the_command_lines_goes_through_fail():
     (["dpo", "--data", "p.jsonl", "--beta", "inf"], "--beta must be positive (got inf)"),
     (["dpo", "--data", "p.jsonl", "--reward-coef", "0.1", "--online-prompts", "none.txt"], "prompt file none.txt"),
     (["dpo", "--data", "p.jsonl", "--verifier", "no-such-folder"], "--verifier no-such-folder is not a folder"),
+    (["dpo", "--geneval", "4", "--pairs-per-prompt", "0"], "--pairs-per-prompt must be at least 1 (got 0)"),
     (["selfcorrect", "--reflect", "r.json", "--warmup-ratio", "nan"], "--warmup-ratio must be in [0, 1)"),
     (["orm", "--data", "orm.json", "--vision-lr", "inf"], "--vision-lr must be positive (got inf)"),
     (["orm", "--data", "orm.json", "--max-grad-norm", "nan"], "--max-grad-norm must be at least 0 (got nan)"),
