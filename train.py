@@ -1805,8 +1805,9 @@ World -> pretrain Show-o -> curate with the world's evaluator as the automatic l
 reflect, and held-out sets from another seed) -> pretrain a LLaVA-OneVision on painted scenes (captions and
 outcome questions, `curate --task scenes`) -> fine-tune the ORM, PRM, PARM and PARM++ verifiers from it ->
 DPO and iterative DPO with pairs labelled by the automatic labeller (as the paper's Sec. 3.3: its pairs are the
-ORM's ranking data), and again by the trained ORM -> self-correction -> evaluate every row. Each stage is a `train.py` / `sample.py` command whose output folder is kept, so a killed run continues
-where it stopped (run the same command again). Writes OUT/results.md, results.png and examples.png."""
+ORM's ranking data), and again by the trained ORM -> self-correction -> evaluate every row. Each stage is a
+`train.py` / `sample.py` command whose output folder is kept, so a killed run continues where it stopped (run the
+same command again). Writes OUT/results.md, results.png and examples.png."""
 
 # stage sizes: the defaults, and --micro (a smoke run in seconds that only checks that every row is produced)
 SHAPES_SIZES = {
