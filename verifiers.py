@@ -114,7 +114,7 @@ class LlavaConfig:
         every field typed and bounded as it is read."""
         ckpt_dir = Path(ckpt_dir)
         src, cfg = ckpt_dir / "config.json", data.read_config(ckpt_dir)
-        field = lambda key, kind, default=data.REQUIRED: data.config_field(cfg, key, kind, src, default)  # noqa
+        field = _field_reader(cfg, src)
         kind = field("model_type", str, None)
         if kind in ("llava", "llava_qwen"):
             tower = field("mm_vision_tower", str, "siglip")
@@ -133,7 +133,8 @@ class LlavaConfig:
                                       f"size {vision.hidden_size}: fix vision_tower/config.json")
             return _language_config(cfg, vision, field("tie_word_embeddings", bool, False), src, "")
         if kind == "llava_onevision":
-            layer, strategy = field("vision_feature_layer", int, -1), field("vision_feature_select_strategy", str, "full")
+            layer = field("vision_feature_layer", int, -1)
+            strategy = field("vision_feature_select_strategy", str, "full")
             if layer != -1 or strategy != "full":
                 raise CheckpointError(f"{src} has vision_feature_layer={layer}, vision_feature_select_strategy="
                                       f"{strategy!r}: only -1 / 'full' is supported")
@@ -148,11 +149,16 @@ class LlavaConfig:
         raise CheckpointError(f"{src} has model_type {kind!r}: this is not a LLaVA-OneVision checkpoint (lmms-lab: "
                               "'llava' or 'llava_qwen'; llava-hf: 'llava_onevision')")
 
+def _field_reader(cfg: dict, src: Path, section: str = ""):
+    """data.config_field bound to one config dict (`section`: where it sits in `src`)."""
+    def field(key, kind, default=data.REQUIRED, low=None, high=None):
+        return data.config_field(cfg, key, kind, src, default, low, high, section)
+    return field
+
 def _language_config(text: dict, vision: VisionConfig, tie: bool, src: Path, section: str) -> LlavaConfig:
     """The Qwen2 fields of a LLaVA config (`section`: where they sit in `src`), typed, bounded and consistent:
     whole heads of even size, query heads a multiple of the key/value heads, no sliding window."""
-    field = lambda key, kind, default=data.REQUIRED, low=None, high=None: data.config_field(  # noqa: E731
-        text, key, kind, src, default, low, high, section)
+    field = _field_reader(text, src, section)
     if field("use_sliding_window", bool, False):
         raise CheckpointError(f"{src} enables sliding-window attention, which LLaVA-OneVision does not use: set "
                               f"{section}use_sliding_window to false")
@@ -173,8 +179,7 @@ def _language_config(text: dict, vision: VisionConfig, tie: bool, src: Path, sec
 
 def _vision_from_hf(vis: dict, deleted: int, src: Path, section: str = "") -> VisionConfig:
     """A SiglipVisionConfig dict (null fields take so400m's values) whose last `deleted` layers LLaVA drops."""
-    field = lambda key, kind, default, low=None, high=None: data.config_field(  # noqa: E731
-        vis, key, kind, src, default, low, high, section)
+    field = _field_reader(vis, src, section)
     if field("hidden_act", str, "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise CheckpointError(f"{src}: {section}hidden_act is {vis['hidden_act']!r}, but LLaVA-OneVision's tower "
                               "uses gelu_pytorch_tanh")
@@ -323,15 +328,14 @@ class Qwen2Block(nn.Module):
         return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
 
 class Qwen2LM(nn.Module):
-    def __init__(self, cfg: LlavaConfig, tied: bool | None = None):
+    def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.n_vocab, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen2Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        tied = cfg.tie_word_embeddings if tied is None else tied
         # a tied checkpoint (0.5B) stores no lm_head: the output projection reads embed_tokens.weight
-        self.lm_head = None if tied else nn.Linear(cfg.hidden_size, cfg.n_vocab, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.n_vocab, bias=False)
 
     def forward(self, x, n_new: torch.Tensor, cache: KVCache | None = None, trace: list | None = None,
                 checkpoint: bool = False):
@@ -368,7 +372,7 @@ class Qwen2LM(nn.Module):
         return KVCache(len(self.layers), batch, self.cfg.n_kv_head, self.cfg.head_dim, capacity, w.dtype, w.device)
 
 class LlavaOneVision(nn.Module):
-    def __init__(self, cfg: LlavaConfig, tied: bool | None = None):
+    def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.cfg = cfg
         self.vision = SiglipTower(cfg.vision)
@@ -376,7 +380,7 @@ class LlavaOneVision(nn.Module):
         self.projector.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.hidden_size)
         self.projector.linear_2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.image_newline = nn.Parameter(torch.zeros(cfg.hidden_size))
-        self.lm = Qwen2LM(cfg, tied)
+        self.lm = Qwen2LM(cfg)
         self.gradient_checkpointing = False  # True: recompute layers in the backward pass, as the released fine-tune
 
     def encode_images(self, pixels):
@@ -457,13 +461,13 @@ def question_task(turns: Sequence[str]) -> str | None:
 
 Question = str | Sequence[str]
 
-def render_chat(turns: Question, system: str = SYSTEM_PROMPT) -> str:
+def render_chat(turns: Question) -> str:
     """The qwen_1_5 ChatML (`conv_qwen` of `llava/conversation.py`) of turns user, assistant, ..., user; open end."""
     turns = [turns] if isinstance(turns, str) else list(turns)
     if len(turns) % 2 == 0 or not all(isinstance(t, str) for t in turns):
         raise ValueError(f"turns alternate user, assistant, ..., user (an odd count of strings), got {len(turns)}")
     body = "".join(f"<|im_start|>{('user', 'assistant')[i % 2]}\n{text}<|im_end|>\n" for i, text in enumerate(turns))
-    return f"<|im_start|>system\n{system}<|im_end|>\n{body}<|im_start|>assistant\n"
+    return f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n{body}<|im_start|>assistant\n"
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
@@ -497,9 +501,10 @@ def preprocess(image, size: int = 384, where: str = "image") -> torch.Tensor:
                         "[3, H, W] in [-1, 1] or a uint8 array [H, W, 3] (use data.load_image for a file)")
     im = image if image.mode == "RGB" else image.convert("RGB")
     w, h = im.size
+    side = max(w, h)
     if w != h:
-        canvas = Image.new("RGB", (max(w, h),) * 2, PAD_FILL)
-        canvas.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        canvas = Image.new("RGB", (side, side), PAD_FILL)
+        canvas.paste(im, ((side - w) // 2, (side - h) // 2))
         im = canvas
     x = np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.uint8)
     x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
@@ -648,7 +653,6 @@ class Verifier:
                    for b, (t, n) in enumerate(zip(ids, n_new.tolist()))]
         return self._decide(self.model.lm.logits(h), n_new, **kw), handles
 
-    @torch.inference_mode()
     def judge_potential(self, handles: Sequence[TurnCache], prompts: Sequence[str], **kw) -> list[Judgment]:
         """Sec. 4, PARM, task 2: potential assessment; only its new tokens are run, on each image's cached turn."""
         return self.judge_followup(handles, [potential_question(p) for p in self._as_list(prompts, "prompts")], **kw)
@@ -771,13 +775,13 @@ def load_verifier(ckpt_dir: str | os.PathLike, dtype: torch.dtype | str = torch.
     if n_vocab > cfg.vocab_size:
         raise CheckpointError(f"the tokenizer in {ckpt_dir} has {n_vocab} tokens but the model only {cfg.vocab_size} "
                               "embedding rows: the tokenizer belongs to another model")
-    cfg = replace(cfg, n_vocab=n_vocab)
     keys = data.find_weight_files(ckpt_dir)
     layout = detect_layout(keys)
     prefixes = LAYOUTS[layout]
+    # a checkpoint that stores an lm_head uses it, whatever its config says
     tied = cfg.tie_word_embeddings and dict(prefixes)["lm.lm_head."] + "weight" not in keys
     with torch.device("meta"):
-        model = LlavaOneVision(cfg, tied=tied)
+        model = LlavaOneVision(replace(cfg, n_vocab=n_vocab, tie_word_embeddings=tied))
     kmap = key_map(model, prefixes)
     rows = {k: n_vocab for k, v in kmap.items() if v in ("lm.embed_tokens.weight", "lm.lm_head.weight")}
     data.load_state(model, ckpt_dir, kmap, dtype=dtype, device=device, row_limit=rows,
@@ -933,11 +937,6 @@ def chat_tokenizer(corpus: Sequence[str], vocab_size: int, where: str):
     check_tokenizer(tok, where)
     return tok
 
-def _tiny_tokenizer():
-    corpus = data.tiny_corpus() + question_texts(("a photo of a red apple", "a photo of two dogs",
-                                                  "a photo of a cat left of a bench"))
-    return chat_tokenizer([c.replace(IMAGE_TOKEN, "") for c in corpus], 400, "the tiny tokenizer")
-
 def world_tokenizer(prompts: Sequence[str], question_prompts: Sequence[str], answers: Sequence[str],
                     vocab_size: int = 1024):
     """A miniature world's text tokenizer (README: The paper in miniature): its prompts, the chat the verifier
@@ -949,7 +948,7 @@ def world_tokenizer(prompts: Sequence[str], question_prompts: Sequence[str], ans
     chats = [chunk for q in question_texts(question_prompts) for chunk in special.split(render_chat(q)) if chunk]
     return chat_tokenizer([*prompts, *chats, *answers], vocab_size, "the world tokenizer")
 
-def _tiny_model(cfg: LlavaConfig, tok, gen: torch.Generator, std: float = 0.02) -> LlavaOneVision:
+def _tiny_model(cfg: LlavaConfig, tok, gen: torch.Generator) -> LlavaOneVision:
     """Random weights, rounded to bf16. The `yes`/`no` lm_head rows point along the mean answer-position state
     of a few judgments, so that yes/no dominate there as in the fixtures (random weights give them ~0)."""
     model = LlavaOneVision(cfg)
@@ -960,7 +959,7 @@ def _tiny_model(cfg: LlavaConfig, tok, gen: torch.Generator, std: float = 0.02) 
             # larger query/key weights give peaked attention, so that positions and masks change the output
             # (with std 0.02 attention is nearly uniform and a wrong position or cache row would go unnoticed)
             scale = 12 if name.endswith(("q_proj.weight", "k_proj.weight")) or name == "image_newline" else 1
-            w = std * scale * torch.randn(p.shape, generator=gen)
+            w = 0.02 * scale * torch.randn(p.shape, generator=gen)
         p.data = w.bfloat16().float()
     verifier = Verifier(model, tok)
     images = [torch.rand(3, 64, 64, generator=gen) * 2 - 1 for _ in range(3)]
@@ -985,7 +984,9 @@ def new_llava(cfg: LlavaConfig, gen: torch.Generator, std: float = 0.02) -> Llav
 
 def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """A deterministic tiny random LLaVA-OneVision in the lmms-lab format, as two bf16 shards with an index."""
-    tok = _tiny_tokenizer()
+    corpus = data.tiny_corpus() + question_texts(("a photo of a red apple", "a photo of two dogs",
+                                                  "a photo of a cat left of a bench"))
+    tok = chat_tokenizer([c.replace(IMAGE_TOKEN, "") for c in corpus], 400, "the tiny tokenizer")
     cfg = replace(LlavaConfig.from_preset("tiny"), n_vocab=tok.get_vocab_size(with_added_tokens=True))
     gen = torch.Generator().manual_seed(seed)
     return write_llava(out_dir, tok, _tiny_model(cfg, tok, gen), gen)
