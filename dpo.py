@@ -116,18 +116,21 @@ def pair_log_likelihoods(policy: cotgen.Showo, reference: cotgen.Showo, tok: cot
     ids, labels = training_sequences(tok, list(batch.prompts) * 2, codes, masked, drop)
     scored = (labels[:B] != IGNORE).sum(dim=1)
     mine = torch.arange(B)[rows]
-    ids, labels = share(ids, labels, torch.cat((mine, B + mine)), policy.embed_tokens.weight.device)
-    allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
+    ids, labels, allowed = share(policy, tok, ids, labels, torch.cat((mine, B + mine)))
     logp = image_log_likelihood(policy, ids, labels, allowed)
     with torch.no_grad():
         logp_ref = image_log_likelihood(reference, ids, labels, allowed)
     return logp.chunk(2), logp_ref.chunk(2), scored.to(logp.device)
 
-def share(ids: torch.Tensor, labels: torch.Tensor, pick: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows `pick` of a batch's sequences, on `device` (a whole batch is taken as it is)."""
+def share(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, ids: torch.Tensor, labels: torch.Tensor,
+          pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows `pick` of a batch's sequences (a whole batch is taken as it is) on `model`'s device, and their
+    attention mask: (ids, labels, allowed)."""
     if len(pick) < len(ids):
         ids, labels = ids[pick], labels[pick]
-    return ids.to(device), labels.to(device)
+    device = model.embed_tokens.weight.device
+    ids = ids.to(device)
+    return ids, labels.to(device), cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
 
 def preference_loss(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, batch: PairBatch,
                     generator: torch.Generator, *, beta: float = BETA, sft_coef: float = 0.0, shared_mask: bool = False,
@@ -170,8 +173,7 @@ def masked_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, promp
     drop = torch.rand(B, generator=generator) < cond_dropout
     ids, labels = training_sequences(tok, prompts, codes, masked, drop, condition=condition)
     scored = (labels != IGNORE).sum(dim=1)
-    ids, labels = share(ids, labels, torch.arange(B)[rows], model.embed_tokens.weight.device)
-    allowed = cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
+    ids, labels, allowed = share(model, tok, ids, labels, torch.arange(B)[rows])
     logp = image_log_likelihood(model, ids, labels, allowed)
     return logp, scored.to(logp.device)
 
@@ -239,9 +241,8 @@ def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.Showo
             except (FileNotFoundError, ValueError) as e:
                 problems.append(f"{images[i][0]} {e}")
         if pixels:
-            dev = magvit.device
             with torch.inference_mode():
-                got = magvit.get_code(torch.cat(pixels).to(dev)).cpu()
+                got = magvit.get_code(torch.cat(pixels).to(magvit.device)).cpu()
             for i, c in zip(chunk, got):
                 codes[i] = c.clone()
         if progress is not None:
@@ -250,25 +251,31 @@ def encode_images(images: Sequence[tuple[str, str | list]], config: cotgen.Showo
 
 def encode_couples(couples: Sequence[tuple[tuple[str, str | list], tuple[str, str | list]]],
                    config: cotgen.ShowoConfig, magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str,
-                   same: Callable[[int], str], progress: Callable[[str], None] | None = None):
+                   same: Callable[[int], str], progress: Callable[[str], None] | None = None
+                   ) -> tuple[list[int], torch.Tensor, torch.Tensor, list[str]]:
     """Two images per record, `couples[r] = ((where, image), (where, image))`, as codes (`encode_images`). An
     image several records share (the same `where`: a "yes" image of reflect.json) is encoded once and its
-    problem reported once. Returns ([(r, codes, codes)] for the usable records, problems); a record whose two
-    images are the same tokens carries nothing to learn and gives the problem `same(r)`."""
-    slot: dict[str, int] = {}
-    items: list[tuple[str, str | list]] = []
+    problem reported once. Returns (the usable records' indices, their first and their second images [P, N],
+    problems); a record whose two images are the same tokens carries nothing to learn and gives the problem
+    `same(r)`."""
+    images: dict[str, str | list] = {}
     for couple in couples:
         for where, image in couple:
-            if where not in slot:
-                slot[where] = len(items)
-                items.append((where, image))
-    codes, problems = encode_images(items, config, magvit, image_root, what, progress=progress)
-    kept = []
+            images.setdefault(where, image)
+    encoded, problems = encode_images(list(images.items()), config, magvit, image_root, what, progress=progress)
+    codes = dict(zip(images, encoded))
+    rows, first, second = [], [], []
     for r, ((wa, _), (wb, _)) in enumerate(couples):
-        a, b = codes[slot[wa]], codes[slot[wb]]
-        if a is not None and b is not None:
-            kept.append((r, a, b)) if not torch.equal(a, b) else problems.append(same(r))
-    return kept, problems
+        a, b = codes[wa], codes[wb]
+        if a is None or b is None:
+            continue
+        if torch.equal(a, b):
+            problems.append(same(r))
+        else:
+            rows.append(r)
+            first.append(a)
+            second.append(b)
+    return rows, _stack(first, config), _stack(second, config), problems
 
 def _stack(codes: list[torch.Tensor], config: cotgen.ShowoConfig) -> torch.Tensor:
     return torch.stack(codes) if codes else torch.empty(0, config.num_vq_tokens, dtype=torch.long)
@@ -277,14 +284,18 @@ def encode_pairs(records: Sequence[data.PairRecord], config: cotgen.ShowoConfig,
                  image_root: str | os.PathLike, where: str,
                  progress: Callable[[str], None] | None = None) -> tuple[PairData, list[str]]:
     """Preference records -> image codes. Returns (pairs, one "where line N: why" per unusable record)."""
-    side = lambda rec, s: (f"{where} line {rec.line}: {s!r}" if isinstance(getattr(rec, s), list)  # noqa: E731
-                           else f"{where} line {rec.line}: {s}", getattr(rec, s))
-    kept, problems = encode_couples([(side(r, "chosen"), side(r, "rejected")) for r in records], config, magvit,
-                                    image_root, where, lambda r: f"{where} line {records[r].line}: 'chosen' and "
-                                    "'rejected' are the same image tokens, so the pair carries no preference", progress)
-    return PairData([records[r].prompt for r, _, _ in kept], _stack([w for _, w, _ in kept], config),
-                    _stack([l for _, _, l in kept], config),
-                    [f"{where}:{records[r].line}" for r, _, _ in kept]), problems
+    def side(rec: data.PairRecord, name: str) -> tuple[str, str | list]:
+        value = getattr(rec, name)      # problems name a token list 'chosen', an image path chosen
+        return f"{where} line {rec.line}: {repr(name) if isinstance(value, list) else name}", value
+
+    def same(r: int) -> str:
+        return (f"{where} line {records[r].line}: 'chosen' and 'rejected' are the same image tokens, so the pair "
+                "carries no preference")
+
+    couples = [(side(rec, "chosen"), side(rec, "rejected")) for rec in records]
+    rows, chosen, rejected, problems = encode_couples(couples, config, magvit, image_root, where, same, progress)
+    kept = [records[r] for r in rows]
+    return PairData([rec.prompt for rec in kept], chosen, rejected, [f"{where}:{rec.line}" for rec in kept]), problems
 
 def sample_images(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotgen.MAGVITv2, prompt: str, n: int,
                   seed: int, steps: int, cfg: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,7 +384,7 @@ def online_pairs(policy: cotgen.Showo, tok: cotgen.ShowoTokenizer, magvit: cotge
         return None, stats
     return PairBatch(kept, torch.stack(chosen), torch.stack(rejected)), stats
 
-# ---- 5. Self-correction (Sec. 5, PARM++) -----------------------------------------------------------------
+# ---- 4. Self-correction (Sec. 5, PARM++) -----------------------------------------------------------------
 
 @dataclass
 class CorrectionData:
@@ -401,12 +412,15 @@ def encode_groups(records: Sequence[data.CorrectionRecord], config: cotgen.Showo
                   magvit: cotgen.MAGVITv2 | None, image_root: str | os.PathLike, what: str,
                   progress: Callable[[str], None] | None = None) -> tuple[CorrectionData, list[str]]:
     """Self-correction groups -> image codes. Returns (groups, one problem per unusable group or image)."""
-    kept, problems = encode_couples([((r.low_from, r.low), (r.high_from, r.high)) for r in records], config, magvit,
-                                    image_root, what, lambda r: f"{records[r].low_from} the low- and high-quality "
-                                    "images are the same image tokens, so there is nothing to correct", progress)
-    return CorrectionData([records[r].prompt for r, _, _ in kept], [records[r].reason for r, _, _ in kept],
-                          _stack([l for _, l, _ in kept], config), _stack([h for _, _, h in kept], config),
-                          [records[r].low_from.rsplit(":", 1)[0] for r, _, _ in kept]), problems
+    def same(r: int) -> str:
+        return (f"{records[r].low_from} the low- and high-quality images are the same image tokens, so there is "
+                "nothing to correct")
+
+    couples = [((rec.low_from, rec.low), (rec.high_from, rec.high)) for rec in records]
+    rows, low, high, problems = encode_couples(couples, config, magvit, image_root, what, same, progress)
+    kept = [records[r] for r in rows]
+    return CorrectionData([rec.prompt for rec in kept], [rec.reason for rec in kept], low, high,
+                          [rec.low_from.rsplit(":", 1)[0] for rec in kept]), problems
 
 def correction_texts(groups: CorrectionData) -> list[str]:
     return [cotgen.self_correction_text(p, r) for p, r in zip(groups.prompts, groups.reasons)]

@@ -306,11 +306,8 @@ def load_models(args):
         showo_dir, phi_dir, magvit_dir = Path(args.showo), Path(args.phi) if args.phi else None, None
     else:
         showo_dir, phi_dir, magvit_dir = resolve_weights(args)
-    try:
-        model, tok = cotgen.load_showo(showo_dir, phi_dir, dtype=dtype, device=device)
-        magvit = image_tokenizer(args, magvit_dir, dtype, device)
-    except data.CheckpointError as e:
-        fail(str(e))
+    model, tok = cotgen.load_showo(showo_dir, phi_dir, dtype=dtype, device=device)
+    magvit = image_tokenizer(args, magvit_dir, dtype, device)
     if args.world and model.config.num_vq_tokens != magvit.tokens:
         fail(f"{showo_dir} makes {model.config.num_vq_tokens} image tokens, not the {args.world} world's "
              f"{magvit.tokens}: pass a generator that `train.py pretrain --world {args.world}` wrote")
@@ -390,19 +387,15 @@ def load_judge(args):
     """The verifier for the searches, wrapped with the decision settings (None for plain generation)."""
     if strategy_of(args) == "none":
         return None
-    try:
-        verifier = verifiers.load_verifier(verifier_dir(args), dtype=data.parse_dtype(args.dtype),
-                                           device=device_of(args))
-    except data.CheckpointError as e:
-        fail(str(e))
+    verifier = verifiers.load_verifier(verifier_dir(args), dtype=data.parse_dtype(args.dtype), device=device_of(args))
     gen = torch.Generator(device=verifier.device).manual_seed(args.seed)
     return cotgen.Judge(verifier, decide=args.judge, generator=gen, released_scores=args.released_scores)
 
-def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, label: str, progress=None) -> cotgen.SearchResult:
-    progress = progress or Progress(label if label != "none" else "decode", args.steps)
-    kw = dict(steps=args.steps, cfg=args.cfg, seed=seed, progress=progress,
-              released_temperature=args.released_temperature)
+def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, progress=None) -> cotgen.SearchResult:
+    """One prompt's args.n decoding paths, searched as the flags say (progress: a line per step by default)."""
     strategy = strategy_of(args)
+    kw = dict(steps=args.steps, cfg=args.cfg, seed=seed, released_temperature=args.released_temperature,
+              progress=progress or Progress(strategy.replace("none", "decode"), args.steps))
     if strategy == "none":
         return cotgen.decode_all(model, tok, magvit, prompt, args.n, **kw)
     search = {"orm": cotgen.orm_search, "prm": cotgen.prm_search, "parm": cotgen.parm_search,
@@ -445,7 +438,7 @@ def run(args) -> int:
         print(f"warning: {len(long)} prompt(s) are longer than Show-o's {model.config.max_seq_length} text tokens "
               f"and are truncated, as the original does (first: {long[0]!r})", file=sys.stderr)
     if args.prompt is not None:
-        result = run_one(args, model, tok, magvit, judge, args.prompt, args.seed, strategy_of(args))
+        result = run_one(args, model, tok, magvit, judge, args.prompt, args.seed)
         write_outputs(out, result_files(args, magvit, result))
         print(f"wrote {out}/: image.png (path {result.winner}: {result.trace['why']})", file=sys.stderr)
         return 0
@@ -483,7 +476,7 @@ def run_prompts(args, jobs: list[tuple[str, dict]], model, tok, magvit, judge, o
             seed = args.seed + (k * args.samples + j) * args.n
             if judge is not None:
                 judge.kw["generator"].manual_seed(seed)
-            result = run_one(args, model, tok, magvit, judge, prompt, seed, "", lambda *_: None)
+            result = run_one(args, model, tok, magvit, judge, prompt, seed, lambda *_: None)
             progress(n * args.samples + j + 1, f"prompt {k + 1}/{len(jobs)}")
             files[f"samples/{j:04d}.png"] = decode_images(magvit, result.codes[None])[0]
             if strategy_of(args) != "none":
@@ -497,33 +490,30 @@ def run_prompts(args, jobs: list[tuple[str, dict]], model, tok, magvit, judge, o
 def publish_parts(args, jobs: list[tuple[str, dict]], parts: Path, out: Path) -> None:
     """Every prompt's folder copied into --out, which is published in one rename (with --eval scored from the
     PNGs, which hold the generated pixels exactly); then the parts are removed."""
-    scores = {}
     with data.atomic_path(out, directory=True) as tmp:
         for k in range(len(jobs)):
             shutil.copytree(parts / f"{k:05d}", tmp / f"{k:05d}")
-        if args.eval:
-            names = [f"{k:05d}/samples/{j:04d}.png" for k in range(len(jobs)) for j in range(args.samples)]
-            images = {name: np.asarray(data.load_image(tmp / name)) for name in names}
-            scores = score_files(images, jobs, args.samples, f"{args.world} world, {strategy_of(args)}")
-            write_files(tmp, scores)
+        scores = score_files(tmp, jobs, args.samples, f"{args.world} world, {strategy_of(args)}") if args.eval else {}
+        write_files(tmp, scores)
     shutil.rmtree(parts)
     print(f"wrote {len(jobs)} prompt folder(s) under {out}/ in GenEval's layout", file=sys.stderr)
     if args.eval:
         print(scores["scores.md"], file=sys.stderr)
 
-def score_files(files: dict, jobs: list[tuple[str, dict]], samples: int, name: str) -> dict:
-    """GenEval's scoring of the world's images, from their pixels (data.evaluate): results.jsonl (one row per
-    image, as GenEval's evaluate_images.py writes), scores.json and scores.md (six tasks and overall, with 95%
-    intervals) and grid.png (the first image of each prompt with its verdict)."""
+def score_files(folder: Path, jobs: list[tuple[str, dict]], samples: int, name: str) -> dict:
+    """GenEval's scoring of the world's images in `folder`, from their pixels (data.evaluate): results.jsonl (one
+    row per image, as GenEval's evaluate_images.py writes), scores.json and scores.md (six tasks and overall, with
+    95% intervals) and grid.png (the first image of each prompt with its verdict)."""
     rows, firsts = [], []
     for k, (prompt, spec) in enumerate(jobs):
         for j in range(samples):
             name_j = f"{k:05d}/samples/{j:04d}.png"
-            correct, reason = data.evaluate(files[name_j], spec)
+            image = np.asarray(data.load_image(folder / name_j))
+            correct, reason = data.evaluate(image, spec)
             rows.append({"filename": name_j, "tag": spec["tag"], "prompt": prompt, "correct": correct,
                          "reason": reason})
             if j == 0:
-                firsts.append((files[name_j], prompt, correct, reason))
+                firsts.append((image, prompt, correct, reason))
     table = data.geneval_table((r["tag"], r["correct"]) for r in rows)
     return {"results.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
             "scores.json": json.dumps({k: vars(v) for k, v in table.items()}, indent=1) + "\n",
