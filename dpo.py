@@ -180,11 +180,10 @@ def masked_log_likelihood(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, promp
 def masked_token_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes: torch.Tensor,
                       generator: torch.Generator, cond_dropout: float = 0.1, condition: torch.Tensor | None = None,
                       rows: slice = slice(None)) -> tuple[torch.Tensor, dict]:
-    """Show-o's own objective (its `training/train.py`), for pretraining the generator: a cosine-schedule
-    fraction of each image's tokens is masked, the loss is the cross-entropy per scored token (the masked ones
-    and <|soi|>/<|eoi|>), and the prompt is dropped with probability `cond_dropout` so that classifier-free
-    guidance has an unconditional model to subtract. With `rows` (one process's share) the loss is the share's
-    part of the batch's: its tokens' cross-entropy over the batch's scored tokens."""
+    """Show-o's own objective (its `training/train.py`), for pretraining the generator: the cross-entropy per
+    scored token (the masked ones and <|soi|>/<|eoi|>) under `masked_log_likelihood`'s draws, whose prompt
+    dropout gives classifier-free guidance an unconditional model to subtract. With `rows` (one process's share)
+    the loss is the share's part of the batch's: its tokens' cross-entropy over the batch's scored tokens."""
     logp, scored = masked_log_likelihood(model, tok, prompts, codes, generator, cond_dropout, condition, rows)
     loss = -logp.sum() / scored.sum()
     return loss, {"loss": loss.item()}
@@ -345,7 +344,7 @@ def verifier_scorer(verifier, decide: str = "greedy", seed: int = 0) -> Scorer:
 
     def score(images: torch.Tensor, prompts: Sequence[str]):
         judged = verifier.judge_orm(list(images.float()), list(prompts), decide=decide, generator=gen)
-        return (torch.tensor([j.p_yes for j in judged]), torch.tensor([j.answer == "yes" for j in judged]))
+        return torch.tensor([j.p_yes for j in judged]), torch.tensor([j.answer == "yes" for j in judged])
 
     return score
 
