@@ -105,7 +105,7 @@ class ShowoTokenizer:
         """The t2i sequences [B, L]: text part + <|soi|> + N image ids (vocabulary ids, all [MASK] by default) +
         <|eoi|>. `condition` [B, N] codes: PARM++'s previous image, a second image segment before this one (ours)."""
         c, n, text = self.config, self.config.text_len, []
-        for prompt in [prompts] if isinstance(prompts, str) else prompts:
+        for prompt in prompts:
             # [<|t2i|>, bos, text, eos], left-padded with [PAD] to max_seq_length+1, or truncated (eos kept)
             t = [self.t2i_id] + self.text_ids(prompt) + [self.eos_id]
             text.append([self.pad_id] * (n - len(t)) + t if len(t) <= n else t[: n - 1] + [self.eos_id])
@@ -182,7 +182,7 @@ class Showo(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.n_embd)
         self.layers = nn.ModuleList(PhiBlock(c) for _ in range(c.n_layer))
         self.final_layernorm = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=True)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size)
         self.gradient_checkpointing = False
 
     def _embed(self, ids: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,7 +246,8 @@ PHI_CONFIG_KEYS = {"n_embd": ("hidden_size", int, 1, 2 ** 16), "n_layer": ("num_
                    "n_head": ("num_attention_heads", int, 1, 1024),
                    "intermediate_size": ("intermediate_size", int, 1, 2 ** 18),
                    "partial_rotary_factor": ("partial_rotary_factor", float, 0.0, 1.0),
-                   "rope_theta": ("rope_theta", float, 1.0, 1e12), "layer_norm_eps": ("layer_norm_eps", float, 0.0, 1.0),
+                   "rope_theta": ("rope_theta", float, 1.0, 1e12),
+                   "layer_norm_eps": ("layer_norm_eps", float, 0.0, 1.0),
                    "max_position_embeddings": ("max_position_embeddings", int, 1, MAX_POSITIONS)}
 
 def yaml_field(text: str, key: str) -> dict:
@@ -260,15 +261,16 @@ def yaml_field(text: str, key: str) -> dict:
     except json.JSONDecodeError:
         return {key: m.group(1)}
 
-def showo_config(ckpt_dir: str | Path, phi_dir: str | Path | None = None) -> ShowoConfig:
+def showo_config(ckpt_dir: str | Path, phi_dir: str | Path) -> ShowoConfig:
     """Show-o's config.json + `inference_config.yaml` if the folder has one + phi's config.json in `phi_dir` if
     there is one, every number typed and bounded as it is read, then checked against each other."""
     d = Path(ckpt_dir)
-    src, yaml = d / "config.json", d / "inference_config.yaml"
-    phi = Path(phi_dir) / "config.json" if phi_dir is not None and (Path(phi_dir) / "config.json").is_file() else None
+    src, yaml, phi = d / "config.json", d / "inference_config.yaml", Path(phi_dir) / "config.json"
+    yaml = yaml if yaml.is_file() else None
+    phi = phi if phi.is_file() else None
     raw = data.read_config(d)
     c = ShowoConfig(**{k: data.config_field(raw, k, int, src, low=1, high=hi) for k, hi in SHOWO_FIELDS.items()})
-    if yaml.is_file():
+    if yaml is not None:
         text = data.read_text(yaml, "Show-o inference config", CheckpointError)
         for k, (low, high) in YAML_FIELDS.items():
             setattr(c, k, data.config_field(yaml_field(text, k), k, int, yaml, getattr(c, k), low, high))
@@ -279,7 +281,7 @@ def showo_config(ckpt_dir: str | Path, phi_dir: str | Path | None = None) -> Sho
         if data.config_field(theirs, "num_key_value_heads", int, phi, c.n_head, 1, c.n_head) != c.n_head:
             raise CheckpointError(f"{phi}: num_key_value_heads must equal num_attention_heads ({c.n_head}): "
                                   "Show-o's Phi has no grouped-query attention")
-    check_showo_config(c, src, yaml if yaml.is_file() else None, phi)
+    check_showo_config(c, src, yaml, phi)
     return c
 
 def check_showo_config(c: ShowoConfig, src: Path, yaml: Path | None, phi: Path | None) -> None:
@@ -308,13 +310,15 @@ def llm_model_path(ckpt_dir: str | Path) -> str:
 
 def resolve_phi_dir(ckpt_dir: str | Path, phi_dir: str | Path | None) -> Path:
     """Where phi-1.5's config + tokenizer are: `phi_dir`, else config.json's llm_model_path if it is a folder."""
-    llm = llm_model_path(ckpt_dir) if phi_dir is None else None
-    p = Path(os.path.normpath(Path(ckpt_dir) / llm)) if phi_dir is None else Path(phi_dir)   # names it as "../phi" meant
-    if phi_dir is None and not p.is_dir():
-        raise CheckpointError(
-            f"Show-o needs the phi-1.5 tokenizer ({llm!r} in {Path(ckpt_dir) / 'config.json'}): download it with "
-            "`hf download microsoft/phi-1_5 config.json tokenizer.json --local-dir weights/phi-1_5` "
-            "and pass --phi weights/phi-1_5")
+    if phi_dir is None:
+        llm = llm_model_path(ckpt_dir)
+        phi_dir = os.path.normpath(Path(ckpt_dir) / llm)      # names it as "../phi" meant
+        if not Path(phi_dir).is_dir():
+            raise CheckpointError(
+                f"Show-o needs the phi-1.5 tokenizer ({llm!r} in {Path(ckpt_dir) / 'config.json'}): download it with "
+                "`hf download microsoft/phi-1_5 config.json tokenizer.json --local-dir weights/phi-1_5` "
+                "and pass --phi weights/phi-1_5")
+    p = Path(phi_dir)
     if not (p / "tokenizer.json").is_file():
         raise CheckpointError(f"{p / 'tokenizer.json'} not found: download it with "
                               f"`hf download microsoft/phi-1_5 config.json tokenizer.json --local-dir {p}`")
@@ -346,7 +350,9 @@ def save_showo(model: Showo, out_dir: str | Path, like_dir: str | Path | None = 
     out = Path(out_dir)
     inv = {v: k for k, v in showo_key_map(model.config).items()}
     data.save_state({inv[n]: p for n, p in model.state_dict().items()}, out / "pytorch_model.safetensors")
-    for name in ("inference_config.yaml", "config.json") if like_dir is not None else ():     # config.json last
+    if like_dir is None:
+        return
+    for name in ("inference_config.yaml", "config.json"):     # config.json last
         src = Path(like_dir) / name
         if name == "config.json" and phi_dir is not None:
             phi = Path(phi_dir).resolve()
@@ -528,8 +534,8 @@ def load_magvit(ckpt_dir: str | Path, *, dtype=torch.float32, device="cpu") -> M
     c = MagvitConfig.from_json(data.read_config(ckpt_dir), Path(ckpt_dir) / "config.json")
     with torch.device("meta"):
         model = MAGVITv2(c)
-    keys = {n: n for n, _ in list(model.named_parameters()) + list(model.named_buffers())}
-    data.load_state(model, ckpt_dir, keys, dtype=data.parse_dtype(dtype), device=device, what="MAGVIT-v2 checkpoint")
+    data.load_state(model, ckpt_dir, {n: n for n in model.state_dict()}, dtype=data.parse_dtype(dtype), device=device,
+                    what="MAGVIT-v2 checkpoint")
     signs, power = LFQ.tables(c.z_channels)
     if not (torch.equal(model.quantize.embedding.float().cpu(), signs) and
             torch.equal(model.quantize.power_vals.cpu(), power)):
@@ -576,7 +582,7 @@ class Paths:
         if steps < 1:
             raise ValueError(f"number of decoding steps must be at least 1 (got {steps})")
         c, device = model.config, model.embed_tokens.weight.device
-        self.model, self.tok, self.config, self.prompt = model, tokenizer, c, prompt
+        self.model, self.tok, self.config = model, tokenizer, c
         self.n, self.steps, self.cfg, self.fast, self.keep_probs = n, steps, float(cfg), fast, keep_probs
         if generators is None:
             generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
@@ -820,8 +826,10 @@ def prm_search(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, **kw)
         judgments = s.ask("prm", [(i, t) for i in step.paths], step.x0)
         best = step.paths[best_of([j.p_yes for j in judgments])]
         followed.append(best)
-        for i in (i for i in step.paths if i != best and t + 1 < s.paths.steps):   # none after the last step
-            s.paths.copy_state(best, i)
+        if t + 1 < s.paths.steps:                   # no re-branching after the last step
+            for i in step.paths:
+                if i != best:
+                    s.paths.copy_state(best, i)
         s.progress(t + 1, f"{n} paths, following path {best} (PRM p(yes) {max(j.p_yes for j in judgments):.3f})")
     return s.result(followed[-1], f"step-level best-of-{n}: most confident path at the last step", followed=followed)
 
