@@ -49,7 +49,9 @@ class ShowoConfig:
 
     # derived sizes are properties: loading and `write_tiny_showo` set the fields after construction
     head_dim = property(lambda self: self.n_embd // self.n_head)
+    rot_dim = property(lambda self: int(self.partial_rotary_factor * self.head_dim))   # rotary dims of a head
     image_offset = property(lambda self: self.llm_vocab_size + self.num_new_special_tokens)  # first image id
+    code_ids = property(lambda self: slice(self.image_offset, self.image_offset + self.codebook_size))  # K codes' ids
     mask_token_id = property(lambda self: self.vocab_size - 1)   # as the original constructor recomputes it
     text_len = property(lambda self: self.max_seq_length + 1)
     seq_len = property(lambda self: self.text_len + 1 + self.num_vq_tokens + 1)   # text, soi, N image tokens, eoi
@@ -135,7 +137,7 @@ class PhiAttention(nn.Module):
     """Phi-1.5's attention as Show-o's `models/phi.py` modifies it: q/k LayerNorms, partial rotary embedding."""
     def __init__(self, c: ShowoConfig):
         super().__init__()
-        self.n_head, self.head_dim, self.rot_dim = c.n_head, c.head_dim, int(c.partial_rotary_factor * c.head_dim)
+        self.n_head, self.head_dim, self.rot_dim = c.n_head, c.head_dim, c.rot_dim
         self.q_proj, self.k_proj, self.v_proj, self.dense = (nn.Linear(c.n_embd, c.n_embd) for _ in range(4))
         # Show-o forces qk_layernorm on, whatever phi's config says
         self.q_layernorm, self.k_layernorm = (nn.LayerNorm(c.head_dim, eps=c.layer_norm_eps) for _ in range(2))
@@ -190,8 +192,7 @@ class Showo(nn.Module):
         c, end = self.config, start + ids.shape[1]
         if end > c.max_position_embeddings:
             raise ValueError(f"sequence of {end} positions exceeds Show-o's {c.max_position_embeddings}")
-        rot_dim = int(c.partial_rotary_factor * c.head_dim)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.rot_dim, 2, dtype=torch.int64).float() / c.rot_dim))
         angles = torch.outer(torch.arange(start, end).float(), inv_freq)
         emb = torch.cat((angles, angles), dim=-1)
         return self.embed_tokens(ids), emb.cos().to(ids.device), emb.sin().to(ids.device)
@@ -231,8 +232,7 @@ class Showo(nn.Module):
         for layer, (k, v) in zip(self.layers, kv):
             x, _ = layer(x, cos, sin, key_ok[:, None, None, :], past_kv=(k[rows], v[rows]))   # mask [B, 1, 1, T+S]
         x = self.final_layernorm(x[:, 1:-1])                                         # the N image positions
-        codes = slice(c.image_offset, c.image_offset + c.codebook_size)
-        return F.linear(x, self.lm_head.weight[codes], self.lm_head.bias[codes]).float()
+        return F.linear(x, self.lm_head.weight[c.code_ids], self.lm_head.bias[c.code_ids]).float()
 
 # Every config number is typed and bounded when it is read: the released models sit well inside these bounds, and
 # a typo (an extra digit in the yaml's max_seq_length) stops with a message instead of asking for a [L, L] mask
@@ -294,7 +294,7 @@ def check_showo_config(c: ShowoConfig, src: Path, yaml: Path | None, phi: Path |
     if math.isqrt(c.num_vq_tokens) ** 2 != c.num_vq_tokens:
         raise CheckpointError(f"{src}: num_vq_tokens {c.num_vq_tokens} is not a square grid")
     phi_name = phi or "phi-1.5's defaults (no phi config.json)"
-    if c.n_embd % c.n_head or int(c.partial_rotary_factor * c.head_dim) % 2:
+    if c.n_embd % c.n_head or c.rot_dim % 2:
         raise CheckpointError(f"{phi_name}: hidden_size {c.n_embd} must split into num_attention_heads {c.n_head} "
                               f"heads whose rotary part (partial_rotary_factor {c.partial_rotary_factor}) is even")
     if c.seq_len > c.max_position_embeddings:
@@ -512,6 +512,7 @@ class MAGVITv2(nn.Module):
     def image_size(self, n_tokens: int) -> int:
         """Image side that encodes to n_tokens codes (one downsampling per encoder level but the last)."""
         return math.isqrt(n_tokens) * 2 ** (len(self.config.enc_ch_mult) - 1)
+
     def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         """Image tokens [B, N] -> image [B, 3, 16h, 16w] roughly in [-1, 1] (no final clamp)."""
         hw = hw or (math.isqrt(codes.shape[1]),) * 2
@@ -653,8 +654,7 @@ class Paths:
             allowed = self._allowed.repeat_interleave(k, 0)
             if not g:
                 ids, allowed = ids[:k], allowed[:k]
-            off = c.image_offset
-            logits = self.model(ids, allowed)[:, -(c.num_vq_tokens + 1):-1, off:off + c.codebook_size]
+            logits = self.model(ids, allowed)[:, -(c.num_vq_tokens + 1):-1, c.code_ids]
             self.token_forwards += ids.numel()
         if g:
             # in place: the original's roundings without two fresh [k, N, K] temporaries, a step's largest tensors
