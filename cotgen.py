@@ -597,14 +597,14 @@ class Paths:
         # the cond row, and the empty prompt's row for CFG (`inference_t2i.py`); a conditioning image is in both
         cond = None if condition is None else condition.reshape(1, -1).expand(2, -1)
         self.ids = tokenizer.t2i_ids([prompt, ""], condition=cond).to(device)      # [2, L]
-        self.prefix_len = self.ids.shape[1] - (c.num_vq_tokens + 2)
         self.tokens = torch.full((n, c.num_vq_tokens), c.mask_token_id, dtype=torch.long, device=device)
         self.x0, self.step_of, self.stopped = [None] * n, [0] * n, [False] * n      # x0: the last step's x̂0 [N]
         self.token_forwards = 0      # token positions run through the transformer (work counter)
         if fast:
+            before = self.ids[:, : -(c.num_vq_tokens + 2)]          # all before the decoded image's segment
             with torch.inference_mode():
-                self._prefix = model.prefix(self.ids[:, : self.prefix_len], tokenizer)
-            self.token_forwards += (2 if self.cfg else 1) * self.prefix_len
+                self._prefix = model.prefix(before, tokenizer)
+            self.token_forwards += (2 if self.cfg else 1) * before.shape[1]
         else:
             self._allowed = omni_attention_mask(self.ids, tokenizer.pad_id, tokenizer.soi_id, tokenizer.eoi_id)
 
@@ -649,12 +649,10 @@ class Paths:
             logits = self.model.image_logits(seg, self._prefix, which)
             self.token_forwards += seg.numel()
         else:
-            ids = self.ids.repeat_interleave(k, 0).clone()                             # [2k, L]: cond; uncond
-            ids[:, self.prefix_len + 1: self.prefix_len + 1 + c.num_vq_tokens] = image_tokens.repeat(2, 1)
-            allowed = self._allowed.repeat_interleave(k, 0)
-            if not g:
-                ids, allowed = ids[:k], allowed[:k]
-            logits = self.model(ids, allowed)[:, -(c.num_vq_tokens + 1):-1, c.code_ids]
+            image = slice(-(c.num_vq_tokens + 1), -1)                                  # the N decoded slots
+            ids = self.ids[:rows].repeat_interleave(k, 0).clone()                      # [rows*k, L]: cond; uncond
+            ids[:, image] = image_tokens.repeat(rows, 1)
+            logits = self.model(ids, self._allowed[:rows].repeat_interleave(k, 0))[:, image, c.code_ids]
             self.token_forwards += ids.numel()
         if g:
             # in place: the original's roundings without two fresh [k, N, K] temporaries, a step's largest tensors
