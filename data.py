@@ -88,15 +88,18 @@ def _alive(pid: int) -> bool:
         pass
     return True
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
     """Remove the temporaries of `atomic_path` in `folder` whose writer, a process of this host, is gone."""
     for t in Path(folder).glob(".*.tmp"):
         m = TEMPORARY.search(t.name)
         if m and m.group(1) == HOST and not _alive(int(m.group(2))):
-            if t.is_dir() and not t.is_symlink():
-                shutil.rmtree(t, ignore_errors=True)
-            else:
-                t.unlink(missing_ok=True)
+            _remove(t)
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, directory: bool = False):
@@ -127,10 +130,7 @@ def atomic_path(path: str | os.PathLike, directory: bool = False):
         if directory:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
 
 def write_json(obj, path: str | os.PathLike, indent: int | None = 2) -> None:
@@ -138,7 +138,6 @@ def write_json(obj, path: str | os.PathLike, indent: int | None = 2) -> None:
         tmp.write_text(json.dumps(obj, indent=indent) + "\n")
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> None:
-    """One JSON object per line."""
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
 
@@ -262,6 +261,20 @@ REQUIRED = object()     # `config_field`'s default for a field the file must hav
 _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
           list: "a list of integers"}
 
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+def _is_kind(v, kind: type) -> bool:
+    """Whether v is a `config_field` of `kind`: a bool is no number, a number must be finite, a list is a
+    non-empty list of integers."""
+    if kind is int:
+        return _whole(v)
+    if kind is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if kind is list:
+        return isinstance(v, list) and bool(v) and all(_whole(i) for i in v)
+    return isinstance(v, kind)
+
 def config_field(raw: Mapping, key: str, kind: type, where, default=REQUIRED, low=None, high=None, section=""):
     """The one typed reader of config fields: raw[key] as `kind` (int, float, bool, str, dict, or list = a list
     of integers), within [low, high] (a list's items; None: unbounded), or `default` when the field is absent
@@ -275,14 +288,8 @@ def config_field(raw: Mapping, key: str, kind: type, where, default=REQUIRED, lo
             raise CheckpointError(f"{where}: field {name!r} is {'null' if key in raw else 'missing'}; it must be "
                                   f"{want}")
         return default
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
-    whole = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
-    ok = {int: whole, float: number, bool: lambda x: isinstance(x, bool), str: lambda x: isinstance(x, str),
-          dict: lambda x: isinstance(x, dict),
-          list: lambda x: isinstance(x, list) and bool(x) and all(whole(i) for i in x)}[kind](v)
     values = v if kind is list else [v] if kind in (int, float) else []
-    if ok and any((low is not None and x < low) or (high is not None and x > high) for x in values):
-        ok = False
+    ok = _is_kind(v, kind) and all((low is None or x >= low) and (high is None or x <= high) for x in values)
     if not ok:
         raise CheckpointError(f"{where}: field {name!r} must be {want}, not {_json_type(v)} {json.dumps(v)[:60]}: "
                               "fix the file or download it again")
@@ -725,167 +732,6 @@ def prompt_key(prompt: str) -> str:
     """What two prompts must share to count as the same one: case, spacing and a final period are ignored."""
     return " ".join(prompt.lower().split()).rstrip(".")
 
-def _distinct_pair(i: int, k: int) -> tuple[int, int]:
-    """The i-th ordered pair (a, b), a != b, of range(k): a bijection of range(k * (k - 1))."""
-    a, b = divmod(i, k - 1)
-    return a, b + (b >= a)
-
-def _template_size(tag: str, objects, colourable, colors) -> int:
-    k, p, m = len(objects), len(colourable), len(colors)
-    return {"single_object": k, "two_object": k * (k - 1), "counting": k * len(COUNT_WORDS), "colors": p * m,
-            "position": k * (k - 1) * len(GENEVAL_RELATIONS), "color_attr": p * (p - 1) * m * (m - 1)}[tag]
-
-def template_prompt(tag: str, i: int, objects, colourable, colors) -> str:
-    """Prompt number i of one template (mixed-radix decoding of i; every i gives a different prompt)."""
-    O, P, C = objects, colourable, colors
-    if tag in ("single_object", "counting"):
-        o, n = divmod(i, len(COUNT_WORDS)) if tag == "counting" else (i, None)
-        return f"a photo of {with_article(O[o])}" if n is None else f"a photo of {COUNT_WORDS[n]} {plural(O[o])}"
-    if tag == "colors":
-        o, c = divmod(i, len(C))
-        return f"a photo of {with_article(C[c])} {P[o]}"
-    radix = {"two_object": 1, "position": len(GENEVAL_RELATIONS), "color_attr": len(C) * (len(C) - 1)}[tag]
-    pair, rest = divmod(i, radix)
-    a, b = _distinct_pair(pair, len(P if tag == "color_attr" else O))
-    if tag == "two_object":
-        return f"a photo of {with_article(O[a])} and {with_article(O[b])}"
-    if tag == "position":
-        return f"a photo of {with_article(O[a])} {GENEVAL_RELATIONS[rest]} {with_article(O[b])}"
-    ca, cb = _distinct_pair(rest, len(C))
-    return f"a photo of {with_article(C[ca])} {P[a]} and {with_article(C[cb])} {P[b]}"
-
-def _name_list(names, what: str) -> list[str]:
-    names = [" ".join(str(n).split()) for n in names]
-    if not names or not all(names):
-        raise DataError(f"the {what} list is empty or has a blank entry: give one {what} name per line")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise DataError(f"the {what} list names {', '.join(dup)} more than once: each name must appear once")
-    return names
-
-def training_prompts(n: int | None = None, *, objects=GENEVAL_OBJECTS, colors=GENEVAL_COLORS,
-                     exclude: Iterable[str] = (), seed: int = 0) -> list[str]:
-    """Sec. 3.2, the ranking data's prompts (and every other prompt list this project makes): GenEval's six
-    object-centred templates over an object and a colour list, in GenEval's wording (articles, plurals, counts
-    2-4, no coloured "person", two different colours in an attribution).
-
-    Each template's prompts are taken in a seeded random order and the templates take turns, so any prefix
-    mixes all six and the same arguments always give the same list; a template that runs out leaves the turn
-    to the others. Prompts equal to one of `exclude` (the test prompts; `prompt_key`) are skipped. n=None
-    gives every prompt; an n larger than that raises DataError."""
-    objects, colors = _name_list(objects, "object"), _name_list(colors, "colour")
-    colourable = [o for o in objects if o != "person"]
-    skip = {prompt_key(p) for p in exclude}
-    rng = np.random.default_rng(seed)
-    streams = [(tag, rng.permutation(_template_size(tag, objects, colourable, colors)), [0])
-               for tag in PROMPT_TEMPLATES]
-    out: list[str] = []
-    while (n is None or len(out) < n) and any(pos[0] < len(order) for _, order, pos in streams):
-        for tag, order, pos in streams:
-            while pos[0] < len(order):
-                pos[0] += 1
-                prompt = template_prompt(tag, int(order[pos[0] - 1]), objects, colourable, colors)
-                if prompt_key(prompt) not in skip:
-                    out.append(prompt)
-                    break
-            if n is not None and len(out) == n:
-                break
-    if n is not None and len(out) < n:
-        raise DataError(f"asked for {n} prompts, but the templates give only {len(out)} over {len(objects)} objects "
-                        f"and {len(colors)} colours (after excluding the test prompts): ask for fewer, or give "
-                        "longer --objects / --colors lists")
-    return out
-
-
-# ---- the shapes world: a GenEval you can train on a laptop -----------------------------------------------
-
-# A scene is 1-4 objects on a GRID x GRID cell grid; an object is a shape class drawn at cell resolution in one of
-# GenEval's ten colours, on a grey background no object uses; an image is the grid upsampled to CELL_PX pixels
-# per cell. The grid is a SLOTS x SLOTS lattice of SLOT x SLOT-cell slots and every object sits in its own slot,
-# so objects never touch in a ground-truth scene. Prompts and specs follow GenEval's six templates, wording and
-# metadata; the evaluator reads pixels only (colour snapping, connected components, template matching) and
-# applies GenEval's rules; SlotCodec is the image tokenizer, one code per slot content, with MAGVIT-v2's interface.
-
-SLOT = 5           # cells per slot side: a shape of at most 4x4 cells and a free row and column
-SLOTS = 3          # slots per side: 9 image tokens
-GRID = SLOT * SLOTS  # cells per side: 15
-CELL_PX = 8        # pixels per cell: 120 x 120 images
-
-BACKGROUND = "background"
-# code 0 = background, codes 1..10 = GenEval's colours in GenEval's order (GenEval's prompts/create_prompts.py)
-PALETTE_NAMES = (BACKGROUND,) + GENEVAL_COLORS
-PALETTE = np.array([
-    (150, 150, 150),   # background: a mid grey, far from black and white
-    (220, 40, 40),     # red
-    (245, 140, 20),    # orange
-    (245, 225, 40),    # yellow
-    (40, 170, 60),     # green
-    (40, 80, 220),     # blue
-    (140, 50, 180),    # purple
-    (250, 150, 200),   # pink
-    (125, 75, 30),     # brown
-    (20, 20, 20),      # black
-    (250, 250, 250),   # white
-], dtype=np.uint8)
-COLOR_CODE = {name: i for i, name in enumerate(PALETTE_NAMES)}
-
-def _template(rows: Sequence[str]) -> np.ndarray:
-    return np.array([[ch == "#" for ch in r] for r in rows], dtype=bool)
-
-# Seven shapes, each at most 4x4 cells (so one fits a slot with a free row and column); pairwise template
-# IoU at its best shift is at most 0.75 (test_shapes checks it), and every shape is one 8-connected piece
-SHAPES = {
-    "square": _template(["###", "###", "###"]),
-    "circle": _template([".##.", "####", "####", ".##."]),            # a 4x4 square with the corners cut
-    "triangle": _template(["#...", "##..", "###.", "####"]),
-    "cross": _template([".#.", "###", ".#."]),
-    "bar": _template(["####"]),
-    "ring": _template(["####", "#..#", "#..#", "####"]),
-    "arch": _template(["####", "#..#", "#..#"]),
-}
-SHAPE_NAMES = tuple(SHAPES)
-
-@dataclass(frozen=True)
-class Obj:
-    """One object: a shape in a colour with its top-left cell at (row, col)."""
-    shape: str
-    color: str
-    row: int
-    col: int
-
-    def box(self) -> tuple[int, int, int, int]:
-        """Cell box (r0, c0, r1, c1), end exclusive."""
-        h, w = SHAPES[self.shape].shape
-        return self.row, self.col, self.row + h, self.col + w
-
-    @property
-    def slot(self) -> int:
-        """The slot (raster order) holding the object's top-left cell."""
-        return (self.row // SLOT) * SLOTS + self.col // SLOT
-
-def paint(objects: Iterable[Obj], grid: int = GRID) -> np.ndarray:
-    """Objects -> the [grid, grid] map of palette codes (0 = background)."""
-    cells = np.zeros((grid, grid), dtype=np.int64)
-    for o in objects:
-        r0, c0, r1, c1 = o.box()
-        cells[r0:r1, c0:c1][SHAPES[o.shape]] = COLOR_CODE[o.color]
-    return cells
-
-def cells_to_image(cells: np.ndarray, cell_px: int = CELL_PX) -> np.ndarray:
-    """[G, G] codes -> [G*px, G*px, 3] uint8: every cell a px x px block of its palette colour."""
-    return np.repeat(np.repeat(PALETTE[cells], cell_px, axis=0), cell_px, axis=1)
-
-def render(objects: Iterable[Obj], grid: int = GRID, cell_px: int = CELL_PX) -> np.ndarray:
-    return cells_to_image(paint(objects, grid), cell_px)
-
-# ---- the shapes world: prompts, specs, evaluation and training sets, scene sampling ----------------------
-
-# GenEval's prompt counts per tag (GenEval's prompts/create_prompts.py); single_object is every class once, the rest
-# scale with it
-GENEVAL_COUNTS = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
-                  "color_attr": 100}
-NUMBER = {w: i + 2 for i, w in enumerate(COUNT_WORDS)}
-
 def _item(cls: str, count: int = 1, color: str | None = None, position=None) -> dict:
     item = {"class": cls, "count": count}
     if color is not None:
@@ -937,6 +783,167 @@ def prompt_of(spec: dict) -> str:
     a, b = inc
     return f"a photo of {with_article(a['color'])} {a['class']} and {with_article(b['color'])} {b['class']}"
 
+def _distinct_pair(i: int, k: int) -> tuple[int, int]:
+    """The i-th ordered pair (a, b), a != b, of range(k): a bijection of range(k * (k - 1))."""
+    a, b = divmod(i, k - 1)
+    return a, b + (b >= a)
+
+def _template_size(tag: str, objects, colourable, colors) -> int:
+    k, p, m = len(objects), len(colourable), len(colors)
+    return {"single_object": k, "two_object": k * (k - 1), "counting": k * len(COUNT_WORDS), "colors": p * m,
+            "position": k * (k - 1) * len(GENEVAL_RELATIONS), "color_attr": p * (p - 1) * m * (m - 1)}[tag]
+
+def template_prompt(tag: str, i: int, objects, colourable, colors) -> str:
+    """Prompt number i of one template (mixed-radix decoding of i; every i gives a different prompt)."""
+    O, P, C = objects, colourable, colors
+    if tag == "single_object":
+        return make_spec(tag, [O[i]])["prompt"]
+    if tag == "counting":
+        o, n = divmod(i, len(COUNT_WORDS))
+        return make_spec(tag, [O[o]], count=n + 2)["prompt"]
+    if tag == "colors":
+        o, c = divmod(i, len(C))
+        return make_spec(tag, [P[o]], [C[c]])["prompt"]
+    radix = {"two_object": 1, "position": len(GENEVAL_RELATIONS), "color_attr": len(C) * (len(C) - 1)}[tag]
+    pair, rest = divmod(i, radix)
+    a, b = _distinct_pair(pair, len(P if tag == "color_attr" else O))
+    if tag == "two_object":
+        return make_spec(tag, [O[a], O[b]])["prompt"]
+    if tag == "position":
+        return make_spec(tag, [O[a], O[b]], relation=GENEVAL_RELATIONS[rest])["prompt"]
+    ca, cb = _distinct_pair(rest, len(C))
+    return make_spec(tag, [P[a], P[b]], [C[ca], C[cb]])["prompt"]
+
+def _name_list(names, what: str) -> list[str]:
+    names = [" ".join(str(n).split()) for n in names]
+    if not names or not all(names):
+        raise DataError(f"the {what} list is empty or has a blank entry: give one {what} name per line")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"the {what} list names {', '.join(dup)} more than once: each name must appear once")
+    return names
+
+def training_prompts(n: int | None = None, *, objects=GENEVAL_OBJECTS, colors=GENEVAL_COLORS,
+                     exclude: Iterable[str] = (), seed: int = 0) -> list[str]:
+    """Sec. 3.2, the ranking data's prompts (and every other prompt list this project makes): GenEval's six
+    object-centred templates over an object and a colour list, in GenEval's wording (articles, plurals, counts
+    2-4, no coloured "person", two different colours in an attribution).
+
+    Each template's prompts are taken in a seeded random order and the templates take turns, so any prefix
+    mixes all six and the same arguments always give the same list; a template that runs out leaves the turn
+    to the others. Prompts equal to one of `exclude` (the test prompts; `prompt_key`) are skipped. n=None
+    gives every prompt; an n larger than that raises DataError."""
+    objects, colors = _name_list(objects, "object"), _name_list(colors, "colour")
+    colourable = [o for o in objects if o != "person"]
+    skip = {prompt_key(p) for p in exclude}
+    rng = np.random.default_rng(seed)
+    orders = {tag: iter(rng.permutation(_template_size(tag, objects, colourable, colors)))
+              for tag in PROMPT_TEMPLATES}
+    out: list[str] = []
+    while orders and (n is None or len(out) < n):
+        for tag, order in list(orders.items()):     # a turn: the next kept prompt of each template
+            for i in order:
+                prompt = template_prompt(tag, int(i), objects, colourable, colors)
+                if prompt_key(prompt) not in skip:
+                    out.append(prompt)
+                    break
+            else:
+                del orders[tag]                     # it ran out
+            if n is not None and len(out) == n:
+                break
+    if n is not None and len(out) < n:
+        raise DataError(f"asked for {n} prompts, but the templates give only {len(out)} over {len(objects)} objects "
+                        f"and {len(colors)} colours (after excluding the test prompts): ask for fewer, or give "
+                        "longer --objects / --colors lists")
+    return out
+
+# ---- the shapes world: a GenEval you can train on a laptop -----------------------------------------------
+
+# A scene is 1-4 objects on a GRID x GRID cell grid; an object is a shape class drawn at cell resolution in one of
+# GenEval's ten colours, on a grey background no object uses; an image is the grid upsampled to CELL_PX pixels
+# per cell. The grid is a SLOTS x SLOTS lattice of SLOT x SLOT-cell slots and every object sits in its own slot,
+# so objects never touch in a ground-truth scene. Prompts and specs follow GenEval's six templates, wording and
+# metadata; the evaluator reads pixels only (colour snapping, connected components, template matching) and
+# applies GenEval's rules; SlotCodec is the image tokenizer, one code per slot content, with MAGVIT-v2's interface.
+
+SLOT = 5           # cells per slot side: a shape of at most 4x4 cells and a free row and column
+SLOTS = 3          # slots per side: 9 image tokens
+GRID = SLOT * SLOTS  # cells per side: 15
+CELL_PX = 8        # pixels per cell: 120 x 120 images
+
+BACKGROUND = "background"
+# code 0 = background, codes 1..10 = GenEval's colours in GenEval's order (GenEval's prompts/create_prompts.py)
+PALETTE_NAMES = (BACKGROUND,) + GENEVAL_COLORS
+PALETTE = np.array([
+    (150, 150, 150),   # background: a mid grey, far from black and white
+    (220, 40, 40),     # red
+    (245, 140, 20),    # orange
+    (245, 225, 40),    # yellow
+    (40, 170, 60),     # green
+    (40, 80, 220),     # blue
+    (140, 50, 180),    # purple
+    (250, 150, 200),   # pink
+    (125, 75, 30),     # brown
+    (20, 20, 20),      # black
+    (250, 250, 250),   # white
+], dtype=np.uint8)
+
+def _template(rows: Sequence[str]) -> np.ndarray:
+    return np.array([[ch == "#" for ch in r] for r in rows], dtype=bool)
+
+# Seven shapes, each at most 4x4 cells (so one fits a slot with a free row and column); pairwise template
+# IoU at its best shift is at most 0.75 (test_shapes checks it), and every shape is one 8-connected piece
+SHAPES = {
+    "square": _template(["###", "###", "###"]),
+    "circle": _template([".##.", "####", "####", ".##."]),            # a 4x4 square with the corners cut
+    "triangle": _template(["#...", "##..", "###.", "####"]),
+    "cross": _template([".#.", "###", ".#."]),
+    "bar": _template(["####"]),
+    "ring": _template(["####", "#..#", "#..#", "####"]),
+    "arch": _template(["####", "#..#", "#..#"]),
+}
+SHAPE_NAMES = tuple(SHAPES)
+
+@dataclass(frozen=True)
+class Obj:
+    """One object: a shape in a colour with its top-left cell at (row, col)."""
+    shape: str
+    color: str
+    row: int
+    col: int
+
+    def box(self) -> tuple[int, int, int, int]:
+        """Cell box (r0, c0, r1, c1), end exclusive."""
+        h, w = SHAPES[self.shape].shape
+        return self.row, self.col, self.row + h, self.col + w
+
+    @property
+    def slot(self) -> int:
+        """The slot (raster order) holding the object's top-left cell."""
+        return (self.row // SLOT) * SLOTS + self.col // SLOT
+
+def paint(objects: Iterable[Obj], grid: int = GRID) -> np.ndarray:
+    """Objects -> the [grid, grid] map of palette codes (0 = background)."""
+    cells = np.zeros((grid, grid), dtype=np.int64)
+    for o in objects:
+        r0, c0, r1, c1 = o.box()
+        cells[r0:r1, c0:c1][SHAPES[o.shape]] = PALETTE_NAMES.index(o.color)
+    return cells
+
+def cells_to_image(cells: np.ndarray, cell_px: int = CELL_PX) -> np.ndarray:
+    """[G, G] codes -> [G*px, G*px, 3] uint8: every cell a px x px block of its palette colour."""
+    return np.repeat(np.repeat(PALETTE[cells], cell_px, axis=0), cell_px, axis=1)
+
+def render(objects: Iterable[Obj], grid: int = GRID, cell_px: int = CELL_PX) -> np.ndarray:
+    return cells_to_image(paint(objects, grid), cell_px)
+
+# ---- the shapes world: prompts, specs, evaluation and training sets, scene sampling ----------------------
+
+# GenEval's prompt counts per tag (GenEval's prompts/create_prompts.py); single_object is every class once, the rest
+# scale with it
+GENEVAL_COUNTS = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
+                  "color_attr": 100}
+
 def _alternation(words: Iterable[str]) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
@@ -955,7 +962,7 @@ def parse_prompt(prompt: str, shapes: Sequence[str] = SHAPE_NAMES) -> dict:
         g = m.groups()
         if tag == "counting":
             cls = next((x for x in shapes if plural(x) == g[1]), None)
-            spec = make_spec(tag, [cls], count=NUMBER[g[0]]) if cls else None
+            spec = make_spec(tag, [cls], count=COUNT_WORDS.index(g[0]) + 2) if cls else None
         elif tag == "color_attr":
             spec = make_spec(tag, [g[1], g[3]], [g[0], g[2]])
         elif tag == "colors":
@@ -1186,7 +1193,6 @@ def detect(cells: np.ndarray, threshold: float = DETECT_IOU, cell_px: float = CE
     Each component gets its one best class (a stand-in for a detector, which GenEval filters per class: one blob
     never counts as two classes here); only scores strictly above `threshold` are kept. `cells` are snapped palette
     codes (`snap_cells`); boxes are in pixels, end exclusive."""
-    px = cell_px
     found: dict[str, list[Detection]] = {}
     for code in range(1, len(PALETTE)):
         for comp in components(cells == code):
@@ -1194,7 +1200,7 @@ def detect(cells: np.ndarray, threshold: float = DETECT_IOU, cell_px: float = CE
             if score <= threshold:
                 continue
             rows, cols = np.nonzero(comp)
-            box = (cols.min() * px, rows.min() * px, (cols.max() + 1) * px, (rows.max() + 1) * px)
+            box = (cols.min() * cell_px, rows.min() * cell_px, (cols.max() + 1) * cell_px, (rows.max() + 1) * cell_px)
             found.setdefault(name, []).append(Detection(name, PALETTE_NAMES[code], score, box, int(comp.sum())))
     for dets in found.values():
         dets.sort(key=lambda d: (-d.score, -d.cells, d.box[1], d.box[0]))
@@ -1212,12 +1218,8 @@ def relations(a: Detection, b: Detection, margin: float = POSITION_MARGIN) -> li
     if np.all(np.abs(shrunk) < 1e-3):
         return []
     u = shrunk / np.linalg.norm(d)
-    out = []
-    for name, holds in (("left of", u[0] < -0.5), ("right of", u[0] > 0.5), ("above", u[1] < -0.5),
-                        ("below", u[1] > 0.5)):
-        if holds:
-            out.append(name)
-    return out
+    tests = (("left of", u[0] < -0.5), ("right of", u[0] > 0.5), ("above", u[1] < -0.5), ("below", u[1] > 0.5))
+    return [name for name, holds in tests if holds]
 
 def _n_objects(n: int, cls: str) -> str:
     return f"no {cls}" if n == 0 else f"{n} {cls if n == 1 else plural(cls)}"
@@ -1366,8 +1368,8 @@ def bar_chart(scores: dict[str, Score], title: str, width: int = 640, bar_h: int
         for v in (s.low, s.high):
             draw.line((x(v), y + 4, x(v), y + bar_h - 4), fill=(0, 0, 0), width=2)
         draw.text((x(s.high) + 6, y + 5), f"{s.accuracy:.2f}", fill=(0, 0, 0), font=font)
+    y = top + len(scores) * (bar_h + 8)
     for v in (0, 0.25, 0.5, 0.75, 1.0):       # the axis
-        y = top + len(scores) * (bar_h + 8)
         draw.line((x(v), y, x(v), y + 4), fill=(0, 0, 0))
         draw.text((x(v) - 8, y + 6), f"{v:g}", fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
@@ -1419,11 +1421,11 @@ class SlotCodec:
         # ((x + 1) / 2 * 255, floored; data.to_uint8_image) gives the palette exactly
         self.levels = torch.from_numpy((PALETTE.astype(np.float32) + 0.5) / 127.5 - 1.0)
 
+    device = torch.device("cpu")
+
     @property
     def codebook_size(self) -> int:
         return len(SLOT_CONTENTS)
-
-    device = torch.device("cpu")
 
     def image_size(self, n_tokens: int) -> int:
         """Image side of n_tokens codes (MAGVIT-v2's interface): the world's one image size."""
@@ -1431,8 +1433,7 @@ class SlotCodec:
 
     def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> codes [B, SLOTS * SLOTS]."""
-        x = torch.clamp((pixels.detach().float().cpu() + 1.0) / 2.0, 0.0, 1.0) * 255.0
-        cells = np.stack([snap_cells(im) for im in x.permute(0, 2, 3, 1).numpy().astype(np.uint8)])
+        cells = np.stack([snap_cells(im) for im in to_uint8_image(pixels.cpu())])
         slots = cells.reshape(-1, SLOTS, SLOT, SLOTS, SLOT).transpose(0, 1, 3, 2, 4).reshape(-1, 1, SLOT, SLOT)
         differ = (slots != self.codebook[None]).sum((2, 3))                          # [B * slots, codebook]
         return torch.from_numpy(differ.argmin(1).reshape(len(cells), -1)).long().to(pixels.device)
