@@ -315,7 +315,7 @@ def load_state(model: nn.Module, ckpt_dir: str | os.PathLike, key_map: Mapping[s
     unexpected and mis-shaped key), then each tensor is read once, cast to `dtype` if floating, placed on
     `device` and handed to `load_state_dict(strict=True, assign=True)`, so weights are never held twice.
     `row_limit[key] = n` keeps the first n rows of a tensor (a vocabulary truncated to its tokenizer)."""
-    files, limit = find_weight_files(ckpt_dir), dict(row_limit or {})
+    files, limit = find_weight_files(ckpt_dir), row_limit or {}
     want = model.state_dict()
     by_file: dict[Path, list[str]] = {}
     for k in key_map:
@@ -511,7 +511,7 @@ def _image_problem(rec: dict, key: str) -> str | None:
     if isinstance(v, list):
         if not v:
             return f"{key!r} is an empty token list"
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        if not all(_whole(t) for t in v):
             return f"{key!r} is a list but not of integer image tokens"
         return None
     return f"{key!r} must be an image path or a list of image tokens, not {type(v).__name__}"
@@ -939,8 +939,7 @@ def render(objects: Iterable[Obj], grid: int = GRID, cell_px: int = CELL_PX) -> 
 
 # ---- the shapes world: prompts, specs, evaluation and training sets, scene sampling ----------------------
 
-# GenEval's prompt counts per tag (GenEval's prompts/create_prompts.py); single_object is every class once, the rest
-# scale with it
+# GenEval's prompt counts per tag (GenEval's prompts/create_prompts.py), which `eval_specs` scales
 GENEVAL_COUNTS = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
                   "color_attr": 100}
 
@@ -975,6 +974,10 @@ def parse_prompt(prompt: str, shapes: Sequence[str] = SHAPE_NAMES) -> dict:
             return spec
     raise ValueError(f"{prompt!r} is not a GenEval-style prompt over the shapes {', '.join(shapes)}")
 
+def _one_of(pool: Sequence, rng: np.random.Generator):
+    """One item of `pool`, uniformly (one draw of rng.integers)."""
+    return pool[int(rng.integers(len(pool)))]
+
 def _random_spec(tag: str, rng: np.random.Generator, shapes: Sequence[str]) -> dict:
     pick = lambda k, pool: [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
     if tag == "counting":
@@ -982,7 +985,7 @@ def _random_spec(tag: str, rng: np.random.Generator, shapes: Sequence[str]) -> d
     if tag == "colors":
         return make_spec(tag, pick(1, shapes), pick(1, GENEVAL_COLORS))
     if tag == "position":
-        return make_spec(tag, pick(2, shapes), relation=GENEVAL_RELATIONS[int(rng.integers(4))])
+        return make_spec(tag, pick(2, shapes), relation=_one_of(GENEVAL_RELATIONS, rng))
     if tag == "color_attr":
         return make_spec(tag, pick(2, shapes), pick(2, GENEVAL_COLORS))
     return make_spec(tag, pick(2, shapes))
@@ -1011,11 +1014,11 @@ def train_specs(exclude: Iterable[dict], shapes: Sequence[str] = SHAPE_NAMES) ->
 def scene_objects(spec: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
     """The (shape, colour) of every object a correct image of `spec` shows: the named objects only, in the
     named colour or a random one; for position the placed object comes first."""
-    color = lambda item: item.get("color") or GENEVAL_COLORS[int(rng.integers(len(GENEVAL_COLORS)))]
     inc = spec["include"]
     if spec["tag"] == "position":
         inc = [inc[1], inc[0]]
-    return [(item["class"], color(item)) for item in inc for _ in range(item["count"])]
+    return [(item["class"], item.get("color") or _one_of(GENEVAL_COLORS, rng))
+            for item in inc for _ in range(item["count"])]
 
 def in_slot(shape: str, color: str, slot: int) -> Obj:
     """The object drawn in slot `slot` (raster order): its shape centred in the slot's top-left 4x4 cells, so the
@@ -1052,8 +1055,7 @@ def draw_specs(specs: Sequence[dict], rng: np.random.Generator) -> Iterator[dict
     by_tag = specs_by_tag(specs)
     tags = sorted(by_tag)
     while True:
-        pool = by_tag[tags[rng.integers(len(tags))]]
-        yield pool[rng.integers(len(pool))]
+        yield _one_of(by_tag[_one_of(tags, rng)], rng)
 
 def world_prompts(n: int, seed: int) -> list[str]:
     """n of the world's training prompts (never its evaluation prompts), drawn as pretraining draws them: the
@@ -1087,18 +1089,17 @@ def near_miss(objs: Sequence[Obj], rng: np.random.Generator) -> list[Obj]:
     free = sorted(set(range(SLOTS * SLOTS)) - {slot for _, _, slot in items})
     k, edit = int(rng.integers(len(items))), int(rng.integers(5))
     shape, color, slot = items[k]
-    any_shape = lambda: SHAPE_NAMES[int(rng.integers(len(SHAPE_NAMES)))]  # noqa: E731
-    any_color = lambda: GENEVAL_COLORS[int(rng.integers(len(GENEVAL_COLORS)))]  # noqa: E731
     if edit == 0:
-        items[k] = (shape, any_color(), slot)
+        items[k] = (shape, _one_of(GENEVAL_COLORS, rng), slot)
     elif edit == 1:
-        items[k] = (any_shape(), color, slot)
+        items[k] = (_one_of(SHAPE_NAMES, rng), color, slot)
     elif edit == 2 and len(items) > 1:
         items.pop(k)
     elif edit == 3 and free:
-        items.append((shape if rng.random() < 0.5 else any_shape(), any_color(), free[int(rng.integers(len(free)))]))
+        added = shape if rng.random() < 0.5 else _one_of(SHAPE_NAMES, rng)
+        items.append((added, _one_of(GENEVAL_COLORS, rng), _one_of(free, rng)))
     elif free:
-        items[k] = (shape, color, free[int(rng.integers(len(free)))])
+        items[k] = (shape, color, _one_of(free, rng))
     return [in_slot(sh, co, int(sl)) for sh, co, sl in items]
 
 def verifier_scenes(n: int, seed: int) -> Iterator[tuple[np.ndarray, str, str, bool]]:
@@ -1117,8 +1118,7 @@ def verifier_scenes(n: int, seed: int) -> Iterator[tuple[np.ndarray, str, str, b
         elif r < 0.75:
             objs = near_miss(sample_scene(spec, rng), rng)
         else:
-            pool = by_tag[spec["tag"]]
-            objs = sample_scene(pool[int(rng.integers(len(pool)))], rng)
+            objs = sample_scene(_one_of(by_tag[spec["tag"]], rng), rng)
         cells = paint(objs)
         yield cells_to_image(cells), spec["prompt"], caption(objs), judge_cells(cells, spec)[0]
 
