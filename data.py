@@ -296,14 +296,11 @@ def config_field(raw: Mapping, key: str, kind: type, where, default=REQUIRED, lo
     return float(v) if kind is float else v
 
 def _mismatch_report(what: str, ckpt_dir, missing, unexpected, mismatched) -> str:
-    cut = lambda xs, sep=", ": sep.join(xs[:20]) + (" ..." if len(xs) > 20 else "")  # noqa: E731
     parts = [f"{what} in {ckpt_dir} does not match the model built from its config:"]
-    if missing:
-        parts.append(f"  missing keys ({len(missing)}): {cut(missing)}")
-    if unexpected:
-        parts.append(f"  unexpected keys ({len(unexpected)}): {cut(unexpected)}")
-    if mismatched:
-        parts.append(f"  shape mismatches ({len(mismatched)}): {cut(mismatched, '; ')}")
+    for name, keys, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+                            ("shape mismatches", mismatched, "; ")):
+        if keys:
+            parts.append(f"  {name} ({len(keys)}): {sep.join(keys[:20])}" + (" ..." if len(keys) > 20 else ""))
     parts.append("  Check that config.json belongs to these weights and that the folder is the right model.")
     return "\n".join(parts)
 
@@ -516,6 +513,11 @@ def _image_problem(rec: dict, key: str) -> str | None:
         return None
     return f"{key!r} must be an image path or a list of image tokens, not {type(v).__name__}"
 
+def _problems(rec: dict, texts: Sequence[str], images: Sequence[str] = ()) -> list[str]:
+    """What is wrong with rec: each field of `texts` without text, then each of `images` without an image."""
+    why = [f"no {k!r} text" for k in texts if _text(rec, k) is None]
+    return why + [w for w in (_image_problem(rec, k) for k in images) if w]
+
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """A prompt file: one prompt per line (GenEval's generation_prompts.txt format); blank lines are skipped."""
     p = Path(path)
@@ -541,9 +543,7 @@ def read_pair_records(path: str | os.PathLike) -> tuple[list[PairRecord], list[s
     records, problems = read_records(path, "preference file", '{"prompt": ..., "chosen": IMAGE, "rejected": IMAGE}')
     good = []
     for i, where, rec in records:
-        why = [w for w in (_image_problem(rec, "chosen"), _image_problem(rec, "rejected")) if w]
-        if _text(rec, "prompt") is None:
-            why.insert(0, "no 'prompt' text")
+        why = _problems(rec, ["prompt"], ["chosen", "rejected"])
         if not why and rec["chosen"] == rec["rejected"]:
             why.append("'chosen' and 'rejected' are the same image")
         if why:
@@ -585,7 +585,7 @@ def read_reflect_records(path: str | os.PathLike) -> tuple[list[ReflectRecord], 
                                      hint=": it is written by `train.py curate --task reflect`")
     good = []
     for _, where, rec in records:
-        why = [f"no {k!r} text" for k in ("id", "image", "prompt") if _text(rec, k) is None]
+        why = _problems(rec, ["id", "image", "prompt"])
         label = rec.get("label")
         if label not in ("yes", "no"):
             why.append(f"unknown label {label!r} (use \"yes\" or \"no\")")
@@ -625,8 +625,7 @@ def read_correction_records(path: str | os.PathLike) -> tuple[list[CorrectionRec
                                      '{"prompt": ..., "low": IMAGE, "reason": ..., "high": IMAGE}')
     good = []
     for _, where, rec in records:
-        why = [f"no {k!r} text" for k in ("prompt", "reason") if _text(rec, k) is None]
-        why += [w for w in (_image_problem(rec, "low"), _image_problem(rec, "high")) if w]
+        why = _problems(rec, ["prompt", "reason"], ["low", "high"])
         if why:
             problems.append(f"{where}: {'; '.join(why)}")
             continue
