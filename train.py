@@ -192,12 +192,6 @@ def spread(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module | None:
             m.set_force_sum_reduction_for_comms(True)    # a plain sum: gloo has no pre-multiplied sum
     return skeleton
 
-def whole(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
-    """A state tensor, whole and on the CPU if `keep`: a shard (FSDP's DTensor) is gathered from every process,
-    so every process must call this for it."""
-    t = t.full_tensor() if isinstance(t, DTensor) else t
-    return t.cpu() if keep else None
-
 class Trainer:
     """One round of training `model` on an `Objective`.
 
@@ -297,7 +291,7 @@ class Trainer:
         A parameter that got no gradient on any process keeps none (AdamW skips it, as in one process)."""
         if sample.world()[1] == 1 or self.skeleton is not None:
             return
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        params = self.parameters()
         has = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
         dist.all_reduce(has, op=dist.ReduceOp.MAX)
         for p, h in zip(params, has.tolist()):
@@ -309,6 +303,10 @@ class Trainer:
     def done(self) -> bool:
         return self.step >= self.total
 
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The trained parameters in AdamW's order (its state is keyed by this index)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     # -- state, for checkpoints: AdamW's tensors go to safetensors, the rest is JSON (nothing pickled) --
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -317,10 +315,10 @@ class Trainer:
         tensors = {}
         for i, s in self.optimizer.state_dict()["state"].items():
             for k, v in s.items():
-                if self.skeleton is None:
-                    tensors[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-                elif (t := whole(v, first_process())) is not None:
-                    tensors[f"{i}.{k}"] = t
+                if isinstance(v, DTensor):
+                    v = v.full_tensor()     # a shard, gathered from every process: each must take part
+                if first_process():
+                    tensors[f"{i}.{k}"] = v.cpu() if torch.is_tensor(v) else torch.tensor(v)
         return tensors, {"round": self.round, "step": self.step, "total": self.total, "tensors": len(tensors),
                          "config": self.cfg.fingerprint()}
 
@@ -354,7 +352,7 @@ class Trainer:
             raise CheckpointError(f"{folder / 'optimizer.safetensors'} holds {len(tensors)} tensors but {where} "
                                   f"counts {count}")
         if self.skeleton is not None:   # FSDP: each process keeps its shard of the moments, as of their parameter
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            params = self.parameters()
             state = {i: {k: v if k == "step" else distribute_tensor(v.to(self.device), params[i].device_mesh,
                                                                     params[i].placements, src_data_rank=None)
                          for k, v in s.items()} for i, s in state.items()}
@@ -366,7 +364,7 @@ class Trainer:
     def optimizer_state(self, tensors: dict[str, torch.Tensor], where: Path) -> dict[int, dict]:
         """AdamW's state from `tensors` ("I.step", "I.exp_avg", "I.exp_avg_sq" of parameter I), checked against
         the parameters: a mis-keyed or mis-shaped file is named, never half loaded."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        params = self.parameters()
         state: dict[int, dict] = {}
         for key, t in tensors.items():
             i, _, name = key.partition(".")
@@ -436,8 +434,11 @@ def latest_checkpoint(out: Path) -> str | None:
 
 def checkpoints(out: Path, round_index: int, label: str) -> list[Path]:
     """This round's complete checkpoints in `out`, the one latest.json names first, then newest first."""
-    steps = {d.name: int(m.group(2)) for d in out.glob("ckpt-r*")
-             if (m := CHECKPOINT.fullmatch(d.name)) and int(m.group(1)) == round_index and (d / "trainer.json").is_file()}
+    steps = {}
+    for d in out.glob("ckpt-r*"):
+        m = CHECKPOINT.fullmatch(d.name)
+        if m and int(m.group(1)) == round_index and (d / "trainer.json").is_file():
+            steps[d.name] = int(m.group(2))
     try:
         named = latest_checkpoint(out)
     except CheckpointError as e:
@@ -475,16 +476,6 @@ def clear_checkpoints(out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     (out / LATEST).unlink(missing_ok=True)
 
-def finish(trainer: Trainer, out: Path, write: Callable[[torch.nn.Module], None]) -> None:
-    """The end of a round: the first process writes the trained model (`write(model)`, the model gathered from
-    every process's shard under FSDP, so every process calls this) and removes the round's checkpoints in `out`;
-    the others wait until that is done, so that all may read what was written."""
-    model = trainer.gathered()
-    if model is not None:
-        write(model)
-        clear_checkpoints(out)
-    sync()
-
 def fit(trainer: Trainer, *, save: Callable[[Trainer], None] | None = None, save_every: int = 100,
         stop_after: int | None = None, log_every: int = 1, label: str = "train") -> bool:
     """Run the round to its end (True) or until `stop_after` steps of this call (False, after a checkpoint).
@@ -505,23 +496,34 @@ def fit(trainer: Trainer, *, save: Callable[[Trainer], None] | None = None, save
 
 def resume_and_fit(a, out: Path, label: str, start: Path, load: Callable[[Path], object],
                    make_trainer: Callable[[object], Trainer], write_model: Callable[[object, Path], None], *,
-                   round_index: int = 1, budget: int | None = None) -> tuple[bool, Trainer]:
+                   publish: Callable[[torch.nn.Module], None] | None = None, round_index: int = 1,
+                   budget: int | None = None) -> Trainer:
     """The one run driver: the model from this round's latest checkpoint in `out` (or from `start`), its
-    trainer (AdamW state and step restored when resuming), then `fit` with checkpoints. Returns (finished,
-    trainer); a run that stopped early has left a checkpoint to --resume from."""
+    trainer (AdamW state and step restored when resuming), then `fit` with checkpoints. A round that stops early
+    (`trainer.done()` is False) leaves a checkpoint to --resume from; a finished one is written by the first process
+    with `publish(model)` (default: `write_model(model, out)`) and its checkpoints removed, while the others wait
+    so that all may read it. Every process calls this: under FSDP the model is gathered from every shard."""
     trainer = resume(out, round_index, label, load, make_trainer)
     if trainer is None:
         trainer = make_trainer(load(start))
         tell(f"[{label}] {len(trainer.source)} examples, {trainer.total} steps of {trainer.cfg.batch_size}, from "
              f"{start}" + (f", on {sample.world()[1]} processes" if sample.world()[1] > 1 else ""))
-    save = lambda t: save_checkpoint(t, out, write_model)  # noqa: E731
-    spent = budget is not None and budget <= 0 and not trainer.done()     # --stop-after ran out in an earlier round
-    finished = not spent and fit(trainer, save=save, save_every=a.save_every, stop_after=budget,
-                                 log_every=a.log_every, label=label)
-    if not finished:
+    if budget is None or budget > 0:        # else --stop-after ran out in an earlier round
+        fit(trainer, save=lambda t: save_checkpoint(t, out, write_model), save_every=a.save_every,
+            stop_after=budget, log_every=a.log_every, label=label)
+    if not trainer.done():
         tell(f"[{label}] stopped at step {trainer.step} with a checkpoint in {out}: continue with the same command "
              "and --resume")
-    return finished, trainer
+        return trainer
+    model = trainer.gathered()
+    if model is not None:
+        if publish is None:
+            write_model(model, out)
+        else:
+            publish(model)
+        clear_checkpoints(out)
+    sync()
+    return trainer
 
 # ---- 2. Flags and checks every training command shares ---------------------------------------------------
 
@@ -677,6 +679,10 @@ def showo_run(a) -> tuple[torch.device, Path, Path, Path | None]:
 
 def load_generator(folder: Path, phi: Path, device: torch.device) -> cotgen.Showo:
     return cotgen.load_showo(folder, phi, dtype=torch.float32, device=device)[0]    # fp32 master weights
+
+def tell_showo_written(a, out: Path, magvit_dir: Path | None, search: str = "") -> None:
+    images = f"--world {a.world}" if a.world else f"--magvit {magvit_dir}"
+    tell(f"wrote {out} (Show-o layout): python sample.py --showo {out} {images} {search}--prompt ...")
 
 # ---- 3. dpo: DPO, iterative DPO and reward-model guidance (Sec. 3.3, 3.4) --------------------------------
 
@@ -874,18 +880,19 @@ class DPORun:
             objective = dpo_objective(policy, reference, tok, pairs, self.cfg, r, self.magvit, score, online)
             return Trainer(policy, objective, pairs.source, self.cfg, round_index=r)
 
-        write = lambda model, d: cotgen.save_showo(model, d, self.showo, self.phi)  # noqa: E731
+        def write(model: cotgen.Showo, folder: Path) -> None:
+            cotgen.save_showo(model, folder, self.showo, self.phi)
+
+        def publish(model: cotgen.Showo) -> None:
+            with data.atomic_path(self.out / f"round_{r}" / "model", directory=True) as d:
+                write(model, d)
+
         budget = None if a.stop_after is None else a.stop_after - self.steps_run
-        finished, trainer = resume_and_fit(a, self.out, f"dpo round {r}/{a.rounds}", start,
-                                           lambda d: load_generator(d, self.phi, self.device), make, write,
-                                           round_index=r, budget=budget)
+        trainer = resume_and_fit(a, self.out, f"dpo round {r}/{a.rounds}", start,
+                                 lambda d: load_generator(d, self.phi, self.device), make, write, publish=publish,
+                                 round_index=r, budget=budget)
         self.steps_run += trainer.step - trainer.resumed_at
-        if finished:
-            def publish(model: cotgen.Showo) -> None:
-                with data.atomic_path(self.out / f"round_{r}" / "model", directory=True) as d:
-                    write(model, d)
-            finish(trainer, self.out, publish)
-        return finished
+        return trainer.done()
 
     def __call__(self) -> int:
         a = self.a
@@ -900,8 +907,7 @@ class DPORun:
             if first_process() and (start / name).is_file():
                 with data.atomic_path(self.out / name) as tmp:
                     shutil.copyfile(start / name, tmp)
-        images = f"--world {a.world}" if a.world else f"--magvit {self.magvit_dir}"
-        tell(f"wrote {self.out} (Show-o layout): python sample.py --showo {self.out} {images} --prompt ...")
+        tell_showo_written(a, self.out, self.magvit_dir)
         return 0
 
 def run_dpo(a) -> int:
@@ -993,19 +999,15 @@ def run_selfcorrect(a) -> int:
         return groups, problems + more
 
     groups = made_once(out / "groups.jsonl", make, read)
-    def make(model: cotgen.Showo) -> Trainer:
+
+    def trainer_of(model: cotgen.Showo) -> Trainer:
         return Trainer(model, lambda step, index, g, rows=slice(None): dpo.self_correction_loss(  # noqa: E731
             model, tok, groups.batch(index), g, cfg.cond_dropout, rows), groups.source, cfg)
 
     write = lambda model, d: cotgen.save_showo(model, d, showo, phi)  # noqa: E731
     load = lambda d: base if d == showo else load_generator(d, phi, device)  # noqa: E731
-    finished, trainer = resume_and_fit(a, out, "selfcorrect", showo, load,
-                                       make, write, budget=a.stop_after)
-    if not finished:
-        return 0
-    finish(trainer, out, lambda model: write(model, out))
-    images = f"--world {a.world}" if a.world else f"--magvit {magvit_dir}"
-    tell(f"wrote {out} (Show-o layout): python sample.py --showo {out} {images} --parm++ --prompt ...")
+    if resume_and_fit(a, out, "selfcorrect", showo, load, trainer_of, write, budget=a.stop_after).done():
+        tell_showo_written(a, out, magvit_dir, "--parm++ ")
     return 0
 
 # ---- 5. curate: ranking data for the reward models (Sec. 3.2 ORM and PRM, Sec. 4 PARM, Sec. 5 PARM++) ----
@@ -1180,39 +1182,40 @@ class Curate:
         return torch.Generator(device=self.device).manual_seed(derive_seed(self.a.seed, j, *parts))
 
     @staticmethod
-    def names(j: int):
-        """(image path, record id) makers for path k (and 1-based step) of prompt j."""
-        step_tag = lambda step: "" if step is None else f"-s{step:02d}"  # noqa: E731
-        return (lambda k, step=None: f"images/p{j:06d}/k{k:02d}{step_tag(step)}.png",
-                lambda task, k, step=None: f"{task}-p{j:06d}-k{k:02d}{step_tag(step)}")
+    def image(j: int, k: int, step: int | None = None) -> str:
+        """Path k of prompt j: its image file after 1-based `step` (None: its final image), relative to --out."""
+        return f"images/p{j:06d}/k{k:02d}" + ("" if step is None else f"-s{step:02d}") + ".png"
+
+    @staticmethod
+    def step_record(task: str, j: int, k: int, step: int, question: Sequence[str], prompt: str, label: str) -> dict:
+        """A record on path k's image after 1-based `step` (PRM, clarity, potential): `question` answered `label`."""
+        return data.llava_record(f"{task}-p{j:06d}-k{k:02d}-s{step:02d}", Curate.image(j, k, step),
+                                 [*question, label], prompt=prompt, label=label, task=task, step=step)
 
     def prompt_records(self, j: int, prompt: str) -> tuple[list[dict], dict[str, np.ndarray]]:
         """Prompt j's records (LLaVA format plus prompt/label/task fields) and images {relative path: uint8}."""
         if self.a.task == "prm":
             return self.prm_records(j, prompt)
         a, K, S = self.a, self.samples, self.a.steps
-        name, rid = self.names(j)
         _, history = cotgen.generate(self.model, self.tok, prompt, K, generators=[self.gen(j, k) for k in range(K)],
                                      history=True, steps=S, cfg=a.cfg, temperature=a.temperature)
         pics, p_yes, yes = judge_codes(self.magvit, self.score_for(j), history[:, -1], prompt, a.judge_batch)
-        reasons = [None] * K
-        if a.task == "reflect" and a.reasons is None and not bool(yes.all()):
-            no = [k for k in range(K) if not yes[k]]
-            for k, reason in zip(no, self.explain([pics[k] for k in no], prompt)):
-                reasons[k] = reason
+        no = [k for k in range(K) if not yes[k]]
+        reasons = {}
+        if a.task == "reflect" and a.reasons is None and no:
+            reasons = dict(zip(no, self.explain([pics[k] for k in no], prompt)))
         records, images = [], {}
         for k in range(K):
-            label = "yes" if yes[k] else "no"
-            final = name(k, S) if a.task == "parm" else name(k)
+            label, rid = "yes" if yes[k] else "no", f"p{j:06d}-k{k:02d}"
+            final = self.image(j, k, S if a.task == "parm" else None)
             images[final] = pics[k]
-            if a.task in ("orm", "parm"):
-                records.append(data.llava_record(rid("orm", k), final, [verifiers.orm_question(prompt), label],
-                                                 prompt=prompt, label=label, task="orm",
-                                                 p_yes=round(float(p_yes[k]), 6)))
             if a.task == "reflect":
                 question = verifiers.reflection_question(prompt)
-                records.append(data.llava_record(rid("reflect", k), final, [question, label], prompt=prompt,
-                                                 label=label, reason=reasons[k], task="reflect"))
+                records.append(data.llava_record(f"reflect-{rid}", final, [question, label], prompt=prompt,
+                                                 label=label, reason=reasons.get(k), task="reflect"))
+                continue
+            records.append(data.llava_record(f"orm-{rid}", final, [verifiers.orm_question(prompt), label],
+                                             prompt=prompt, label=label, task="orm", p_yes=round(float(p_yes[k]), 6)))
             if a.task == "parm":
                 self.clarity_records(j, k, prompt, history[k], label, records, images)
         return records, images
@@ -1220,7 +1223,6 @@ class Curate:
     def prm_records(self, j: int, prompt: str) -> tuple[list[dict], dict[str, np.ndarray]]:
         """Sec. 3.2, PRM: every step's image of each path, labelled by the Math-Shepherd rule over rollouts."""
         a, S, score = self.a, self.a.steps, self.score_for(j)
-        name, rid = self.names(j)
         records, images = [], {}
         for k in range(self.samples):
             rollout_gens = [[self.gen(j, k, "rollout", i, r) for r in range(a.rollouts)] for i in range(S - 1)]
@@ -1230,29 +1232,26 @@ class Curate:
             _, _, final_yes = judge_codes(self.magvit, score, history[-1:], prompt, a.judge_batch)
             labels = prm_labels(roll_yes.view(S - 1, a.rollouts), final_yes)
             for i, pic in enumerate(sample.decode_images(self.magvit, history), 1):
-                label = "yes" if labels[i - 1] else "no"
-                images[name(k, i)] = pic
-                records.append(data.llava_record(rid("prm", k, i), name(k, i), [verifiers.prm_question(prompt), label],
-                                                 prompt=prompt, label=label, task="prm", step=i))
+                images[self.image(j, k, i)] = pic
+                records.append(self.step_record("prm", j, k, i, [verifiers.prm_question(prompt)], prompt,
+                                                "yes" if labels[i - 1] else "no"))
         return records, images
 
     def clarity_records(self, j: int, k: int, prompt: str, history: torch.Tensor, label: str, records: list,
                         images: dict) -> None:
         """Sec. 4, PARM: clarity records by the static rule, and a potential record (answered by the path's final
         label) after each clear step; adds the step images not saved yet."""
-        S, (name, rid) = self.a.steps, self.names(j)
+        S = self.a.steps
         labelled = [(i, clarity_label(i, S)) for i in range(1, S + 1) if clarity_label(i, S)]
         earlier = [i for i, _ in labelled if i < S]     # the last step's image is the final one, saved already
         if earlier:
             for i, pic in zip(earlier, sample.decode_images(self.magvit, history[[i - 1 for i in earlier]])):
-                images[name(k, i)] = pic
+                images[self.image(j, k, i)] = pic
         for i, clear in labelled:
-            records.append(data.llava_record(rid("clarity", k, i), name(k, i), [verifiers.clarity_question(prompt),
-                                             clear], prompt=prompt, label=clear, task="clarity", step=i))
+            records.append(self.step_record("clarity", j, k, i, [verifiers.clarity_question(prompt)], prompt, clear))
             if clear == "yes":
-                records.append(data.llava_record(rid("potential", k, i), name(k, i),
-                                                 [*verifiers.potential_question(prompt), label], prompt=prompt,
-                                                 label=label, task="potential", step=i))
+                records.append(self.step_record("potential", j, k, i, verifiers.potential_question(prompt), prompt,
+                                                label))
 
     def finish(self, records: list[dict]) -> list[dict]:
         """The whole run's records as TASK.json holds them: parm mixes in --orm-fraction of its ORM records
@@ -1698,13 +1697,13 @@ def run_sft(a, task: str) -> int:
     def write(model: verifiers.LlavaOneVision, folder: Path) -> None:
         verifiers.save_verifier(model, verifier.tokenizer, folder, base, dtype=torch.float32)
 
-    finished, trainer = resume_and_fit(a, out, task, base, load, lambda v: sft_trainer(v, examples, cfg), write,
-                                       budget=a.stop_after)
-    if not finished:
+    def publish(model: verifiers.LlavaOneVision) -> None:
+        dtype = torch.bfloat16 if a.save_dtype == "bf16" else torch.float32
+        verifiers.save_verifier(model, verifier.tokenizer, out, base, dtype=dtype)
+
+    if not resume_and_fit(a, out, task, base, load, lambda v: sft_trainer(v, examples, cfg), write, publish=publish,
+                          budget=a.stop_after).done():
         return 0
-    trainer.model.gradient_checkpointing = False
-    dtype = torch.bfloat16 if a.save_dtype == "bf16" else torch.float32
-    finish(trainer, out, lambda model: verifiers.save_verifier(model, verifier.tokenizer, out, base, dtype=dtype))
     tell(f"wrote {out} (lmms-lab layout): python sample.py --parm --verifier {out} --prompt ...")
     return report_heldout(a, out, heldout, device)
 
@@ -1787,12 +1786,9 @@ def run_pretrain(a) -> int:
         return Trainer(model, loss, [f"scene {i}" for i in range(len(prompts))], cfg)
 
     write = lambda model, d: cotgen.save_showo(model, d, init, init / "phi")  # noqa: E731
-    finished, trainer = resume_and_fit(a, out, f"pretrain {a.world}", init, lambda d: load_generator(d, None, device),
-                                       make, write, budget=a.stop_after)
-    if not finished:
-        return 0
-    finish(trainer, out, lambda model: write(model, out))
-    tell(f"wrote {out} (Show-o layout): python sample.py --world {a.world} --eval --showo {out} --out EVAL_DIR")
+    if resume_and_fit(a, out, f"pretrain {a.world}", init, lambda d: load_generator(d, None, device), make, write,
+                      budget=a.stop_after).done():
+        tell(f"wrote {out} (Show-o layout): python sample.py --world {a.world} --eval --showo {out} --out EVAL_DIR")
     return 0
 
 # ---- 8. shapes: the paper's tables in miniature, every step for real (README: The paper in miniature) ------
