@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -394,7 +395,7 @@ LATEST = "latest.json"
 
 CHECKPOINT = re.compile(r"ckpt-r(\d+)-(\d+)")      # a checkpoint folder: round and step
 
-def save_checkpoint(trainer: Trainer, out: Path, write_model: Callable[[torch.nn.Module, Path], None]) -> Path:
+def save_checkpoint(trainer: Trainer, out: Path, write_model: Callable[[torch.nn.Module, Path], None]) -> None:
     """Write the model (`write_model(model, folder)`, its own layout), AdamW's state and trainer.json as a new folder
     `ckpt-rR-SSSSSS`, point latest.json at it, then remove the older ones but the one latest.json named before:
     a crash at any moment leaves the last complete checkpoint and a latest.json that names it, and a checkpoint
@@ -404,7 +405,7 @@ def save_checkpoint(trainer: Trainer, out: Path, write_model: Callable[[torch.nn
     tensors, meta = trainer.state()
     model = trainer.gathered()
     if model is None:
-        return out / name
+        return
     try:
         previous = latest_checkpoint(out)
     except CheckpointError:         # a damaged latest.json names nothing worth keeping
@@ -417,7 +418,6 @@ def save_checkpoint(trainer: Trainer, out: Path, write_model: Callable[[torch.nn
     for old in out.glob("ckpt-r*"):
         if old.name not in (name, previous):
             shutil.rmtree(old, ignore_errors=True)
-    return out / name
 
 def point_latest(out: Path, trainer: Trainer, name: str) -> None:
     data.write_json({"checkpoint": name, "round": trainer.round, "step": trainer.step}, out / LATEST)
@@ -564,7 +564,7 @@ def add_optim_args(p: argparse.ArgumentParser, title: str, d: TrainConfig):
                        help="shuffle the data every epoch (the released run keeps file order)")
     return g
 
-def add_output_args(p: argparse.ArgumentParser, out_help: str):
+def add_output_args(p: argparse.ArgumentParser, out_help: str) -> None:
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", required=True, help=out_help)
     g.add_argument("--save-every", type=int, default=100, help="a resumable checkpoint every N steps (default 100)")
@@ -574,7 +574,6 @@ def add_output_args(p: argparse.ArgumentParser, out_help: str):
     g.add_argument("--log-every", type=int, default=1, help="progress line every N steps (default 1)")
     g.add_argument("--skip-bad", action="store_true",
                    help="drop unusable records (and say how many) instead of stopping with the list of them")
-    return g
 
 def check_optim_args(a) -> None:
     """One clear error for each bad value of the shared flags."""
@@ -668,17 +667,22 @@ def showo_run(a) -> tuple[torch.device, Path, Path, Path | None]:
     """The device and the Show-o, phi and MAGVIT-v2 folders of a command that trains or samples Show-o (no
     MAGVIT-v2 with --world: the world's codec, sample.image_tokenizer)."""
     device = sample.device_of(a)
-    if a.world:
-        if not a.showo:
-            fail(f"--world {a.world} needs its generator: --showo DIR, as written by `python train.py pretrain "
-                 f"--world {a.world} --out DIR`")
-        showo = Path(a.showo)
-        return device, showo, cotgen.resolve_phi_dir(showo, Path(a.phi) if a.phi else None), None
-    showo, phi, magvit_dir = sample.resolve_weights(a)
+    if not a.world:
+        showo, phi, magvit_dir = sample.resolve_weights(a)
+    elif a.showo:
+        showo, phi, magvit_dir = Path(a.showo), Path(a.phi) if a.phi else None, None
+    else:
+        fail(f"--world {a.world} needs its generator: --showo DIR, as written by `python train.py pretrain "
+             f"--world {a.world} --out DIR`")
     return device, showo, cotgen.resolve_phi_dir(showo, phi), magvit_dir
 
 def load_generator(folder: Path, phi: Path, device: torch.device) -> cotgen.Showo:
     return cotgen.load_showo(folder, phi, dtype=torch.float32, device=device)[0]    # fp32 master weights
+
+def load_judge(folder: Path, device: torch.device) -> verifiers.Verifier:
+    """A reward model that labels images (no training): bf16 on GPU, fp32 on CPU."""
+    return verifiers.load_verifier(folder, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                   device=device)
 
 def tell_showo_written(a, out: Path, magvit_dir: Path | None, search: str = "") -> None:
     images = f"--world {a.world}" if a.world else f"--magvit {magvit_dir}"
@@ -816,8 +820,7 @@ class DPORun:
             if self.verifier_dir is None:
                 raise CheckpointError("curating pairs, --rounds > 1 and --reward-coef need the yes/no reward model: "
                                       "pass --verifier DIR (a LLaVA-OneVision folder, e.g. the fine-tuned ORM)")
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            self._verifier = verifiers.load_verifier(self.verifier_dir, dtype=dtype, device=self.device)
+            self._verifier = load_judge(self.verifier_dir, self.device)
         return self._verifier
 
     def given_pairs(self, config: cotgen.ShowoConfig) -> list[dict]:
@@ -869,6 +872,9 @@ class DPORun:
 
         return made_once(self.out / f"round_{r}" / "pairs.jsonl", make, read)
 
+    def write(self, model: cotgen.Showo, folder: Path) -> None:
+        cotgen.save_showo(model, folder, self.showo, self.phi)
+
     def train_round(self, r: int, start: Path) -> bool:
         """Round r from the model in `start` (policy and reference). False: stopped with a checkpoint."""
         a = self.a
@@ -876,21 +882,19 @@ class DPORun:
         pairs = self.round_pairs(r, reference, tok)
         score = self.scorer() if self.cfg.reward_coef > 0 else None
         online = data.read_prompts(a.online_prompts) if a.online_prompts else None
+
         def make(policy: cotgen.Showo) -> Trainer:
             objective = dpo_objective(policy, reference, tok, pairs, self.cfg, r, self.magvit, score, online)
             return Trainer(policy, objective, pairs.source, self.cfg, round_index=r)
 
-        def write(model: cotgen.Showo, folder: Path) -> None:
-            cotgen.save_showo(model, folder, self.showo, self.phi)
-
         def publish(model: cotgen.Showo) -> None:
             with data.atomic_path(self.out / f"round_{r}" / "model", directory=True) as d:
-                write(model, d)
+                self.write(model, d)
 
         budget = None if a.stop_after is None else a.stop_after - self.steps_run
         trainer = resume_and_fit(a, self.out, f"dpo round {r}/{a.rounds}", start,
-                                 lambda d: load_generator(d, self.phi, self.device), make, write, publish=publish,
-                                 round_index=r, budget=budget)
+                                 lambda d: load_generator(d, self.phi, self.device), make, self.write,
+                                 publish=publish, round_index=r, budget=budget)
         self.steps_run += trainer.step - trainer.resumed_at
         return trainer.done()
 
@@ -1328,11 +1332,11 @@ def curate_settings(a) -> dict:
 
 def run_curate(a) -> int:
     check_curate_args(a)
-    out = Path(a.out)
-    if begin(out, curate_settings(a), a.resume, "curate", done=f"{a.task}.json"):
+    out, settings = Path(a.out), curate_settings(a)
+    if begin(out, settings, a.resume, "curate", done=f"{a.task}.json"):
         return 0
     if a.task == "scenes":
-        claim_out(out, curate_settings(a))
+        claim_out(out, settings)
         return curate_scenes(a)
     prompts = curation_prompts(a)
     if a.reasons:       # read now, so a bad reasons file stops the run before any image is generated
@@ -1345,8 +1349,7 @@ def run_curate(a) -> int:
         explain = lambda pics, prompt: [data.judge_prompt(p, prompt)[1] for p in pics]  # noqa: E731
     else:
         score_for, explain, labeller = verifier_labeller(a, device)
-    if first_process():
-        data.write_json(curate_settings(a), out / "run.json")
+    claim_out(out, settings)
     tell(f"[curate {a.task}] {len(prompts)} prompts, {a.samples or CURATE_SAMPLES[a.task]} paths each, labelled "
          f"by {labeller}")
     Curate(a, model, tok, magvit, score_for, explain)(prompts)
@@ -1380,8 +1383,7 @@ def verifier_labeller(a, device: torch.device):
     verifier_dir = sample.verifier_dir(a)
     if not verifier_dir.is_dir():
         fail(f"verifier folder {verifier_dir} not found: pass --verifier DIR (a LLaVA-OneVision checkpoint) or --tiny")
-    verifier = verifiers.load_verifier(verifier_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                       device=device)
+    verifier = load_judge(verifier_dir, device)
     score_for = lambda j: dpo.verifier_scorer(verifier, a.judge, seed=derive_seed(a.seed, j, "judge"))  # noqa: E731
     explain = lambda pics, prompt: [strip_no(t) for t in verifier.reflect(pics, [prompt] * len(pics),  # noqa: E731
                                                                         a.max_reason_tokens)]
@@ -1416,9 +1418,13 @@ WORLD_REASONS = 300     # reflection answers in the world tokenizer's corpus: en
 # attention (verifiers._tiny_model notes the same), and the first world ORM's p(yes) hardly moved with the image
 WORLD_INIT_STD = 0.15
 
-def add_sft_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+SFT_HELP = {"orm": "fine-tune the ORM (or PRM) on curated yes/no data (Sec. 3.2)",
+            "parm": "fine-tune PARM, or PARM++ with reflect.json added (Sec. 4, 5)"}
+
+def add_sft_parser(sub, task: str) -> argparse.ArgumentParser:
     d = TrainConfig.preset("sft")
-    p = sub.add_parser(name, help=help_text, description=SFT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(task, help=SFT_HELP[task], description=SFT_DOC,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g = sample.add_model_args(p, generator=False)
     g.add_argument("--base", default=None,
                    help=f"lmms-lab LLaVA-OneVision folder to fine-tune (default: the paper's 7B base, {SFT_BASE}; "
@@ -1707,12 +1713,6 @@ def run_sft(a, task: str) -> int:
     tell(f"wrote {out} (lmms-lab layout): python sample.py --parm --verifier {out} --prompt ...")
     return report_heldout(a, out, heldout, device)
 
-def run_orm(a) -> int:
-    return run_sft(a, "orm")
-
-def run_parm(a) -> int:
-    return run_sft(a, "parm")
-
 # ---- 7. pretrain: a Show-o that learns a miniature world (README: The paper in miniature) -----------------
 
 PRETRAIN_DOC = """Pretrain Show-o from scratch on a miniature world, with Show-o's own objective.
@@ -1805,16 +1805,15 @@ ORM's ranking data), and again by the trained ORM -> self-correction -> evaluate
 `train.py` / `sample.py` command whose output folder is kept, so a killed run continues where it stopped (run the
 same command again). Writes OUT/results.md, results.png and examples.png."""
 
-# stage sizes: the defaults, and --micro (a smoke run in seconds that only checks that every row is produced)
+# stage sizes: the defaults, and --micro (a smoke run in seconds that only checks that every row is produced).
+# orm_pairs: the trained ORM labels dpo_orm's pairs (not in --micro: a 2-step ORM may label every image alike)
 SHAPES_SIZES = {
     "full": dict(pretrain=[], scenes=24000, curate=1000, heldout=150, prm=150, reflect=500, dpo=600, paths=8,
-                 samples=4, limit=None, steps=18, examples=4, fast=[],
-                 dpo_labels=lambda v: ["--verifier", str(v / "orm")]),
+                 samples=4, limit=None, steps=18, examples=4, fast=[], orm_pairs=True),
     "micro": dict(pretrain=["--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "120", "--scenes", "64",
                             "--batch-size", "16"],
                   scenes=8, curate=6, heldout=3, prm=2, reflect=6, dpo=16, paths=2, samples=1, limit=2, steps=4,
-                  examples=1, fast=["--max-steps", "2"], dpo_labels=lambda v: []),   # the evaluator: a 2-step ORM may
-                                                                           # label every image alike
+                  examples=1, fast=["--max-steps", "2"], orm_pairs=False),
 }
 
 # fine-tuning the world's Show-o (DPO, self-correction): a small model trained from scratch takes a larger lr and
@@ -1875,6 +1874,7 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
 
     dpo_argv = ["dpo", *w, *s, *z["fast"], "--showo", showo, "--rounds", "2", "--geneval", str(z["dpo"]),
                 "--gen-steps", str(z["steps"]), *SHAPES_SHOWO_TUNING, *SHAPES_DPO]   # no --verifier: evaluator pairs
+    orm_labels = ["--verifier", str(v / "orm")] if z["orm_pairs"] else []
     sft = lambda task, *files: ["parm" if task == "parm" else "orm", *w, *s, "--base", str(v / "base"),  # noqa
                                 *SHAPES_VERIFIER_TUNING, *z["fast"],
                                 *(a for f in files for a in ("--data", str(d / f)))]
@@ -1891,7 +1891,7 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
             (v / "prm", sft("orm", "prm/prm.json") + ["--heldout", str(d / "prm_heldout/prm.json")]),
             (v / "parm", sft("parm", "parm/parm.json") + [*PARM_SHARE, "--heldout", str(d / "parm_heldout/parm.json")]),
             (v / "parmpp", sft("parm", "parm/parm.json", "reflect/reflect.json") + PARM_SHARE),
-            (o / "dpo", dpo_argv), (o / "dpo_orm", dpo_argv + z["dpo_labels"](v)),
+            (o / "dpo", dpo_argv), (o / "dpo_orm", dpo_argv + orm_labels),
             (o / "selfcorrect", ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
                                  str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING])]
 
@@ -2038,10 +2038,8 @@ def shapes_examples(o: Path, z: dict, seed: int, device: torch.device) -> np.nda
 COMMANDS = {"dpo": (add_dpo_parser, run_dpo), "selfcorrect": (add_selfcorrect_parser, run_selfcorrect),
             "curate": (add_curate_parser, run_curate), "pretrain": (add_pretrain_parser, run_pretrain),
             "shapes": (add_shapes_parser, run_shapes),
-            "orm": (lambda sub: add_sft_parser(sub, "orm", "fine-tune the ORM (or PRM) on curated yes/no data "
-                                                          "(Sec. 3.2)"), run_orm),
-            "parm": (lambda sub: add_sft_parser(sub, "parm", "fine-tune PARM, or PARM++ with reflect.json added "
-                                                            "(Sec. 4, 5)"), run_parm)}
+            "orm": (partial(add_sft_parser, task="orm"), partial(run_sft, task="orm")),
+            "parm": (partial(add_sft_parser, task="parm"), partial(run_sft, task="parm"))}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
