@@ -130,11 +130,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_of: Callable[[st
     param_groups = [{"params": ps, "base_lr": k[2], "weight_decay": k[3]} for k, ps in sorted(groups.items())]
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast with fp32 weights: the optimizer keeps fp32 master weights, as DeepSpeed's bf16 mode does
     for the released runs (pure bf16 weights would round most lr=1e-5 updates away)."""
@@ -471,11 +466,6 @@ def resume(out: Path, round_index: int, label: str, load: Callable[[Path], objec
         tell(f"[{label}] no checkpoint in {out} can be resumed from: the round starts again from step 0")
     return None
 
-def clear_checkpoints(out: Path) -> None:
-    for old in out.glob("ckpt-r*"):
-        shutil.rmtree(old, ignore_errors=True)
-    (out / LATEST).unlink(missing_ok=True)
-
 def fit(trainer: Trainer, *, save: Callable[[Trainer], None] | None = None, save_every: int = 100,
         stop_after: int | None = None, log_every: int = 1, label: str = "train") -> bool:
     """Run the round to its end (True) or until `stop_after` steps of this call (False, after a checkpoint).
@@ -521,7 +511,9 @@ def resume_and_fit(a, out: Path, label: str, start: Path, load: Callable[[Path],
             write_model(model, out)
         else:
             publish(model)
-        clear_checkpoints(out)
+        for old in out.glob("ckpt-r*"):
+            shutil.rmtree(old, ignore_errors=True)
+        (out / LATEST).unlink(missing_ok=True)
     sync()
     return trainer
 
@@ -768,7 +760,7 @@ def dpo_objective(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.Sho
     `online_per_step` prompts (taken in turn) and the reward model's best and worst make the online pairs."""
     if cfg.reward_coef and (score is None or magvit is None):
         raise ValueError("reward-model guidance (reward_coef > 0) needs a scorer and MAGVIT-v2")
-    freeze(reference)
+    reference.requires_grad_(False).eval()
     prompts = list(online_prompts) if online_prompts else list(dict.fromkeys(pairs.prompts))
 
     def objective(step: int, index: Sequence[int], g: torch.Generator, rows: slice = slice(None)):
@@ -2005,8 +1997,10 @@ def shapes_examples(o: Path, z: dict, seed: int, device: torch.device) -> np.nda
     evaluated = range(min(len(specs), z["limit"] or len(specs)))
     stories = {k: correction(o, k, specs[k]["prompt"], codec) for k in evaluated}
     order = sorted(evaluated, key=lambda k: (stories[k][0], EXAMPLE_TAGS.index(specs[k]["tag"])))
-    seen: set[str] = set()
-    one_per_tag = [k for k in order if not (specs[k]["tag"] in seen or seen.add(specs[k]["tag"]))]
+    first_of_tag: dict[str, int] = {}
+    for k in order:
+        first_of_tag.setdefault(specs[k]["tag"], k)
+    one_per_tag = list(first_of_tag.values())       # in `order`: a dict keeps the first insertion's place
     rows = []
     for k in (one_per_tag + [k for k in order if k not in one_per_tag])[:z["examples"]]:
         prompt = specs[k]["prompt"]
