@@ -619,14 +619,18 @@ def claim_out(out: Path, settings: dict) -> None:
     if first_process() and not (out / "run.json").is_file():
         data.write_json(settings, out / "run.json")
 
-def made_once(path: Path, make: Callable[[], list[dict]], read: Callable[[Path], tuple]):
-    """Training data as token lists in `path`: made once (`make()` gives the records), then read back with
-    `read` on every (re)start, so a resumed run trains on exactly the same examples. The first process makes it;
-    the others wait for it and read it."""
+def made_once(path: Path, make: Callable[[], list[dict]], read: Callable[[Path], tuple], encode: Callable,
+              config: cotgen.ShowoConfig):
+    """Training data as token lists in `path`: made once (`make()` gives the records), then on every (re)start read
+    back (`read(path)`: records, problems) and encoded (`encode`: dpo.encode_pairs or dpo.encode_groups, with no image
+    tokenizer, as the images are tokens already), so a resumed run trains on exactly the same examples. The first
+    process makes it; the others wait for it and read it."""
     if first_process() and not path.is_file():
         data.write_jsonl(make(), path)
     sync()
-    examples, problems = read(path)
+    records, problems = read(path)
+    examples, more = encode(records, config, None, path.parent, str(path))
+    problems += more
     if problems:
         raise DataError(f"{path} was written by this run but no longer reads back ({problems[0]}): delete it to make "
                         "it again")
@@ -857,12 +861,8 @@ class DPORun:
             claim_out(self.out, self.settings())
             return records
 
-        def read(path: Path):
-            records, problems = data.read_pair_records(path)
-            pairs, more = dpo.encode_pairs(records, model.config, None, path.parent, where=str(path))
-            return pairs, problems + more
-
-        return made_once(self.out / f"round_{r}" / "pairs.jsonl", make, read)
+        return made_once(self.out / f"round_{r}" / "pairs.jsonl", make, data.read_pair_records, dpo.encode_pairs,
+                         model.config)
 
     def write(self, model: cotgen.Showo, folder: Path) -> None:
         cotgen.save_showo(model, folder, self.showo, self.phi)
@@ -989,12 +989,7 @@ def run_selfcorrect(a) -> int:
         claim_out(out, settings)
         return groups.records()
 
-    def read(path: Path):
-        records, problems = data.read_correction_records(path)
-        groups, more = dpo.encode_groups(records, base.config, None, path.parent, str(path))
-        return groups, problems + more
-
-    groups = made_once(out / "groups.jsonl", make, read)
+    groups = made_once(out / "groups.jsonl", make, data.read_correction_records, dpo.encode_groups, base.config)
 
     def trainer_of(model: cotgen.Showo) -> Trainer:
         return Trainer(model, lambda step, index, g, rows=slice(None): dpo.self_correction_loss(  # noqa: E731
