@@ -349,9 +349,10 @@ class Trainer:
                                   f"counts {count}")
         if self.skeleton is not None:   # FSDP: each process keeps its shard of the moments, as of their parameter
             params = self.parameters()
-            state = {i: {k: v if k == "step" else distribute_tensor(v.to(self.device), params[i].device_mesh,
-                                                                    params[i].placements, src_data_rank=None)
-                         for k, v in s.items()} for i, s in state.items()}
+            for i, s in state.items():
+                for k in ("exp_avg", "exp_avg_sq"):
+                    s[k] = distribute_tensor(s[k].to(self.device), params[i].device_mesh, params[i].placements,
+                                             src_data_rank=None)
         self.optimizer.load_state_dict({**self.optimizer.state_dict(), "state": state})
         self.step = self.resumed_at = step
 
@@ -1687,15 +1688,12 @@ def run_sft(a, task: str) -> int:
     def load(folder: Path) -> verifiers.Verifier:
         return verifier if folder == base else verifiers.load_verifier(folder, dtype=torch.float32, device=device)
 
-    def write(model: verifiers.LlavaOneVision, folder: Path) -> None:
-        verifiers.save_verifier(model, verifier.tokenizer, folder, base, dtype=torch.float32)
+    def write(model: verifiers.LlavaOneVision, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+        verifiers.save_verifier(model, verifier.tokenizer, folder, base, dtype=dtype)   # checkpoints: fp32
 
-    def publish(model: verifiers.LlavaOneVision) -> None:
-        dtype = torch.bfloat16 if a.save_dtype == "bf16" else torch.float32
-        verifiers.save_verifier(model, verifier.tokenizer, out, base, dtype=dtype)
-
-    if not resume_and_fit(a, out, task, base, load, lambda v: sft_trainer(v, examples, cfg), write, publish=publish,
-                          budget=a.stop_after).done():
+    saved = torch.bfloat16 if a.save_dtype == "bf16" else torch.float32
+    if not resume_and_fit(a, out, task, base, load, lambda v: sft_trainer(v, examples, cfg), write,
+                          publish=partial(write, folder=out, dtype=saved), budget=a.stop_after).done():
         return 0
     tell(f"wrote {out} (lmms-lab layout): python sample.py --parm --verifier {out} --prompt ...")
     return report_heldout(a, out, heldout, device)
