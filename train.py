@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -583,8 +583,7 @@ def check_optim_args(a) -> None:
         fail("--warmup-ratio must be in [0, 1) and --cond-dropout in [0, 1]")
 
 def train_config(a, device: torch.device, preset: str, **fields) -> TrainConfig:
-    """The TrainConfig the flags give: every field that is a flag of the command, bf16 autocast on GPU unless
-    --precision says otherwise, and `fields` on top."""
+    """The TrainConfig of the command's flags (bf16 on GPU unless --precision says otherwise), `fields` on top."""
     given = {f: getattr(a, f) for f in TrainConfig.__dataclass_fields__ if hasattr(a, f)}
     given["bf16"] = a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda")
     return TrainConfig.preset(preset, **{**given, **fields})
@@ -794,7 +793,6 @@ class DPORun:
         self.verifier_dir = sample.verifier_dir(a)
         self.out = Path(a.out)
         self.magvit = sample.image_tokenizer(a, self.magvit_dir, device=self.device)
-        self._verifier = None
 
     def settings(self) -> dict:
         """What a resumed run must share with the interrupted one (compared before anything is trained)."""
@@ -810,15 +808,14 @@ class DPORun:
         world's evaluator (the automatic labeller the verifiers are trained on)."""
         if self.a.world and self.verifier_dir is None:
             return dpo.evaluator_scorer()
-        return dpo.verifier_scorer(self.verifier(), decide, seed=seed)
+        return dpo.verifier_scorer(self.verifier, decide, seed=seed)
 
-    def verifier(self):
-        if self._verifier is None:
-            if self.verifier_dir is None:
-                raise CheckpointError("curating pairs, --rounds > 1 and --reward-coef need the yes/no reward model: "
-                                      "pass --verifier DIR (a LLaVA-OneVision folder, e.g. the fine-tuned ORM)")
-            self._verifier = load_judge(self.verifier_dir, self.device)
-        return self._verifier
+    @cached_property
+    def verifier(self) -> verifiers.Verifier:
+        if self.verifier_dir is None:
+            raise CheckpointError("curating pairs, --rounds > 1 and --reward-coef need the yes/no reward model: "
+                                  "pass --verifier DIR (a LLaVA-OneVision folder, e.g. the fine-tuned ORM)")
+        return load_judge(self.verifier_dir, self.device)
 
     def given_pairs(self, config: cotgen.ShowoConfig) -> list[dict]:
         """Round 1 from --data: every record checked and encoded before the first step, so a bad record stops
