@@ -1195,15 +1195,16 @@ class Curate:
             reasons = dict(zip(no, self.explain([pics[k] for k in no], prompt)))
         records, images = [], {}
         for k in range(K):
-            label, rid = "yes" if yes[k] else "no", f"p{j:06d}-k{k:02d}"
+            label = "yes" if yes[k] else "no"
             final = self.image(j, k, S if a.task == "parm" else None)
+            path = f"p{j:06d}-k{k:02d}"     # the record ids: TASK-path
             images[final] = pics[k]
             if a.task == "reflect":
                 question = verifiers.reflection_question(prompt)
-                records.append(data.llava_record(f"reflect-{rid}", final, [question, label], prompt=prompt,
+                records.append(data.llava_record(f"reflect-{path}", final, [question, label], prompt=prompt,
                                                  label=label, reason=reasons.get(k), task="reflect"))
                 continue
-            records.append(data.llava_record(f"orm-{rid}", final, [verifiers.orm_question(prompt), label],
+            records.append(data.llava_record(f"orm-{path}", final, [verifiers.orm_question(prompt), label],
                                              prompt=prompt, label=label, task="orm", p_yes=round(float(p_yes[k]), 6)))
             if a.task == "parm":
                 self.clarity_records(j, k, prompt, history[k], label, records, images)
