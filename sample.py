@@ -173,6 +173,8 @@ def join_processes(args) -> None:
             tiny_checkpoints(args.cache)
         sync()
 
+# ---- flags, models and progress, shared with train.py -------------------------------------------------------
+
 def check_out(flag: str, overwrite: bool | None = None) -> Path:
     """--out, checked before any work: named, not a file, under folders only, writable (its parent too: a
     folder is published by a rename there); with `overwrite` given (sample.py writes --out whole), an existing
@@ -322,6 +324,8 @@ def decode_images(magvit, codes: torch.Tensor, batch: int = 16) -> np.ndarray:
     with torch.inference_mode():
         return np.concatenate([data.to_uint8_image(magvit.decode_code(codes[i:i + batch]))
                                for i in range(0, codes.shape[0], batch)])
+
+# ---- the generation command: one prompt, or a prompt file in GenEval's layout (--eval: scored) -------------
 
 def strategy_of(args) -> str:
     return "orm" if args.orm else "prm" if args.prm else "parm" if args.parm else "parm++" if args.parmpp else "none"

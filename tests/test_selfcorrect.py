@@ -3,10 +3,8 @@ position by position, groups built from a reflect.json, learning on fixed groups
 sample.py --parm++, and bad records through the command line."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import cotgen

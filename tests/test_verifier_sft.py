@@ -1,12 +1,10 @@
 """Fine-tuning the reward model (train.py orm / parm): which tokens carry the loss, the loss against the
 inference path, learning rates and freezing, the saved lmms-lab folder, exact resume, and bad records."""
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import data
 import train
