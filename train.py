@@ -675,7 +675,7 @@ def showo_run(a) -> tuple[torch.device, Path, Path, Path | None]:
 def load_generator(folder: Path, phi: Path, device: torch.device) -> cotgen.Showo:
     return cotgen.load_showo(folder, phi, dtype=torch.float32, device=device)[0]    # fp32 master weights
 
-def load_judge(folder: Path, device: torch.device) -> verifiers.Verifier:
+def load_labeller(folder: Path, device: torch.device) -> verifiers.Verifier:
     """A reward model that labels images (no training): bf16 on GPU, fp32 on CPU."""
     return verifiers.load_verifier(folder, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                    device=device)
@@ -815,7 +815,7 @@ class DPORun:
         if self.verifier_dir is None:
             raise CheckpointError("curating pairs, --rounds > 1 and --reward-coef need the yes/no reward model: "
                                   "pass --verifier DIR (a LLaVA-OneVision folder, e.g. the fine-tuned ORM)")
-        return load_judge(self.verifier_dir, self.device)
+        return load_labeller(self.verifier_dir, self.device)
 
     def given_pairs(self, config: cotgen.ShowoConfig) -> list[dict]:
         """Round 1 from --data: every record checked and encoded before the first step, so a bad record stops
@@ -1369,7 +1369,7 @@ def verifier_labeller(a, device: torch.device):
     verifier_dir = sample.verifier_dir(a)
     if not verifier_dir.is_dir():
         fail(f"verifier folder {verifier_dir} not found: pass --verifier DIR (a LLaVA-OneVision checkpoint) or --tiny")
-    verifier = load_judge(verifier_dir, device)
+    verifier = load_labeller(verifier_dir, device)
     score_for = lambda j: dpo.verifier_scorer(verifier, a.judge, seed=derive_seed(a.seed, j, "judge"))  # noqa: E731
     explain = lambda pics, prompt: [strip_no(t) for t in verifier.reflect(pics, [prompt] * len(pics),  # noqa: E731
                                                                         a.max_reason_tokens)]
