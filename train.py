@@ -1176,9 +1176,14 @@ class Curate:
         return f"images/p{j:06d}/k{k:02d}" + ("" if step is None else f"-s{step:02d}") + ".png"
 
     @staticmethod
+    def record_id(task: str, j: int, k: int, step: int | None = None) -> str:
+        """The id of a `task` record on path k of prompt j (after 1-based `step`; None: on its final image)."""
+        return f"{task}-p{j:06d}-k{k:02d}" + ("" if step is None else f"-s{step:02d}")
+
+    @staticmethod
     def step_record(task: str, j: int, k: int, step: int, question: Sequence[str], prompt: str, label: str) -> dict:
         """A record on path k's image after 1-based `step` (PRM, clarity, potential): `question` answered `label`."""
-        return data.llava_record(f"{task}-p{j:06d}-k{k:02d}-s{step:02d}", Curate.image(j, k, step),
+        return data.llava_record(Curate.record_id(task, j, k, step), Curate.image(j, k, step),
                                  [*question, label], prompt=prompt, label=label, task=task, step=step)
 
     def prompt_records(self, j: int, prompt: str) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -1197,15 +1202,15 @@ class Curate:
         for k in range(K):
             label = "yes" if yes[k] else "no"
             final = self.image(j, k, S if a.task == "parm" else None)
-            path = f"p{j:06d}-k{k:02d}"     # the record ids: TASK-path
             images[final] = pics[k]
             if a.task == "reflect":
                 question = verifiers.reflection_question(prompt)
-                records.append(data.llava_record(f"reflect-{path}", final, [question, label], prompt=prompt,
-                                                 label=label, reason=reasons.get(k), task="reflect"))
+                records.append(data.llava_record(self.record_id("reflect", j, k), final, [question, label],
+                                                 prompt=prompt, label=label, reason=reasons.get(k), task="reflect"))
                 continue
-            records.append(data.llava_record(f"orm-{path}", final, [verifiers.orm_question(prompt), label],
-                                             prompt=prompt, label=label, task="orm", p_yes=round(float(p_yes[k]), 6)))
+            question = verifiers.orm_question(prompt)
+            records.append(data.llava_record(self.record_id("orm", j, k), final, [question, label], prompt=prompt,
+                                             label=label, task="orm", p_yes=round(float(p_yes[k]), 6)))
             if a.task == "parm":
                 self.clarity_records(j, k, prompt, history[k], label, records, images)
         return records, images
