@@ -3,7 +3,6 @@ follow-up, batching, reflection and the error messages. Everything runs on CPU i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -21,8 +20,7 @@ import data  # noqa: E402
 import verifiers as V  # noqa: E402
 from data import CheckpointError  # noqa: E402
 
-SHARED = Path(os.environ.get("COTGEN_SHARED", ROOT.parent / "shared"))
-FX = SHARED / "fixtures"
+from conftest import FIXTURES as FX  # noqa: E402
 TASKS = ("orm", "clarity", "potential")
 
 
