@@ -4,10 +4,13 @@ Nothing here knows a model. The model files (cotgen.py, verifiers.py) name the k
 reads them strictly: a checkpoint is loaded through an explicit key map (checkpoint key -> state-dict name),
 and every missing key, unexpected key and shape mismatch is reported in one message before any tensor is
 read. Weights are never unpickled. Everything that writes goes through `atomic_path`, so a reader sees the
-old file (or folder) or the complete new one, never half of one.
+old file (or folder) or the complete new one, never half of one, and an output folder is written by one run at a
+time (`folder_lock`).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import itertools
 import json
 import math
@@ -35,6 +38,26 @@ class CheckpointError(RuntimeError):
 
 class DataError(ValueError):
     """A data file (records, prompts) cannot be used as given. The message names the file and the record."""
+
+class Unreadable(CheckpointError):
+    """A weights file that cannot be read (cut short, damaged). `problem` says which and why; the message adds the
+    advice for a downloaded file, which a command line replaces for a file a run of this project made."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{problem}: download it again")
+
+class WriteError(RuntimeError):
+    """Writing failed for the machine's reason, not a user's mistake: a full disk or quota, a failing or read-only
+    file system. Names what was being written (as it would have been published) and the system's words."""
+
+    def __init__(self, path: str | os.PathLike, error: OSError):
+        self.path, self.error = Path(path), error
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
+
+    @property
+    def full(self) -> bool:
+        return self.error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 # ---- dtype and device names, shared by every command line ------------------------------------------------
 
@@ -101,13 +124,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
         if m and m.group(1) == HOST and not _alive(int(m.group(2))):
             _remove(t)
 
-@contextmanager
-def atomic_path(path: str | os.PathLike, directory: bool = False):
-    """Yield a temporary name next to `path` (an empty folder if `directory`). On success it replaces `path`
-    in one rename (an old folder is moved aside first and then deleted); on error, Ctrl-C or SIGTERM (the
-    command lines raise it like Ctrl-C) it is removed. What killed writers left in the folder is removed first
-    (`remove_stale_temporaries`). Files get the permissions the umask allows, as any other tool's."""
-    path = Path(path)
+def _temporary(path: Path, directory: bool) -> Path:
+    """A new temporary name for `path` beside it (an empty folder if `directory`), once its folder is swept."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.parent.absolute() not in _swept:    # once per folder: a folder may receive thousands of files
         remove_stale_temporaries(path.parent)
@@ -120,6 +138,27 @@ def atomic_path(path: str | os.PathLike, directory: bool = False):
         os.close(fd)
         tmp = Path(name)
     os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+    return tmp
+
+def _published(name, tmp: Path, path: Path) -> Path:
+    """What `name`, a file written under the temporary `tmp`, is called once `tmp` is published as `path`."""
+    try:
+        return path / Path(os.fsdecode(name)).relative_to(tmp)
+    except (TypeError, ValueError):     # no file name, or one outside `tmp` (the published name itself)
+        return path
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, directory: bool = False):
+    """Yield a temporary name next to `path` (an empty folder if `directory`). On success it replaces `path`
+    in one rename (an old folder is moved aside first and then deleted); on error, Ctrl-C or SIGTERM (the
+    command lines raise it like Ctrl-C) it is removed. What killed writers left in the folder is removed first
+    (`remove_stale_temporaries`). Files get the permissions the umask allows, as any other tool's. An OSError
+    while writing (a full disk) becomes one WriteError naming the file as it would have been published."""
+    path = Path(path)
+    try:
+        tmp = _temporary(path, directory)
+    except OSError as e:
+        raise WriteError(path, e) from e
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old")
@@ -129,6 +168,10 @@ def atomic_path(path: str | os.PathLike, directory: bool = False):
         os.replace(tmp, path)
         if directory:
             shutil.rmtree(old, ignore_errors=True)
+    except (OSError, WriteError) as e:
+        _remove(tmp)
+        inner, error = (e.path, e.error) if isinstance(e, WriteError) else (e.filename, e)
+        raise WriteError(_published(inner, tmp, path), error) from e
     except BaseException:
         _remove(tmp)
         raise
@@ -144,12 +187,77 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> None:
 def save_state(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """A safetensors file (tensors made contiguous and moved to the CPU)."""
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata or {"format": "pt"})
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata=metadata or {"format": "pt"})
+        except SafetensorError as e:    # safetensors words a failed write as text: "... (os error 28) at path ..."
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
 
 def save_png(img: np.ndarray, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
+
+# ---- one run per output folder: its lock ----------------------------------------------------------------
+#
+# A command that owns an output folder holds an exclusive fcntl.flock on `.NAME.lock` *beside* the folder for its
+# whole run, so a second run on the folder stops before any work instead of mixing its files with the first's. The
+# OS drops a flock when its process ends, however it ends (SIGKILL included), so a lock is never stale: a file a
+# killed run left is simply taken over. Beside, not inside: sample.py publishes its folder by renaming a temporary
+# over it (a lock file inside would leave with the old folder) and keeps its parts in `.NAME.parts` beside it; a
+# folder not made yet has no inside; and the folder then holds exactly the files the run wrote. The lock is per
+# folder, not per process (two opens of one file conflict even in one process): a pipeline's stages, whose folders
+# are sub-folders of its own, take their own locks under the pipeline's.
+
+def lock_file(folder: str | os.PathLike) -> Path:
+    """Where the lock of output folder `folder` lives: `.NAME.lock` beside it, however the folder is spelled."""
+    folder = Path(os.path.abspath(folder))
+    return folder.parent / f".{folder.name}.lock"
+
+def _take(lock: Path, folder: Path) -> int | None:
+    """An open descriptor holding `lock` (None: this file system has no locks); DataError if a live run holds it."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _, host = os.pread(fd, 256, 0).decode(errors="replace").strip().partition(" ")
+            os.close(fd)
+            raise DataError(f"{folder} is in use by another run: process {pid or '?'} on host {host or '?'} holds its "
+                            f"lock {lock}; wait for that run to end (or stop it), or choose another --out") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                return None
+            raise
+        try:        # its holder removes the file before letting go: then take the file that has the name now
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {HOST}\n".encode())
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike):
+    """Hold the lock of output folder `folder` while the block runs (see above); a DataError naming the process
+    and host that hold it otherwise. Yields the lock file, or None on a file system without locks (NFS without
+    its lock daemon), where the run goes on unguarded."""
+    lock = lock_file(folder)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = _take(lock, Path(folder))
+    except OSError as e:
+        raise WriteError(lock, e) from e
+    try:
+        yield None if fd is None else lock
+    finally:
+        if fd is not None:
+            lock.unlink(missing_ok=True)        # while still holding it, so no other run holds a removed file
+            os.close(fd)
 
 # ---- safetensors checkpoints in the layouts users meet ---------------------------------------------------
 
@@ -173,8 +281,8 @@ def _reading(path: Path):
     try:
         f = safe_open(path, framework="pt", device="cpu")
     except UNREADABLE as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is probably truncated or "
-                              "incomplete: download it again") from e
+        raise Unreadable(path, f"{path} is not a readable safetensors file ({e}); it is probably truncated or "
+                               "incomplete") from e
     with f:
         yield f
 
@@ -182,7 +290,7 @@ def _read_tensor(f, path: Path, key: str) -> torch.Tensor:
     try:
         return f.get_tensor(key)
     except UNREADABLE as e:
-        raise CheckpointError(f"{path} could not be read ({e}); it is probably truncated: download it again") from e
+        raise Unreadable(path, f"{path} could not be read ({e}); it is probably truncated") from e
 
 def find_weight_files(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
     """Map every tensor name of a checkpoint folder to the safetensors file holding it: a sharded

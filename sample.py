@@ -1,7 +1,7 @@
 """Generate images with Show-o (Sec. 3.1), optionally searching over the decoding paths with a verifier:
 ORM best-of-N and PRM step search (Sec. 3.2), PARM (Sec. 4) and PARM++ (Sec. 5).
 
-    python sample.py --tiny --prompt "a photo of a red apple" --n 4 --out outputs/apple
+    python sample.py --tiny --prompt "a photo of a red apple" --paths 4 --out outputs/apple
     python sample.py --tiny --prompt "a photo of a red apple" --parm --out outputs/apple-parm
     python sample.py --tiny --metadata evaluation_metadata.jsonl --parm --out outputs/geneval
     python sample.py --world shapes --eval --showo runs/shapes/showo --out runs/shapes/eval/baseline
@@ -23,6 +23,8 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -72,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     strategy.add_argument("--parm", action="store_true", help="PARM: clarity, potential, best-of-N' (Sec. 4)")
     strategy.add_argument("--parm++", "--reflect", dest="parmpp", action="store_true",
                           help="PARM++: PARM, then up to --rounds reflection rounds (Sec. 5)")
-    p.add_argument("--n", type=int, default=None,
-                   help="decoding paths per image (default 20 with a search, as the paper; 1 without)")
+    p.add_argument("--paths", "--n", dest="n", type=int, default=None, metavar="N",
+                   help="N, the decoding paths per image (default 20 with a search, as the paper; 1 without). "
+                        "--n is the same flag, but torchrun takes it for its own --nnodes: use --paths there")
     p.add_argument("--samples", type=int, default=None,
                    help="images per prompt with --prompts/--metadata (default 4, as GenEval); 1 with --prompt")
     p.add_argument("--steps", type=int, default=18, help="masked decoding steps (default 18, as the paper)")
@@ -102,10 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- command-line helpers shared with train.py -----------------------------------------------------------
 
-def fail(msg: str) -> NoReturn:
-    """The one way a user's mistake ends a command: one line on stderr, exit status 2, no traceback."""
+def fail(msg: str, status: int = 2) -> NoReturn:
+    """The one way a user's mistake ends a command: one line on stderr, exit status 2, no traceback (status 1: the
+    machine failed, not the user, as with a full disk)."""
     print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a job scheduler's stop), raised like Ctrl-C so every atomic writer removes its temporary."""
@@ -113,24 +117,62 @@ class Terminated(KeyboardInterrupt):
 def _terminate(signum, frame) -> NoReturn:
     raise Terminated
 
-def command(run: Callable[[], int], kept: str) -> int:
+@dataclass(frozen=True)
+class Pipeline:
+    """A command that runs others as its stages, in its own process (`train.py shapes`): `line` is the command the
+    user typed, which continues the pipeline, and `stages` names the stage that makes each folder (folder -> its
+    command), so that a stage's messages name the pipeline's command and the stage to redo, not the stage's flags."""
+    line: str
+    stages: dict[Path, str]
+
+    def stage_of(self, path: Path) -> tuple[Path, str] | None:
+        """(folder, command) of the stage whose folder holds `path`."""
+        where = Path(os.path.abspath(path)).parents
+        return next(((Path(f), s) for f, s in self.stages.items() if Path(os.path.abspath(f)) in where), None)
+
+def damaged(e: data.Unreadable, pipeline: Pipeline | None) -> str:
+    """The line for an unreadable weights file: one a stage of `pipeline` made names that stage and how to make it
+    again, one in the folder of a run of this project (run.json, at most two folders up: a run writes its weights
+    in OUT, OUT/ckpt-*, OUT/round_R/model) names that run; a downloaded one keeps the download advice."""
+    stage = pipeline.stage_of(e.path) if pipeline else None
+    if stage:
+        return (f"{e.problem}; the pipeline's stage `{stage[1]}` made it in {stage[0]}: remove that folder and run "
+                f"`{pipeline.line}` to make it again")
+    run = next((d for d in Path(os.path.abspath(e.path)).parents[:3] if (d / "run.json").is_file()), None)
+    if run:
+        return f"{e.problem}; the run in {run} made it: remove {run} and run the command that made it again"
+    return str(e)
+
+_claims: list[ExitStack] = []      # the --out locks of the commands running in this process (innermost last)
+
+def command(run: Callable[[], int], kept: str, again: str = "run the same command",
+            pipeline: Pipeline | None = None) -> int:
     """How every command line here runs `run()`: a DataError or CheckpointError from anywhere (a user's file or
-    folder) ends in `fail`'s one line, and Ctrl-C or SIGTERM, once the temporaries are gone, in one line saying
-    what was kept (`kept`) and exit status 130 (143 for SIGTERM)."""
+    folder) ends in `fail`'s one line (an unreadable file a run made: `damaged`); a WriteError (a full disk) in one
+    line with exit status 1 that says how to continue (`again`), its temporaries gone; Ctrl-C or SIGTERM, once the
+    temporaries are gone, in one line saying what was kept (`kept`) and exit status 130 (143 for SIGTERM). The
+    --out lock `claim` takes is held until `run()` ends."""
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:          # not the main thread (an embedding program): SIGTERM keeps its own handler
         previous = None
-    try:
-        return run()
-    except (data.DataError, data.CheckpointError) as e:
-        fail(str(e))
-    except KeyboardInterrupt as e:
-        print(f"interrupted: {kept}", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with ExitStack() as claims:
+        _claims.append(claims)
+        try:
+            return run()
+        except data.Unreadable as e:
+            fail(damaged(e, pipeline))
+        except (data.DataError, data.CheckpointError) as e:
+            fail(str(e))
+        except data.WriteError as e:
+            fail(f"{e}; {'free space' if e.full else 'fix that'} and {again}", status=1)
+        except KeyboardInterrupt as e:
+            print(f"interrupted: {kept}", file=sys.stderr)
+            return 143 if isinstance(e, Terminated) else 130
+        finally:
+            _claims.pop()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 # ---- many processes: `torchrun --nproc_per_node K sample.py | train.py ...` (README: Many GPUs) -------------
 
@@ -175,10 +217,30 @@ def join_processes(args) -> None:
 
 # ---- flags, models and progress, shared with train.py -------------------------------------------------------
 
+def claim(out: Path) -> None:
+    """Hold --out's lock (data.folder_lock: `.NAME.lock` beside it) until the command ends, so that a second run on
+    --out stops here, before any work. Under torchrun the first process holds it and tells the others whether it
+    got it, so that every process stops with the same line."""
+    refused = None
+    if first_process() and _claims:
+        try:
+            if _claims[-1].enter_context(data.folder_lock(out)) is None:
+                print(f"warning: the file system of {out} has no locks: nothing stops a second run on it",
+                      file=sys.stderr)
+        except data.DataError as e:
+            refused = str(e)
+    if world()[1] > 1:
+        told = [refused]
+        dist.broadcast_object_list(told)
+        refused = told[0]
+    if refused:
+        fail(refused)
+
 def check_out(flag: str, overwrite: bool | None = None) -> Path:
     """--out, checked before any work: named, not a file, under folders only, writable (its parent too: a
-    folder is published by a rename there); with `overwrite` given (sample.py writes --out whole), an existing
-    non-empty folder needs it. Temporaries a killed run left for it are removed."""
+    folder is published by a rename there), and no other run's (`claim` locks it for the command's run); with
+    `overwrite` given (sample.py writes --out whole), an existing non-empty folder needs it. Temporaries a killed
+    run left for it are removed."""
     out = Path(flag)
     if not flag.strip():
         fail("--out is empty: name a folder")
@@ -190,6 +252,7 @@ def check_out(flag: str, overwrite: bool | None = None) -> Path:
             fail(f"--out {flag!r} is inside {folder}, which is a file: name a folder under a folder")
         if not os.access(folder, os.W_OK | os.X_OK):
             fail(f"--out {flag!r}: {folder} is not writable: choose another --out, or fix its permissions")
+    claim(out)
     data.remove_stale_temporaries(above)
     if out.is_dir():
         data.remove_stale_temporaries(out)
@@ -335,7 +398,9 @@ def check_common(args) -> None:
     search = strategy_of(args) != "none"
     args.n = args.n if args.n is not None else (20 if search else 1)
     args.samples = args.samples if args.samples is not None else (1 if args.prompt is not None else 4)
-    at_least(args, 1, "n", "steps", "samples")
+    if args.n < 1:
+        fail(f"--paths/--n must be at least 1 (got {args.n})")
+    at_least(args, 1, "steps", "samples")
     at_least(args, 0, "cfg")            # g = 0 is plain conditional decoding; a negative or NaN g is a typo
     if args.rounds < 0:
         fail(f"--rounds must be 0 or more (got {args.rounds})")
@@ -424,11 +489,17 @@ def result_files(args, magvit, result: cotgen.SearchResult) -> dict:
         files["steps.png"] = data.image_grid(decode_images(magvit, result.history.flatten(0, 1)), cols=args.steps)
     return files
 
-def main(argv=None) -> int:
+def main(argv=None, pipeline: Pipeline | None = None) -> int:
+    """The command line; `pipeline`: the pipeline running it as a stage, whose command continues it."""
     args = build_parser().parse_args(argv)
-    kept = "" if args.prompt is not None else "; the prompts finished so far are kept for --resume"
+    kept, again = f"nothing was written to {args.out}", "run the same command"
+    if pipeline is not None:
+        kept, again = f"{kept}; `{pipeline.line}` continues the pipeline", f"run `{pipeline.line}`"
+    elif args.prompt is None:
+        kept += "; the prompts finished so far are kept for --resume"
+        again += " with --resume: it continues from the prompts finished so far"
     join_processes(args)
-    return command(lambda: run(args), f"nothing was written to {args.out}{kept}")
+    return command(lambda: run(args), kept, again, pipeline)
 
 def run(args) -> int:
     """The sample.py command: check every flag and input, load the models, generate, write --out whole."""

@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import re
+import shlex
 import shutil
 import sys
 import textwrap
@@ -1888,19 +1889,20 @@ def row_folder(o: Path, row: str) -> Path:
     ("PARM++" -> parmpp, "It. DPO + PARM" -> it_dpo_parm), one folder per row."""
     return o / "eval" / re.sub(r"[^a-z0-9]+", "_", row.lower().replace("++", "pp")).strip("_")
 
-def shapes_evaluate(o: Path, z: dict, seed: int, device: str) -> dict[str, dict[str, data.Score]] | None:
+def shapes_evaluate(o: Path, z: dict, seed: int, device: str,
+                    pipeline: sample.Pipeline) -> dict[str, dict[str, data.Score]] | None:
     """Every row of the tables scored on the world's evaluation prompts (sample.py --world shapes --eval)."""
     rows = {}
     for name, generator, search, verifier in SHAPES_ROWS:
         folder = row_folder(o, name)
         if not (folder / "scores.json").is_file():
-            argv = ["--world", "shapes", "--eval", "--showo", str(o / generator), *search, "--n", str(z["paths"]),
+            argv = ["--world", "shapes", "--eval", "--showo", str(o / generator), *search, "--paths", str(z["paths"]),
                     "--samples", str(z["samples"]), "--steps", str(z["steps"]), "--seed", str(seed),
                     "--device", device, "--out", str(folder), "--overwrite"]
             argv += ["--verifier", str(o / "verifiers" / verifier)] if verifier else []
             argv += ["--limit", str(z["limit"])] if z["limit"] else []
             print(f"[shapes] evaluating {name}", file=sys.stderr)
-            if sample.main(argv):
+            if sample.main(argv, pipeline):
                 return None
         scores = json.loads((folder / "scores.json").read_text())
         rows[name] = {k: data.Score(**v) for k, v in scores.items()}
@@ -1919,13 +1921,16 @@ def run_shapes(a) -> int:
     guard_out(o, settings, (o / "run.json").is_file(), "shapes")   # the same command again continues it
     claim_out(o, settings)
     t0 = time.time()
-    for folder, argv in shapes_stages(o, z, a.seed, device):
+    stages = shapes_stages(o, z, a.seed, device)
+    # each stage locks its own folder, inside o (locked by this command): its messages name this command
+    pipeline = sample.Pipeline(a.line, {folder: f"train.py {argv[0]}" for folder, argv in stages})
+    for folder, argv in stages:
         resume = ["--resume"] if (folder / "run.json").is_file() else []
         print(f"[shapes] {argv[0]} -> {folder}", file=sys.stderr)
-        code = main(argv + ["--out", str(folder)] + resume)
+        code = main(argv + ["--out", str(folder)] + resume, pipeline)
         if code:        # interrupted: the stage kept what it had, and the same command continues from there
             return code
-    rows = shapes_evaluate(o, z, a.seed, device)
+    rows = shapes_evaluate(o, z, a.seed, device, pipeline)
     if rows is None:
         return 130
     write_shapes_results(o, rows, time.time() - t0)
@@ -2038,11 +2043,15 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     return p
 
-def main(argv=None) -> int:
+def main(argv=None, pipeline: sample.Pipeline | None = None) -> int:
+    """The command line; `pipeline`: the pipeline running it as a stage, whose command continues it."""
     args = build_parser().parse_args(argv)
+    args.line = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])   # as typed
     sample.join_processes(args)
-    return sample.command(lambda: start(args), f"{args.out} keeps its last complete checkpoint or file; the same "
-                                               "command with --resume continues")
+    rerun = (f"`{pipeline.line}`" if pipeline else "the same command" if args.command == "shapes" else
+             "the same command with --resume")
+    return sample.command(lambda: start(args), f"{args.out} keeps its last complete checkpoint or file; {rerun} "
+                          "continues", f"run {rerun}: it continues from the last complete checkpoint", pipeline)
 
 def start(args) -> int:
     """--out checked before anything else (a folder of this command's run, or a new or empty one), then the

@@ -10,7 +10,9 @@ the gradient of the whole batch, is checked in this process to 1e-6, step by ste
 steps of two orders of summation are not compared, because AdamW turns rounding noise into a full lr-sized
 step for any weight whose exact gradient is 0 (Show-o's k_layernorm.bias: softmax ignores a shift shared by every
 key), so those weights differ by ~lr whatever the implementation."""
+import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.run import get_args_parser
 
 import data
 import sample
@@ -199,3 +202,51 @@ def test_sample_resume_makes_only_the_unfinished_prompts(tiny, tmp_path, monkeyp
     assert sample.main(argv + out + ["--resume"]) == 0
     assert made == PROMPTS[:2] + ["resumed", PROMPTS[2]]
     assert tree(tmp_path / "out") == tree(tmp_path / "whole") and not (tmp_path / ".out.parts").exists()
+
+
+def options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of `parser` and of its subcommands."""
+    found = set()
+    for action in parser._actions:
+        found |= set(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= options(sub)
+    return found
+
+
+def test_torchrun_leaves_every_flag_to_the_script(capsys):
+    """torchrun's argparse takes an abbreviation of its own options even after the script's name (issue 21: `--n 4`
+    was "ambiguous option: --n could match --nnodes, --nproc-per-node"), so no flag of ours may be the start of
+    one of torchrun's. `--n` stays as an alias of `--paths` for one process; -h/--help is everyone's."""
+    torchrun = get_args_parser()
+    theirs = options(torchrun)
+    ours = options(sample.build_parser()) | options(train.build_parser())
+    assert {"--paths", "--n", "--fsdp", "--out", "--n-embd"} <= ours and {"--nnodes", "-m"} <= theirs
+    taken = {f: [t for t in theirs if t.startswith(f)] for f in sorted(ours - {"-h", "--help", "--n"})}
+    assert {f: t for f, t in taken.items() if t} == {}
+    script = ["sample.py", "--tiny", "--prompt", "a photo of a cat", "--paths", "4", "--out", "o"]
+    assert torchrun.parse_args(["--standalone", "--nproc_per_node", "2", *script]).training_script_args == script[1:]
+    assert sample.build_parser().parse_args(script[1:]).n == 4
+    assert sample.build_parser().parse_args(script[1:4] + ["--n", "4"]).n == 4
+    with pytest.raises(SystemExit):             # why --paths: the alias is torchrun's
+        torchrun.parse_args(["--standalone", "sample.py", "--prompt", "a photo of a cat", "--n", "4"])
+    assert "ambiguous option: --n" in capsys.readouterr().err
+
+
+def test_under_torchrun_a_locked_out_stops_every_process_with_the_lock_line(tiny, tmp_path):
+    """The first process takes --out's lock (issue 21) and tells the others: each stops with the same one line,
+    before any work, instead of waiting for the first at a barrier."""
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out"
+    with data.folder_lock(out) as lock:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(WORKER.parent.parent / "sample.py"), "--tiny", "--cache",
+                               str(tiny["llava"].parents[1]), "--device", "cpu", "--prompts",
+                               str(tmp_path / "prompts.txt"), "--paths", "2", "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        line = (f"error: {out} is in use by another run: process {os.getpid()} on host {data.HOST} holds its lock "
+                f"{lock}; wait for that run to end (or stop it), or choose another --out")
+        assert done.returncode != 0 and done.stderr.count(line) == 2, done.stderr[-3000:]
+        assert "interrupted" not in done.stderr and sorted(p.name for p in tmp_path.iterdir()) == [".out.lock",
+                                                                                                   "prompts.txt"]

@@ -2,6 +2,7 @@
 that names it (exit status 2, no traceback) before any work; temporaries go on SIGTERM and after a SIGKILL; a
 damaged checkpoint falls back to the one before it; every user error of the command lines goes through `fail`."""
 import ast
+import errno
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cotgen
@@ -368,3 +370,106 @@ def test_a_seed_outside_the_generators_range_is_refused_up_front(tiny, tmp_path,
                                                        "--prompt", "a photo of a cat", "--seed", str(10 ** 20),
                                                        "--out", str(tmp_path / "o")]))
     assert "--seed must be in [0, 2^62)" in line and not (tmp_path / "o").exists()
+
+
+# ---- 9. a full disk: one line that says what and how to go on, no temporary left, and the same command continues --
+
+NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".old"))]
+
+
+def test_a_full_disk_while_training_is_one_line_and_resume_continues(dpo_run, tmp_path, capsys, monkeypatch):
+    flags, want = dpo_run
+    out, real, written = tmp_path / "o", data.save_file, []
+
+    def full_at_the_second_checkpoint(tensors, name, metadata=None):      # as safetensors 0.8 words ENOSPC
+        written.append(name)
+        if sum("optimizer" in n for n in written) == 2:
+            raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path '
+                                  f'"{Path(name).parent / ".tmpXyZ"}"')
+        return real(tensors, name, metadata=metadata)
+
+    monkeypatch.setattr(data, "save_file", full_at_the_second_checkpoint)
+    with pytest.raises(SystemExit) as e:
+        train.main(flags + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err and [l for l in err.splitlines() if "error" in l] == [
+        f"error: cannot write {out / 'ckpt-r1-000004' / 'optimizer.safetensors'}: No space left on device; free space "
+        "and run the same command with --resume: it continues from the last complete checkpoint"]
+    assert temporaries(tmp_path) == [] and sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-r1-000002"]
+    monkeypatch.setattr(data, "save_file", real)                      # space freed
+    assert train.main(flags + ["--out", str(out), "--resume"]) == 0
+    assert f"resumed from {out / 'ckpt-r1-000002'} at step 2/6" in capsys.readouterr().err
+    got = load_file(out / "pytorch_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_full_disk_while_sampling_is_one_line_and_resume_continues(tiny, tmp_path, capsys, monkeypatch):
+    (tmp_path / "prompts.txt").write_text("a photo of a red apple\na photo of two dogs\na photo of a bench\n")
+    argv = ["--tiny", "--cache", cache_of(tiny), "--device", "cpu", "--prompts", str(tmp_path / "prompts.txt"),
+            "--steps", "2", "--samples", "1"]
+    assert sample.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    real, saved = data.Image.Image.save, []
+
+    def full_at_the_second_image(image, *args, **kwargs):
+        saved.append(1)
+        if len(saved) == 2:
+            raise NO_SPACE
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(data.Image.Image, "save", full_at_the_second_image)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err and err.splitlines()[-1] == (
+        f"error: cannot write {tmp_path / '.out.parts' / '00001' / 'samples' / '0000.png'}: No space left on device; "
+        "free space and run the same command with --resume: it continues from the prompts finished so far")
+    assert temporaries(tmp_path) == [] and sorted(p.name for p in (tmp_path / ".out.parts").iterdir()) == [
+        "00000", "run.json"]
+    monkeypatch.setattr(data.Image.Image, "save", real)
+    assert sample.main(argv + ["--out", str(out), "--resume"]) == 0
+    whole = {p.relative_to(tmp_path / "whole"): p.read_bytes() for p in (tmp_path / "whole").rglob("*") if p.is_file()}
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == whole
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
+    with pytest.raises(data.WriteError) as e:
+        with data.atomic_path(tmp_path / "run" / "ckpt", directory=True) as d:
+            data.write_json({"a": 1}, d / "trainer.json")
+            with data.atomic_path(d / "model" / "weights.bin") as f:
+                f.write_bytes(b"half")
+                raise NO_SPACE
+    published = tmp_path / "run" / "ckpt" / "model" / "weights.bin"      # the file's name, not its temporary's
+    assert str(e.value) == f"cannot write {published}: No space left on device"
+    assert e.value.full and temporaries(tmp_path) == [] and list((tmp_path / "run").iterdir()) == []
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "x.json"))
+    with pytest.raises(data.WriteError) as e:
+        with data.atomic_path(tmp_path / "x.json"):
+            raise read_only
+    assert str(e.value) == f"cannot write {tmp_path / 'x.json'}: Read-only file system" and not e.value.full
+
+
+# ---- 10. an unreadable weights file: download it again, unless a run of this project made it ---------------------
+
+def test_an_unreadable_file_a_run_made_names_the_run_not_a_download(tiny, tmp_path, capsys):
+    args = ["--tiny", "--cache", cache_of(tiny), "--device", "cpu", "--prompt", "a photo of a cat", "--orm", "--n", "2",
+            "--steps", "2"]
+    for where, made in (("downloaded", False), ("run", True)):
+        folder = tmp_path / where / "verifier"
+        shutil.copytree(tiny["llava"], folder)
+        if made:                                # a `train.py orm --out RUN` folder: its run.json is RUN's
+            (folder / "run.json").write_text("{}")
+        weights = next(folder.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:100])
+        line = one_line_error(capsys, lambda: sample.main(args + ["--verifier", str(folder), "--out",
+                                                                   str(tmp_path / where / "o")]))
+        assert f"{weights} is not a readable safetensors file" in line
+        if made:
+            assert line.endswith(f"; the run in {folder} made it: remove {folder} and run the command that made it "
+                                 "again") and "download" not in line
+        else:
+            assert line.endswith("it is probably truncated or incomplete: download it again")

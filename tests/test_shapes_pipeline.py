@@ -1,6 +1,7 @@
 """The paper's method in the shapes world: curation labelled by the evaluator, and `train.py shapes --micro`
 running every stage and producing every row of the tables."""
 import json
+import shlex
 import shutil
 
 import numpy as np
@@ -103,3 +104,32 @@ def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_pa
     assert (out / "verifiers" / "orm" / "model.safetensors").stat().st_mtime_ns == before
     with pytest.raises(SystemExit):     # another seed into the same folder is refused, not mixed
         train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu", "--seed", "1"])
+
+
+def test_a_stage_points_at_the_pipelines_command_and_a_damaged_stage_file_at_its_stage(tmp_path, capsys, monkeypatch):
+    """Issue 21: an interrupted stage says to run the pipeline's command (not the stage's own with --resume), and an
+    unreadable file an earlier stage made names that stage and how to make it again, not a download."""
+    out = tmp_path / "shapes"
+    argv = ["shapes", "--micro", "--out", str(out), "--device", "cpu"]
+    typed = shlex.join(["python", "train.py", *argv])
+    add, run = train.COMMANDS["curate"]
+
+    def interrupted(a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(train.COMMANDS, "curate", (add, interrupted))      # stopped at the stage after pretraining
+    assert train.main(argv) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (f"interrupted: {out / 'data' / 'orm'} keeps its last complete "
+                                                        f"checkpoint or file; `{typed}` continues")
+    weights = out / "showo" / "pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setitem(train.COMMANDS, "curate", (add, run))
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and line.startswith(f"error: {weights} is not a readable safetensors file") and (
+        line.endswith(f"; the pipeline's stage `train.py pretrain` made it in {out / 'showo'}: remove that folder "
+                      f"and run `{typed}` to make it again")), line
+    shutil.rmtree(out / "showo")                # as the line says: the stage is made again and the pipeline goes on
+    monkeypatch.setitem(train.COMMANDS, "curate", (add, interrupted))
+    assert train.main(argv) == 130 and (out / "showo" / "config.json").is_file()
