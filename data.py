@@ -971,7 +971,7 @@ def training_prompts(n: int | None = None, *, objects=GENEVAL_OBJECTS, colors=GE
 # per cell. The grid is a SLOTS x SLOTS lattice of SLOT x SLOT-cell slots and every object sits in its own slot,
 # so objects never touch in a ground-truth scene. Prompts and specs follow GenEval's six templates, wording and
 # metadata; the evaluator reads pixels only (colour snapping, connected components, template matching) and
-# applies GenEval's rules; SlotCodec is the image tokenizer, one code per slot content, with MAGVIT-v2's interface.
+# applies GenEval's rules; QuadrantCodec is the image tokenizer, one code per quarter of a slot, with MAGVIT-v2's interface.
 
 SLOT = 5           # cells per slot side: a shape of at most 4x4 cells and a free row and column
 SLOTS = 3          # slots per side: 9 image tokens
@@ -1172,16 +1172,16 @@ def world_prompts(n: int, seed: int) -> list[str]:
 
 def training_scenes(specs: Sequence[dict], n: int, seed: int, progress=None) -> tuple[list[str], torch.Tensor]:
     """The pretraining set: n (prompt, scene) examples, each a drawn spec (`draw_specs`) and a random correct scene
-    of it (`sample_scene`). Returns the prompts and the scenes as slot codes [n, SLOTS * SLOTS] (SlotCodec's
-    codes). Deterministic in `seed`."""
+    of it (`sample_scene`). Returns the prompts and the scenes as codes [n, 36] (QuadrantCodec's). Deterministic
+    in `seed`."""
     rng = np.random.default_rng(seed)
-    prompts, codes = [], []
+    prompts, cells = [], []
     for spec in itertools.islice(draw_specs(specs, rng), n):
         prompts.append(spec["prompt"])
-        codes.append(slot_codes(sample_scene(spec, rng)))
+        cells.append(paint(sample_scene(spec, rng)))
         if progress is not None:
-            progress(len(codes))
-    return prompts, torch.from_numpy(np.stack(codes)).long()
+            progress(len(cells))
+    return prompts, torch.from_numpy(QuadrantCodec().encode_cells(np.stack(cells))).long()
 
 def caption(objs: Iterable[Obj]) -> str:
     """What a scene shows, in the prompts' words: "a photo of a red circle and a blue square", objects in reading
@@ -1312,6 +1312,13 @@ def detect(cells: np.ndarray, threshold: float = DETECT_IOU, cell_px: float = CE
     for dets in found.values():
         dets.sort(key=lambda d: (-d.score, -d.cells, d.box[1], d.box[0]))
     return found
+
+def well_formed(cells: np.ndarray) -> bool:
+    """Is every object of an image whole? Every one-colour 8-connected component of the snapped cell map matches
+    a shape template with IoU >= COUNT_IOU (an exact shape at these sizes), and there is at least one. A step's
+    x̂0 that mixes quadrants of different shapes or colours is not: the measure of a clear step image (Sec. 4)."""
+    comps = [comp for code in range(1, len(PALETTE)) for comp in components(cells == code)]
+    return bool(comps) and all(classify(comp)[1] >= COUNT_IOU for comp in comps)
 
 def relations(a: Detection, b: Detection, margin: float = POSITION_MARGIN) -> list[str]:
     """GenEval's relative_position of placed object a to reference b (GenEval's evaluation/evaluate_images.py): box
@@ -1481,6 +1488,38 @@ def bar_chart(scores: dict[str, Score], title: str, width: int = 640, bar_h: int
         draw.text((x(v) - 8, y + 6), f"{v:g}", fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
 
+LINE_COLOURS = ((40, 80, 220), (220, 40, 40), (40, 170, 60), (245, 140, 20), (140, 50, 180), (20, 20, 20))
+
+def line_chart(curves: dict[str, Sequence[float]], xs: Sequence[float], title: str, xlabel: str,
+               width: int = 480, height: int = 300, intervals: dict[str, Sequence[tuple[float, float]]] | None = None,
+               ) -> np.ndarray:
+    """Curves of values on [0, 1] over the points `xs` (evenly spaced, labelled by value), one colour each with a
+    legend; `intervals` (optional, per curve) draws a whisker at every point."""
+    font = ImageFont.load_default()
+    left, top, right, bottom = 44, 28, 16, 40 + 14 * len(curves)
+    canvas = Image.new("RGB", (width, height + bottom), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 6), title, fill=(0, 0, 0), font=font)
+    x = lambda i: left + i * (width - left - right) / max(1, len(xs) - 1)  # noqa: E731
+    y = lambda v: top + (1 - v) * (height - top - 8)  # noqa: E731
+    for v in (0, 0.25, 0.5, 0.75, 1.0):                       # the value axis, with light grid lines
+        draw.line((left, y(v), width - right, y(v)), fill=(225, 225, 225))
+        draw.text((8, y(v) - 6), f"{v:.2f}", fill=(0, 0, 0), font=font)
+    for i, v in enumerate(xs):
+        draw.text((x(i) - 4, height - 4), f"{v:g}", fill=(0, 0, 0), font=font)
+    draw.text((left, height + 10), xlabel, fill=(0, 0, 0), font=font)
+    for k, (name, values) in enumerate(curves.items()):
+        colour = LINE_COLOURS[k % len(LINE_COLOURS)]
+        points = [(x(i), y(v)) for i, v in enumerate(values)]
+        draw.line(points, fill=colour, width=2)
+        for i, (px, py) in enumerate(points):
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+            if intervals and name in intervals:
+                lo, hi = intervals[name][i]
+                draw.line((px, y(lo), px, y(hi)), fill=colour)
+        draw.text((left, height + 24 + 14 * k), f"-- {name}", fill=colour, font=font)
+    return np.asarray(canvas)
+
 def captioned_rows(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]], scale: int = 1) -> np.ndarray:
     """A sheet of rows, each a title line above its tiles (image, caption below it); tiles are top-aligned."""
     font = ImageFont.load_default()
@@ -1501,29 +1540,38 @@ def captioned_rows(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]],
         y += h
     return np.asarray(canvas)
 
-# ---- the shapes world: the image tokenizer: one code per slot content ------------------------------------
+# ---- the shapes world: the image tokenizer: one code per quarter of a slot ---------------------------------
 
-# code 0 = an empty slot; code 1 + shape * 10 + colour = that shape in that colour (SHAPES' and GenEval's orders)
-SLOT_CONTENTS = [None] + [(s, c) for s in SHAPE_NAMES for c in GENEVAL_COLORS]
+# A slot's 4x4 shape area is four 2x2-cell quadrants; a token is one quadrant's content, so an object is four
+# tokens and a step's x̂0, which samples every masked token on its own, can mix parts of different objects: the
+# unclear early images of Sec. 4 (Fig. 5), which a token per whole object could never show.
+QUAD = 2                      # cells per quadrant side
+QUADS = SLOTS * (SLOT - 1) // QUAD   # quadrants per image side: 6, so 36 image tokens
+# code 0 = an empty quadrant; code 1 + pattern * 10 + colour = one of the 15 non-empty 2x2 cell patterns
+# (PATTERNS' order) in one of GenEval's colours (GenEval's order)
+PATTERNS = [np.array([[b >> 3 & 1, b >> 2 & 1], [b >> 1 & 1, b & 1]], dtype=bool) for b in range(1, 16)]
 
-def slot_codes(objs: Iterable[Obj]) -> np.ndarray:
-    """A ground-truth scene's codes [SLOTS * SLOTS]: what each slot holds (scenes built by `place`)."""
-    codes = np.zeros(SLOTS * SLOTS, dtype=np.int64)
-    for o in objs:
-        codes[o.slot] = SLOT_CONTENTS.index((o.shape, o.color))
-    return codes
+def quadrant_cells(cells: np.ndarray) -> np.ndarray:
+    """[B, GRID, GRID] cell codes -> [B, QUADS * QUADS, QUAD, QUAD]: every slot's four quadrants, the tokens in
+    raster order over the 6x6 quadrant grid (left to right, top to bottom, as an image tokenizer's patches).
+    A slot's free last row and column belong to no quadrant: no world object reaches them."""
+    areas = cells.reshape(-1, SLOTS, SLOT, SLOTS, SLOT)[:, :, :SLOT - 1, :, :SLOT - 1]    # [B, 3, 4, 3, 4]
+    q = areas.reshape(-1, SLOTS, 2, QUAD, SLOTS, 2, QUAD).transpose(0, 1, 2, 4, 5, 3, 6)  # [B, 3, 2, 3, 2, Q, Q]
+    return q.reshape(len(cells), QUADS * QUADS, QUAD, QUAD)
 
-class SlotCodec:
-    """The image tokenizer of the shapes world, with MAGVIT-v2's interface (cotgen.MAGVITv2): a vector
-    quantiser whose patches are slots (SLOT x SLOT cells, 40 x 40 px) and whose codebook is every slot content
-    (empty, or one of 7 shapes x 10 colours drawn by `in_slot`), SLOTS * SLOTS codes per image in raster order.
-    get_code snaps the pixels to cells and takes, per slot, the codebook entry with the fewest differing cells
-    (ties: the lower code), so it encodes any image and is exact on the world's: decode_code(get_code(x)) == x
-    for every ground-truth image and get_code(decode_code(c)) == c for every c."""
+class QuadrantCodec:
+    """The image tokenizer of the shapes world, with MAGVIT-v2's interface (cotgen.MAGVITv2): a vector quantiser
+    whose patches are quadrants of the slots (2x2 cells, 16 x 16 px) and whose codebook is every one-colour
+    quadrant content (empty, or a 2x2 cell pattern in one of 10 colours: 151 codes), 36 codes per image.
+    get_code snaps the pixels to cells and takes, per quadrant, the entry with the fewest differing cells (ties:
+    the lower code), so it encodes any image and is exact on the world's: decode_code(get_code(x)) == x for every
+    ground-truth image and get_code(decode_code(c)) == c for every c."""
 
     def __init__(self, cell_px: int = CELL_PX):
-        self.cell_px, self.tokens = cell_px, SLOTS * SLOTS
-        self.codebook = np.stack([paint([in_slot(*sc, 0)] if sc else [])[:SLOT, :SLOT] for sc in SLOT_CONTENTS])
+        self.cell_px, self.tokens = cell_px, QUADS * QUADS
+        colours = np.arange(1, len(PALETTE))
+        self.codebook = np.concatenate([np.zeros((1, QUAD, QUAD), dtype=np.int64)] +
+                                       [np.where(p[None], colours[:, None, None], 0) for p in PATTERNS])
         # decoded values sit half a level above the palette, so Show-o's truncating uint8 conversion
         # ((x + 1) / 2 * 255, floored; data.to_uint8_image) gives the palette exactly
         self.levels = torch.from_numpy((PALETTE.astype(np.float32) + 0.5) / 127.5 - 1.0)
@@ -1532,25 +1580,35 @@ class SlotCodec:
 
     @property
     def codebook_size(self) -> int:
-        return len(SLOT_CONTENTS)
+        return len(self.codebook)
 
     def image_size(self, n_tokens: int) -> int:
         """Image side of n_tokens codes (MAGVIT-v2's interface): the world's one image size."""
         return GRID * self.cell_px
 
+    def encode_cells(self, cells: np.ndarray) -> np.ndarray:
+        """[B, GRID, GRID] cell codes -> [B, 36] codes: the nearest codebook entry of every quadrant."""
+        quads = quadrant_cells(cells).reshape(-1, 1, QUAD, QUAD)
+        differ = (quads != self.codebook[None]).sum((2, 3))                          # [B * 36, codebook]
+        return differ.argmin(1).reshape(len(cells), -1)
+
     def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> codes [B, SLOTS * SLOTS]."""
+        """Images [B, 3, H, W] in [-1, 1] -> codes [B, 36]."""
         cells = np.stack([snap_cells(im) for im in to_uint8_image(pixels.cpu())])
-        slots = cells.reshape(-1, SLOTS, SLOT, SLOTS, SLOT).transpose(0, 1, 3, 2, 4).reshape(-1, 1, SLOT, SLOT)
-        differ = (slots != self.codebook[None]).sum((2, 3))                          # [B * slots, codebook]
-        return torch.from_numpy(differ.argmin(1).reshape(len(cells), -1)).long().to(pixels.device)
+        return torch.from_numpy(self.encode_cells(cells)).long().to(pixels.device)
+
+    def decode_cells(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, 36] -> cell codes [B, GRID, GRID]; codes outside the codebook are clamped."""
+        if codes.shape[1] != self.tokens:
+            raise ValueError(f"{codes.shape[1]} codes per image, expected {self.tokens} ({QUADS}x{QUADS} quadrants)")
+        q = torch.from_numpy(self.codebook)[codes.long().cpu().clamp(0, self.codebook_size - 1)]
+        q = q.view(-1, SLOTS, 2, SLOTS, 2, QUAD, QUAD).permute(0, 1, 2, 5, 3, 4, 6)  # [B, 3, 2, Q, 3, 2, Q]
+        areas = q.reshape(-1, SLOTS, SLOT - 1, SLOTS, SLOT - 1)
+        cells = torch.zeros(len(codes), SLOTS, SLOT, SLOTS, SLOT, dtype=torch.long)
+        cells[:, :, :SLOT - 1, :, :SLOT - 1] = areas
+        return cells.view(-1, GRID, GRID)
 
     def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
-        """Codes [B, SLOTS * SLOTS] -> images [B, 3, GRID * px, GRID * px] in [-1, 1]; codes outside the codebook
-        are clamped."""
-        if codes.shape[1] != self.tokens:
-            raise ValueError(f"{codes.shape[1]} codes per image, expected {self.tokens} ({SLOTS}x{SLOTS} slots)")
-        patches = torch.from_numpy(self.codebook)[codes.long().cpu().clamp(0, self.codebook_size - 1)]
-        cells = patches.view(-1, SLOTS, SLOTS, SLOT, SLOT).permute(0, 1, 3, 2, 4).reshape(-1, GRID, GRID)
-        x = self.levels[cells].permute(0, 3, 1, 2).to(codes.device)                 # [B, 3, GRID, GRID]
+        """Codes [B, 36] -> images [B, 3, GRID * px, GRID * px] in [-1, 1]."""
+        x = self.levels[self.decode_cells(codes)].permute(0, 3, 1, 2).to(codes.device)   # [B, 3, GRID, GRID]
         return x.repeat_interleave(self.cell_px, 2).repeat_interleave(self.cell_px, 3)

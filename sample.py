@@ -294,7 +294,7 @@ def add_model_args(p: argparse.ArgumentParser, *, verifier: str | None = None, g
         g.add_argument("--magvit", default=None, help="MAGVIT-v2 folder (default weights/magvitv2: showlab/magvitv2)")
         g.add_argument("--world", choices=WORLDS, default=None,
                        help="a miniature world (the shapes world of README's 'The paper in miniature'): images are "
-                            "tokenized by its slot codec (data.SlotCodec) instead of MAGVIT-v2, and --showo is the "
+                            "tokenized by its quadrant codec (data.QuadrantCodec) instead of MAGVIT-v2, and --showo is the "
                             "generator `train.py pretrain --world shapes` wrote")
     if verifier is not None:
         g.add_argument("--verifier", default=None,
@@ -379,8 +379,8 @@ def load_models(args):
     return model, tok, magvit
 
 def image_tokenizer(args, magvit_dir: Path | None, dtype=torch.float32, device="cpu"):
-    """MAGVIT-v2 from its folder, or the world's codec (data.SlotCodec) with --world."""
-    return data.SlotCodec() if args.world else cotgen.load_magvit(magvit_dir, dtype=dtype, device=device)
+    """MAGVIT-v2 from its folder, or the world's codec (data.QuadrantCodec) with --world."""
+    return data.QuadrantCodec() if args.world else cotgen.load_magvit(magvit_dir, dtype=dtype, device=device)
 
 def decode_images(magvit, codes: torch.Tensor, batch: int = 16) -> np.ndarray:
     """Codes [k, N] -> uint8 images [k, H, W, 3], decoded in batches."""

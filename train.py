@@ -1710,7 +1710,7 @@ PRETRAIN_DOC = """Pretrain Show-o from scratch on a miniature world, with Show-o
     python sample.py --world shapes --eval --showo runs/shapes/showo --out runs/shapes/eval/baseline
 
 The same `Showo` class and t2i sequence layout as the released model, at a small width; the text tokenizer is
-trained on the world's prompts and the image tokenizer is the world's slot codec (data.SlotCodec). The
+trained on the world's prompts and the image tokenizer is the world's quadrant codec (data.QuadrantCodec). The
 objective masks a cosine-schedule fraction of the image tokens, takes the cross-entropy on them, and drops the
 prompt 10% of the time so classifier-free guidance works. --out is a Show-o folder that sample.py loads."""
 
@@ -1742,7 +1742,8 @@ def world_generator(out: Path, a, prompts: Sequence[str]) -> Path:
     if first_process() and not (init / "pytorch_model.safetensors").is_file():
         tok = cotgen.phi_style_tokenizer(prompts, a.vocab)
         longest = max(len(tok.encode(p, add_special_tokens=False).ids) for p in prompts)
-        config = cotgen.ShowoConfig(codebook_size=data.SlotCodec().codebook_size, num_vq_tokens=data.SLOTS ** 2,
+        codec = data.QuadrantCodec()
+        config = cotgen.ShowoConfig(codebook_size=codec.codebook_size, num_vq_tokens=codec.tokens,
                                     max_seq_length=longest + 2, n_layer=a.n_layer, n_head=a.n_head,
                                     n_embd=a.n_embd, intermediate_size=4 * a.n_embd)
         with data.atomic_path(init, directory=True) as d:
@@ -1992,7 +1993,7 @@ def shapes_examples(o: Path, z: dict, seed: int, device: torch.device) -> np.nda
     counting, position, colour attribution): the baseline's image, PARM's paths (each with the step its potential
     assessment pruned it at), PARM's choice, and from the PARM++ row's evaluation its first image, the verifier's
     reason and the corrected image; every caption ends with the evaluator's verdict."""
-    codec, specs = data.SlotCodec(), data.eval_specs()
+    codec, specs = data.QuadrantCodec(), data.eval_specs()
     base, tok = cotgen.load_showo(o / "showo", None, dtype=torch.float32, device=device)
     parm = cotgen.Judge(verifiers.load_verifier(o / "verifiers" / "parm", device=device))
     evaluated = range(min(len(specs), z["limit"] or len(specs)))
