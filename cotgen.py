@@ -577,7 +577,8 @@ class Paths:
     `resume(i)`: PARM's truncation. fast=True caches the text's keys/values; False runs the original full forward."""
     def __init__(self, model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
                  cfg: float = 1.75, temperature: float | Sequence[float] = 1.0, generators: Sequence | None = None,
-                 seed: int = 0, fast: bool = True, keep_probs: bool = False, condition: torch.Tensor | None = None):
+                 seed: int = 0, fast: bool = True, keep_probs: bool = False, condition: torch.Tensor | None = None,
+                 record: PathRecord | None = None):
         if n < 1:
             raise ValueError(f"number of paths must be at least 1 (got {n})")
         if steps < 1:
@@ -585,6 +586,9 @@ class Paths:
         c, device = model.config, model.embed_tokens.weight.device
         self.model, self.tok, self.config = model, tokenizer, c
         self.n, self.steps, self.cfg, self.fast, self.keep_probs = n, steps, float(cfg), fast, keep_probs
+        if record is not None and (generators is not None or keep_probs or condition is not None):
+            raise ValueError("a PathRecord keys each path by its seed: pass seed, not generators, keep_probs or "
+                             "condition")
         if generators is None:
             generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
         if len(generators) != n:
@@ -600,11 +604,16 @@ class Paths:
         self.tokens = torch.full((n, c.num_vq_tokens), c.mask_token_id, dtype=torch.long, device=device)
         self.x0, self.step_of, self.stopped = [None] * n, [0] * n, [False] * n      # x0: the last step's x̂0 [N]
         self.token_forwards = 0      # token positions run through the transformer (work counter)
+        rows = 2 if self.cfg else 1
+        # a path's share of a step's forward: its image segment (fast) or its whole sequences (the original)
+        self.step_forwards = rows * ((c.num_vq_tokens + 2) if fast else self.ids.shape[1])
+        self.record, self.seeds = record, [seed + i for i in range(n)]
+        self._scope = (prompt, self.cfg, steps, fast)
         if fast:
             before = self.ids[:, : -(c.num_vq_tokens + 2)]          # all before the decoded image's segment
             with torch.inference_mode():
                 self._prefix = model.prefix(before, tokenizer)
-            self.token_forwards += (2 if self.cfg else 1) * before.shape[1]
+            self.token_forwards += rows * before.shape[1]
         else:
             self._allowed = omni_attention_mask(self.ids, tokenizer.pad_id, tokenizer.soi_id, tokenizer.eoi_id)
 
@@ -662,33 +671,83 @@ class Paths:
 
     @torch.inference_mode()
     def step(self) -> Step:
-        """One pass of the original loop per live path: sample, keep known codes, re-mask (`mask_by_random_topk`)."""
+        """One pass of the original loop per live path: sample, keep known codes, re-mask (`mask_by_random_topk`).
+        A step the record holds is replayed: no forward, the path's generator still makes the step's draws."""
         live = self.live()
         if not live:
             raise RuntimeError("no live path to advance")
-        c, N, off = self.config, self.config.num_vq_tokens, self.config.image_offset
-        probs = self.probs(self.tokens[live])
+        keys = [self._key(i) for i in live] if self.record is not None else [None] * len(live)
+        known = [self.record.get(k) if k else None for k in keys]
+        fresh = [i for i, kn in zip(live, known) if kn is None]
+        probs = self.probs(self.tokens[fresh]) if fresh else None
+        self.token_forwards += self.step_forwards * (len(live) - len(fresh))
         mask_len, masking = [], []
-        for dist, i in zip(probs, live):          # dist: path i's [N, K] distribution
-            tokens, gen = self.tokens[i], self.generators[i]
-            unknown = tokens == c.mask_token_id
-            # every slot is sampled, known ones too: the original consumes the RNG that way
-            sampled = torch.where(unknown, torch.multinomial(dist, 1, generator=gen)[:, 0], tokens - off)
+        for i, key, kn in zip(live, keys, known):
             r = (self.step_of[i] + 1) / self.steps
-            conf = torch.where(unknown, torch.gather(dist, -1, sampled[:, None])[:, 0], torch.finfo(dist.dtype).max)
-            mask_len.append(int(max(1.0, min(float(unknown.sum() - 1), float(torch.floor(N * cosine_schedule(r)))))))
             # the temperature anneals by compounding (1 - r) every step, starting again for each path
             self.temperature[i] *= 1.0 - r
-            u = torch.zeros(1, N, device=dist.device).uniform_(0, 1, generator=gen)[0]
-            gumbel = -torch.log(torch.clamp(-torch.log(torch.clamp(u, min=1e-20)), min=1e-20))
-            confidence = torch.log(torch.clamp(conf, min=1e-20)) + self.temperature[i] * gumbel
-            masking.append(confidence < torch.sort(confidence).values[mask_len[-1]])
-            self.tokens[i] = torch.where(masking[-1], c.mask_token_id, sampled + off)
-            self.x0[i] = sampled
+            if kn is None:
+                sampled, tokens, m = self._advance(i, probs[fresh.index(i)], r)
+                if key is not None:
+                    self.record.put(key, sampled, tokens, m)
+            else:
+                sampled, tokens, m = kn
+                self._skip_draws(self.generators[i])
+            self.tokens[i], self.x0[i] = tokens, sampled
+            mask_len.append(m)
+            masking.append(tokens == self.config.mask_token_id)
             self.step_of[i] += 1
         return Step(paths=live, step=[self.step_of[i] - 1 for i in live], x0=torch.stack([self.x0[i] for i in live]),
                     mask_len=mask_len, temperature=[self.temperature[i] for i in live],
                     masking=torch.stack(masking), probs=probs if self.keep_probs else None)
+
+    def _advance(self, i: int, dist: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Path i's step from its [N, K] distribution: (x̂0 codes, the new image-slot state, tokens re-masked)."""
+        c, N, off = self.config, self.config.num_vq_tokens, self.config.image_offset
+        tokens, gen = self.tokens[i], self.generators[i]
+        unknown = tokens == c.mask_token_id
+        # every slot is sampled, known ones too: the original consumes the RNG that way
+        sampled = torch.where(unknown, torch.multinomial(dist, 1, generator=gen)[:, 0], tokens - off)
+        conf = torch.where(unknown, torch.gather(dist, -1, sampled[:, None])[:, 0], torch.finfo(dist.dtype).max)
+        mask_len = int(max(1.0, min(float(unknown.sum() - 1), float(torch.floor(N * cosine_schedule(r))))))
+        u = torch.zeros(1, N, device=dist.device).uniform_(0, 1, generator=gen)[0]
+        gumbel = -torch.log(torch.clamp(-torch.log(torch.clamp(u, min=1e-20)), min=1e-20))
+        confidence = torch.log(torch.clamp(conf, min=1e-20)) + self.temperature[i] * gumbel
+        masking = confidence < torch.sort(confidence).values[mask_len]
+        return sampled, torch.where(masking, c.mask_token_id, sampled + off), mask_len
+
+    def _key(self, i: int) -> tuple:
+        """What decides path i's next step: prompt, cfg, steps, its seed, its step, temperature and state."""
+        state = self.tokens[i].cpu().numpy().tobytes()
+        return (*self._scope, self.seeds[i], self.step_of[i], self.temperature[i], state)
+
+    def _skip_draws(self, gen: torch.Generator) -> None:
+        """Make the draws of one step (`_advance`) without using them: how many a multinomial over N x K and N
+        uniforms take does not depend on the probabilities (test_search checks the generator's state)."""
+        c = self.config
+        flat = torch.full((c.num_vq_tokens, c.codebook_size), 1.0 / c.codebook_size, device=self.tokens.device)
+        torch.multinomial(flat, 1, generator=gen)
+        torch.zeros(1, c.num_vq_tokens, device=self.tokens.device).uniform_(0, 1, generator=gen)
+
+class PathRecord:
+    """Decoding steps remembered (Sec. 3.1): each step a `Paths` computed, keyed by what decides it (prompt, cfg,
+    steps, the path's seed, step, temperature and image-slot state), with the x̂0 it sampled and the state it left.
+    Searches of one generator that share a record share their paths: a step decoded by one is replayed by the
+    next, bit for bit, with the work it costs still counted. Give each generator (model) its own record."""
+    def __init__(self):
+        self._steps: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.replayed = 0
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def get(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        got = self._steps.get(key)
+        self.replayed += got is not None
+        return got
+
+    def put(self, key: tuple, x0: torch.Tensor, tokens: torch.Tensor, mask_len: int) -> None:
+        self._steps[key] = (x0.clone(), tokens.clone(), mask_len)
 
 def generate(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, on_step=None,
              history: bool = False, **kw):
@@ -750,10 +809,11 @@ class Search:
     """What the searches share: paths, x̂0 decoding, verifier calls, JSON trace, work counters. released_temperature:
     paths after the first run at τ = 0, as the paper code's loops (`baseline.py`, `orm.py`, `parm.py`) keep τ."""
     def __init__(self, model: Showo, tok: ShowoTokenizer, magvit: MAGVITv2, judge: Judge | None, prompt: str, n: int,
-                 *, strategy: str, steps=18, cfg=1.75, seed=0, progress=None, released_temperature=False):
+                 *, strategy: str, steps=18, cfg=1.75, seed=0, progress=None, released_temperature=False, record=None):
         self.magvit, self.judge, self.prompt, self.strategy = magvit, judge, prompt, strategy
         temperature = [1.0] + [0.0] * (n - 1) if released_temperature else 1.0
-        self.paths = Paths(model, tok, prompt, n, steps=steps, cfg=cfg, seed=seed, temperature=temperature)
+        self.paths = Paths(model, tok, prompt, n, steps=steps, cfg=cfg, seed=seed, temperature=temperature,
+                           record=record)
         self.progress = progress or (lambda *_: None)
         self.decodes, self.judge_tokens0 = 0, (judge.tokens_processed if judge is not None else 0)
         self.log = {i: {"path": i, "seed": seed + i, "steps": [], "ended": None} for i in range(n)}
@@ -801,7 +861,8 @@ def best_of(scores: Sequence[float]) -> int:
 
 def decode_all(model, tok, magvit, prompt, n, **kw) -> SearchResult:
     """Plain generation of n paths (Sec. 3.1, no verifier): the winner is path 0; keeps every step's x̂0. `kw`,
-    here and in every search: `Search`'s steps, cfg, seed, progress and released_temperature."""
+    here and in every search: `Search`'s steps, cfg, seed, progress, released_temperature and record (a
+    PathRecord: searches of one generator that share it decode each path once)."""
     s = Search(model, tok, magvit, None, prompt, n, strategy="none", **kw)
     history = torch.stack(s.finish(), 1)
     return replace(s.result(0, "no verifier: path 0"), history=history)
@@ -874,11 +935,12 @@ def self_correction_text(prompt: str, reason: str) -> str:
     return f"{prompt}\nCorrection: {' '.join(reason.split())}"
 
 def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
-                   truncate=True, rounds=3, max_reason_tokens=64, progress=None, released_temperature=False):
+                   truncate=True, rounds=3, max_reason_tokens=64, progress=None, released_temperature=False,
+                   record=None):
     """Sec. 5, PARM++: PARM's choice, then up to `rounds` reflection rounds: reflection evaluation asks if the image
     matches the prompt; on "no" the verifier writes the reason and Show-o regenerates from prompt, image and reason."""
     result = parm_search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, truncate=truncate,
-                         progress=progress, released_temperature=released_temperature)
+                         progress=progress, released_temperature=released_temperature, record=record)
     codes, reflections, work, tokens0 = result.codes, [], result.trace["work"], judge.tokens_processed
     for r in range(rounds + 1):
         image = magvit.decode_code(codes[None])

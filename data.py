@@ -971,7 +971,8 @@ def training_prompts(n: int | None = None, *, objects=GENEVAL_OBJECTS, colors=GE
 # per cell. The grid is a SLOTS x SLOTS lattice of SLOT x SLOT-cell slots and every object sits in its own slot,
 # so objects never touch in a ground-truth scene. Prompts and specs follow GenEval's six templates, wording and
 # metadata; the evaluator reads pixels only (colour snapping, connected components, template matching) and
-# applies GenEval's rules; QuadrantCodec is the image tokenizer, one code per quarter of a slot, with MAGVIT-v2's interface.
+# applies GenEval's rules; QuadrantCodec is the image tokenizer, one code per quarter of a slot, with MAGVIT-v2's
+# interface.
 
 SLOT = 5           # cells per slot side: a shape of at most 4x4 cells and a free row and column
 SLOTS = 3          # slots per side: 9 image tokens
@@ -1044,6 +1045,10 @@ def cells_to_image(cells: np.ndarray, cell_px: int = CELL_PX) -> np.ndarray:
 def render(objects: Iterable[Obj], grid: int = GRID, cell_px: int = CELL_PX) -> np.ndarray:
     return cells_to_image(paint(objects, grid), cell_px)
 
+# The world's static clarity rule (train.clarity_label, Sec. 4), read off its baseline generator's curve of clear
+# step images as the paper read Show-o's: "no" before step A, "yes" after step B (README: the paper in miniature)
+WORLD_CLARITY = (10, 11)
+
 # ---- the shapes world: prompts, specs, evaluation and training sets, scene sampling ----------------------
 
 # GenEval's prompt counts per tag (GenEval's prompts/create_prompts.py), which `eval_specs` scales
@@ -1097,19 +1102,30 @@ def _random_spec(tag: str, rng: np.random.Generator, shapes: Sequence[str]) -> d
         return make_spec(tag, pick(2, shapes), pick(2, GENEVAL_COLORS))
     return make_spec(tag, pick(2, shapes))
 
+EVAL_IMAGES = 784    # images per evaluation: 4x GenEval's 196 at the world's scale, so paired differences of 0.02-0.05
+                     # between rows can be told apart (README: the paper in miniature)
+
 def eval_specs(seed: int = 43, shapes: Sequence[str] = SHAPE_NAMES) -> list[dict]:
-    """The held-out evaluation prompts, balanced like GenEval's 553 (GenEval's prompts/create_prompts.py):
-    single_object is every class once in random order; every other tag gets round(|classes| * GenEval's count / 80)
-    distinct prompts, drawn at random (duplicates redrawn). With 7 shapes: 7 / 9 / 7 / 8 / 9 / 9 = 49 prompts."""
+    """The held-out evaluation prompts, each with its number of images ("images"), in GenEval's proportions
+    (GenEval's prompts/create_prompts.py): each tag gets its share of EVAL_IMAGES (GenEval's count of the tag /
+    553). single_object is every class once; every other tag gets the prompts its share needs at 4 images each,
+    but at most a third of the tag's distinct prompts (the rest stay for training), drawn at random (duplicates
+    redrawn); a tag's images are spread evenly over its prompts (rounded up). With 7 shapes: 7 / 14 / 7 / 23 /
+    36 / 36 = 123 prompts, 818 images; counting and single_object hold 17 images per prompt."""
     rng = np.random.default_rng(seed)
-    out = [make_spec("single_object", [shapes[i]]) for i in rng.permutation(len(shapes))]
+    share = lambda tag: EVAL_IMAGES * GENEVAL_COUNTS[tag] / sum(GENEVAL_COUNTS.values())  # noqa: E731
+    with_images = lambda specs, tag: [{**sp, "images": math.ceil(share(tag) / len(specs))} for sp in specs]  # noqa
+    out = with_images([make_spec("single_object", [shapes[i]]) for i in rng.permutation(len(shapes))],
+                      "single_object")
     for tag in PROMPT_TEMPLATES[1:]:
-        want, seen = round(len(shapes) * GENEVAL_COUNTS[tag] / 80), set()
-        while len(seen) < want:
+        want = min(math.ceil(share(tag) / 4), _template_size(tag, shapes, shapes, GENEVAL_COLORS) // 3)
+        specs, seen = [], set()
+        while len(specs) < want:
             spec = _random_spec(tag, rng, shapes)
             if spec["prompt"] not in seen:
                 seen.add(spec["prompt"])
-                out.append(spec)
+                specs.append(spec)
+        out += with_images(specs, tag)
     return out
 
 def train_specs(exclude: Iterable[dict], shapes: Sequence[str] = SHAPE_NAMES) -> list[dict]:
@@ -1434,6 +1450,39 @@ def geneval_table(results: Iterable[tuple[str, bool]]) -> dict[str, Score]:
         total = sum(s.total for s in table.values())
         table["overall"] = Score(mean * total, total, mean, max(0.0, mean - half), min(1.0, mean + half))
     return table
+
+def paired_difference(pairs: Sequence[tuple[Sequence[dict], Sequence[dict]]], draws: int = 4000, seed: int = 0,
+                      ) -> tuple[float, float, float]:
+    """How much row A's GenEval overall beats row B's, with a 95 % paired bootstrap interval: (difference, low,
+    high). `pairs` holds one (A's results, B's results) per seed, each a list of image rows {"filename", "tag",
+    "correct"} (sample.py's results.jsonl) over the same images, the same prompts in every seed. A draw resamples
+    the evaluation prompts within each tag (a prompt with all its images, the same prompts for every seed), scores
+    both rows GenEval's way (per tag the share of correct images, overall their unweighted mean) and takes the mean
+    over seeds of A - B."""
+    rng = np.random.default_rng(seed)
+    diffs = []                      # per seed: {tag: (A's correct per prompt - B's, images per prompt)}
+    for a, b in pairs:
+        by_name = {r["filename"]: r for r in b}
+        if set(by_name) != {r["filename"] for r in a}:
+            raise ValueError("the two rows were not evaluated on the same images: a paired difference needs them")
+        per_tag: dict[str, dict[str, list[int]]] = {}
+        for r in a:
+            cell = per_tag.setdefault(r["tag"], {}).setdefault(r["filename"].split("/")[0], [0, 0])
+            cell[0] += int(r["correct"]) - int(by_name[r["filename"]]["correct"])
+            cell[1] += 1
+        diffs.append({t: np.array(list(prompts.values()), dtype=float).T for t, prompts in per_tag.items()})
+    tags = sorted(diffs[0])
+    point = np.mean([np.mean([d[t][0].sum() / d[t][1].sum() for t in tags]) for d in diffs])
+    total = np.zeros(draws)
+    for t in tags:
+        pick = rng.integers(diffs[0][t].shape[1], size=(draws, diffs[0][t].shape[1]))   # shared by the seeds
+        total += np.mean([d[t][0][pick].sum(1) / d[t][1][pick].sum(1) for d in diffs], axis=0)
+    low, high = np.percentile(total / len(tags), [2.5, 97.5])
+    return float(point), float(low), float(high)
+
+def verdict_of(low: float, high: float) -> str:
+    """A claim A > B judged by its interval: "holds" above 0, "reversed" below 0, else "not separated"."""
+    return "holds" if low > 0 else "reversed" if high < 0 else "not separated"
 
 def markdown_table(rows: dict[str, dict[str, Score]]) -> str:
     """GenEval's table in Markdown: one row per method, the six tasks and overall as columns, each cell the

@@ -1050,6 +1050,10 @@ def add_curate_parser(sub) -> argparse.ArgumentParser:
                    help="how the verifier's yes/no is decided: sampled as the released code does (default), or "
                         "the most likely answer")
     g.add_argument("--judge-batch", type=int, default=16, help="images per verifier call (default 16)")
+    g.add_argument("--clarity-steps", dest="clarity", type=int, nargs=2, default=None, metavar=("A", "B"),
+                   help="parm: the static clarity rule, in steps of 18: 'no' before step A, 'yes' after step B, no "
+                        "record between (default 10 11, the paper's; with --world, the world's own: "
+                        "data.WORLD_CLARITY)")
     g.add_argument("--orm-fraction", type=float, default=0.7,
                    help="parm: share of the ORM records mixed into parm.json (default 0.7, as released)")
     g.add_argument("--reasons", default=None,
@@ -1067,6 +1071,9 @@ def add_curate_parser(sub) -> argparse.ArgumentParser:
 def check_curate_args(a) -> None:
     at_least(a, 1, "samples", "num_prompts", "steps", "rollouts", "judge_batch", "max_reason_tokens")
     at_least(a, 0, "temperature", "cfg")
+    a.clarity = list(a.clarity or (data.WORLD_CLARITY if a.world else PAPER_CLARITY))   # a list: JSON settings
+    if not 1 <= a.clarity[0] <= a.clarity[1] + 1 <= 19:
+        fail(f"--clarity-steps {a.clarity[0]} {a.clarity[1]}: need 1 <= A <= B + 1 <= 19 (in steps of 18)")
     if not 0 <= a.orm_fraction <= 1:
         fail(f"--orm-fraction must be in [0, 1] (got {a.orm_fraction})")
     if (a.prompts is None) == (a.num_prompts is None):
@@ -1130,12 +1137,18 @@ def prm_labels(rollout_yes: torch.Tensor, final_yes: torch.Tensor) -> torch.Tens
     step has no continuation, so its label is the path's own final judgment. Returns [S] bool."""
     return torch.cat((rollout_yes.any(dim=1), final_yes.reshape(1)))
 
-def clarity_label(step: int, steps: int = 18) -> str | None:
-    """Sec. 4, the static clarity rule for 1-based step `step` of `steps`: "yes" after step 11 of 18, "no"
-    before step 10, no label for steps 10 and 11 (thresholds scaled by steps/18 for other step counts)."""
-    if step * 18 > 11 * steps:
+PAPER_CLARITY = (10, 11)    # Sec. 4: Show-o's first clear image comes "between steps 8 and 12 of 18": "no"
+                            # before step 10, "yes" after step 11
+
+def clarity_label(step: int, steps: int = 18, rule: tuple[int, int] = PAPER_CLARITY) -> str | None:
+    """Sec. 4, the static clarity rule for 1-based step `step` of `steps`, rule = (a, b) in steps of 18: "yes"
+    after step b, "no" before step a, no label from a to b (the thresholds scaled by steps/18 for other step
+    counts). The paper's rule is (10, 11); a world sets its own from its curve of first clear steps
+    (data.WORLD_CLARITY)."""
+    first, last = rule
+    if step * 18 > last * steps:
         return "yes"
-    if step * 18 < 10 * steps:
+    if step * 18 < first * steps:
         return "no"
     return None
 
@@ -1238,7 +1251,8 @@ class Curate:
         """Sec. 4, PARM: clarity records by the static rule, and a potential record (answered by the path's final
         label) after each clear step; adds the step images not saved yet."""
         S = self.a.steps
-        labelled = [(i, clarity_label(i, S)) for i in range(1, S + 1) if clarity_label(i, S)]
+        labelled = [(i, clarity_label(i, S, self.a.clarity)) for i in range(1, S + 1)
+                    if clarity_label(i, S, self.a.clarity)]
         earlier = [i for i, _ in labelled if i < S]     # the last step's image is the final one, saved already
         if earlier:
             for i, pic in zip(earlier, sample.decode_images(self.magvit, history[[i - 1 for i in earlier]])):
@@ -1316,7 +1330,7 @@ class Curate:
 def curate_settings(a) -> dict:
     """What a resumed curate run must share with the interrupted one."""
     keys = ("task", "num_prompts", "samples", "temperature", "steps", "cfg", "rollouts", "judge", "orm_fraction",
-            "seed", "max_reason_tokens")
+            "seed", "max_reason_tokens", "clarity")
     return {**{k: getattr(a, k) for k in keys}, "prompts": resolved(a.prompts), "objects": resolved(a.objects),
             "colors": resolved(a.colors), "exclude": [resolved(e) for e in a.exclude],
             "reasons_file": a.reasons is not None, "world": a.world,
@@ -1598,23 +1612,30 @@ def heldout_records(a) -> list[tuple[data.Conversation, str, str]]:
         raise DataError(f"--heldout {a.heldout} holds no usable record")
     return usable
 
-def other_image(questions: Sequence) -> list[int]:
-    """For each record, the next one (cyclically) that asks another question: curated records come in groups of
-    one prompt's images, and a neighbour in the same group would share the prompt and mostly the label."""
-    n, partner = len(questions), []
-    for i, q in enumerate(questions):
-        partner.append(next((j % n for j in range(i + 1, i + n) if questions[j % n] != q), i))
+def other_image(records: Sequence) -> list[int]:
+    """For each (record, task, answer), the record whose image the control shows: for clarity, the next one
+    (cyclically) asking the same question with the other answer, the same prompt's image from a step on the other
+    side of the static rule; for every other task, the next one asking another question, another prompt's image
+    (curated records come in groups of one prompt's images, which share the prompt and mostly the label)."""
+    n, partner = len(records), []
+    for i, (rec, task, answer) in enumerate(records):
+        if task == "clarity":
+            fits = lambda j: records[j][0].turns[:-1] == rec.turns[:-1] and records[j][2] != answer  # noqa: E731
+        else:
+            fits = lambda j: records[j][0].turns[:-1] != rec.turns[:-1]  # noqa: E731
+        partner.append(next((j % n for j in range(i + 1, i + n) if fits(j % n)), i))
     return partner
 
 def heldout_accuracy(verifier: verifiers.Verifier, records, batch: int = 64) -> dict[str, dict]:
     """Each record's question(s) judged as the searches judge (Sec. 3.2, 4, 5: Verifier.judge, the most likely
     first answer token, batched) against its answer. Per task: accuracy, counts, and how often "yes" was the
     answer and the judgment (a judge that always says yes scores the first share). The control
-    "shuffled_accuracy" judges each question with another prompt's image (`other_image`): a verifier that answers
-    from the prompt alone, not the image, scores as well there as with the right images. "ranking" is what a
-    best-of-N search needs (`pair_ranking`)."""
+    "shuffled_accuracy" judges each question with another image (`other_image`): another prompt's, or for clarity
+    the same prompt's from the other side of the rule; a verifier that answers from the prompt alone, not the
+    image, scores as well there as with the right images (for clarity a judge that reads the image scores about 1
+    minus its accuracy). "ranking" is what a best-of-N search needs (`pair_ranking`)."""
     tally: dict[str, Counter] = {}
-    other = other_image([rec.turns[:-1] for rec, _, _ in records])
+    other = other_image(records)
     p_yes: list[float] = []
     progress = sample.Progress("heldout", len(records), unit="record", seconds=10.0)
     for start in range(0, len(records), batch):
@@ -1795,15 +1816,74 @@ ORM's ranking data), and again by the trained ORM -> self-correction -> evaluate
 `train.py` / `sample.py` command whose output folder is kept, so a killed run continues where it stopped (run the
 same command again). Writes OUT/results.md, results.png and examples.png."""
 
+# (table, row, generator, search flags, verifier): every row of the paper's Tables 1, 2, 3 and 5, named as the paper
+# names them, and the extra rows of DPO with the trained ORM's pairs. A generator is a folder of the run. Sec. 3.3
+# pairs "the ranking data for training ORM", whose yes/no is the automatic labeller's: the evaluator
+SHOWO, DPO1, DPO2, SELF = "showo", "dpo/round_1/model", "dpo/round_2/model", "selfcorrect"
+GUIDED_ORM, GUIDED_PARM = "dpo_guided_orm/round_1/model", "dpo_guided_parm/round_1/model"
+ORM_PAIRS1, ORM_PAIRS2 = "dpo_orm/round_1/model", "dpo_orm/round_2/model"
+SHAPES_ROWS = (
+    ("1", "Baseline", SHOWO, [], None), ("1", "Zs. ORM", SHOWO, ["--orm"], "base"),
+    ("1", "Ft. ORM", SHOWO, ["--orm"], "orm"), ("1", "Zs. PRM", SHOWO, ["--prm"], "base"),
+    ("1", "Ft. PRM", SHOWO, ["--prm"], "prm"), ("1", "DPO", DPO1, [], None), ("1", "It. DPO", DPO2, [], None),
+    ("2", "1st integration: It. DPO, Ft. ORM guidance", GUIDED_ORM, [], None),
+    ("2", "2nd integration: Ft. ORM on It. DPO", DPO2, ["--orm"], "orm"),
+    ("2", "3rd integration: Ft. ORM on It. DPO, Ft. ORM guidance", GUIDED_ORM, ["--orm"], "orm"),
+    ("3", "PARM", SHOWO, ["--parm"], "parm"), ("3", "PARM on It. DPO", DPO2, ["--parm"], "parm"),
+    ("3", "It. DPO, PARM guidance", GUIDED_PARM, [], None),
+    ("3", "PARM on It. DPO, PARM guidance", GUIDED_PARM, ["--parm"], "parm"),
+    ("5", "Self-correction", SELF, [], None), ("5", "Self-correction + Ft. ORM", SELF, ["--orm"], "orm"),
+    ("5", "Self-correction + PARM", SELF, ["--parm"], "parm"),
+    ("5", "Self-correction + PARM++, no reflection", SELF, ["--parm++", "--rounds", "0"], "parmpp"),
+    ("5", "Self-correction + PARM++", SELF, ["--parm++"], "parmpp"),
+    ("ORM pairs", "DPO, ORM pairs", ORM_PAIRS1, [], None), ("ORM pairs", "It. DPO, ORM pairs", ORM_PAIRS2, [], None),
+    ("ORM pairs", "It. DPO, ORM pairs + PARM", ORM_PAIRS2, ["--parm"], "parm"))
+
+# (A, B, the paper's overall A - B, its words): each claim of the paper as a difference of two rows (Tables 1-3, 5)
+CLAIMS = (
+    ("Ft. ORM", "Baseline", 0.10, "test-time verification boosts generation (Sec. 3.2)"),
+    ("Zs. ORM", "Baseline", 0.08, "a zero-shot ORM already helps (Table 1)"),
+    ("Ft. ORM", "Zs. ORM", 0.02, "fine-tuning improves the ORM (Sec. 3.2)"),
+    ("Ft. PRM", "Zs. PRM", 0.02, "fine-tuning improves the PRM (Sec. 3.2)"),
+    ("Ft. ORM", "Ft. PRM", 0.08, "ORM beats PRM (Sec. 3.2)"),
+    ("DPO", "Baseline", 0.09, "DPO improves the baseline (Sec. 3.3)"),
+    ("It. DPO", "DPO", 0.03, "iterative DPO improves DPO (Sec. 3.3)"),
+    ("It. DPO", "Ft. ORM", 0.02, "iterative DPO surpasses the best verifier (Sec. 3.3)"),
+    ("1st integration: It. DPO, Ft. ORM guidance", "It. DPO", 0.02, "reward-model guidance adds to It. DPO (Table 2)"),
+    ("2nd integration: Ft. ORM on It. DPO", "It. DPO", 0.07, "verification after DPO adds to it (Sec. 3.4)"),
+    ("3rd integration: Ft. ORM on It. DPO, Ft. ORM guidance", "2nd integration: Ft. ORM on It. DPO", 0.03,
+     "the 3rd integration beats the 2nd (Sec. 3.4)"),
+    ("3rd integration: Ft. ORM on It. DPO, Ft. ORM guidance", "1st integration: It. DPO, Ft. ORM guidance", 0.08,
+     "the 3rd integration beats the 1st (Sec. 3.4)"),
+    ("PARM", "Ft. ORM", 0.04, "PARM beats the fine-tuned ORM (Sec. 4)"),
+    ("PARM", "Ft. PRM", 0.12, "PARM beats the fine-tuned PRM (Sec. 4)"),
+    ("PARM", "It. DPO", 0.02, "PARM beats iterative DPO (Sec. 4)"),
+    ("PARM on It. DPO", "It. DPO", 0.09, "PARM adds to iterative DPO (Table 3)"),
+    ("PARM on It. DPO", "2nd integration: Ft. ORM on It. DPO", 0.02, "on It. DPO, PARM beats the Ft. ORM (Table 3)"),
+    ("PARM on It. DPO, PARM guidance", "PARM on It. DPO", 0.03, "PARM guidance adds to PARM on It. DPO (Table 3)"),
+    ("Baseline", "Self-correction", 0.02, "self-correction fine-tuning costs the plain generator a little (Sec. 5)"),
+    ("Self-correction + PARM", "Self-correction + Ft. ORM", 0.06, "after self-correction, PARM beats Ft. ORM (Table 5)"),
+    ("Self-correction + PARM", "Self-correction + PARM++, no reflection", 0.03,
+     "PARM++ without reflection is slightly below PARM (Sec. 5)"),
+    ("Self-correction + PARM++", "Self-correction + PARM++, no reflection", 0.09, "reflection lifts PARM++ (Sec. 5)"),
+    ("Self-correction + PARM++", "Self-correction + PARM", 0.06, "PARM++ with reflection beats PARM (Table 5)"))
+
+# Figures 3, 6 and 7: best-of-N for each verifier on three generators, over the first image of every evaluation
+# prompt (path seeds as the rows', so each curve's paths are the rows' paths and N's are the first N of 20's)
+CURVE_NS = (1, 2, 4, 8, 16, 20)
+CURVE_GENERATORS = (("Baseline", SHOWO), ("DPO", DPO1), ("It. DPO", DPO2))
+CURVE_METHODS = (("Zs. ORM", ["--orm"], "base"), ("Ft. ORM", ["--orm"], "orm"), ("Ft. PRM", ["--prm"], "prm"),
+                 ("PARM", ["--parm"], "parm"))
+
 # stage sizes: the defaults, and --micro (a smoke run in seconds that only checks that every row is produced).
 # orm_pairs: the trained ORM labels dpo_orm's pairs (not in --micro: a 2-step ORM may label every image alike)
 SHAPES_SIZES = {
     "full": dict(pretrain=[], scenes=24000, curate=1000, heldout=150, prm=150, reflect=500, dpo=600, paths=8,
-                 samples=4, limit=None, steps=18, examples=4, fast=[], orm_pairs=True),
-    "micro": dict(pretrain=["--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "120", "--scenes", "64",
+                 samples=None, limit=None, steps=18, examples=4, fast=[], orm_pairs=True, curve=CURVE_NS),
+    "micro": dict(pretrain=["--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "120", "--scenes", "512",
                             "--batch-size", "16"],
-                  scenes=8, curate=6, heldout=3, prm=2, reflect=6, dpo=16, paths=2, samples=1, limit=2, steps=4,
-                  examples=1, fast=["--max-steps", "2"], orm_pairs=False),
+                  scenes=8, curate=6, heldout=3, prm=2, reflect=6, dpo=48, paths=2, samples=1, limit=2, steps=4,
+                  examples=1, fast=["--max-steps", "2"], orm_pairs=False, curve=(1, 2)),
 }
 
 # fine-tuning the world's Show-o (DPO, self-correction): a small model trained from scratch takes a larger lr and
@@ -1818,6 +1898,9 @@ SHAPES_SHOWO_TUNING = ["--lr", "3e-4", "--epochs", "6", "--batch-size", "16"]
 SHAPES_DPO = ["--curate-samples", "8", "--pairs-per-prompt", "4", "--beta", "2", "--shared-mask",
               "--sft-coef", "0"]
 
+# reward-model guidance (Sec. 3.4): the paper gives no weight for its online term; 0.1 of the DPO loss
+SHAPES_GUIDANCE = ["--reward-coef", "0.1"]
+
 # PARM's data is ~24 records per path (clarity at 16 steps, potential after each clear one, 70% of the ORM
 # records): half of them keeps its fine-tune near the ORM's cost
 PARM_SHARE = ["--fraction", "0.5"]
@@ -1831,44 +1914,40 @@ VERIFIER_PRETRAINING = ["--epochs", "1", "--save-dtype", "fp32"]
 # 1-4 epochs, lr 1e-3 0.54-0.77, from scratch 0.65-0.67)
 SHAPES_VERIFIER_TUNING = ["--lr", "3e-4", "--vision-lr", "3e-4", "--epochs", "2"]
 
-SHAPES_ROWS = (  # (row, generator, search flags, verifier): the rows of the paper's Tables 1, 3 and 5
-    ("Baseline", "showo", [], None), ("Ft. ORM", "showo", ["--orm"], "orm"), ("Ft. PRM", "showo", ["--prm"], "prm"),
-    ("PARM", "showo", ["--parm"], "parm"), ("PARM++", "selfcorrect", ["--parm++"], "parmpp"),
-    # Sec. 3.3 pairs "the ranking data for training ORM", so their yes/no is the automatic labeller's: the evaluator
-    ("DPO", "dpo/round_1/model", [], None), ("It. DPO", "dpo/round_2/model", [], None),
-    ("It. DPO + PARM", "dpo/round_2/model", ["--parm"], "parm"),
-    # the same DPO with pairs labelled by the trained ORM instead (sampled answers, as the released code decides)
-    ("DPO, ORM pairs", "dpo_orm/round_1/model", [], None),
-    ("It. DPO, ORM pairs", "dpo_orm/round_2/model", [], None),
-    ("It. DPO, ORM pairs + PARM", "dpo_orm/round_2/model", ["--parm"], "parm"))
-
 def add_shapes_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("shapes", help="the paper's tables in miniature: every step in the shapes world",
                        description=SHAPES_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder: one sub-folder per stage, results.md/.png, "
-                                                "examples.png")
+    p.add_argument("--out", required=True, help="output folder: one sub-folder per stage, results.md, scaling.png, "
+                                                "examples.png (with --pool: where claims.md is written)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0; held-out sets use seed+1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--micro", action="store_true", help="tiny sizes everywhere: checks the plumbing in seconds")
+    p.add_argument("--pool", nargs="+", default=None, metavar="RUN",
+                   help="pool finished runs (their --out folders, one per seed) into OUT/claims.md: every claim's "
+                        "paired difference per seed and over all of them; trains and evaluates nothing")
     return p
 
 def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, list[str]]]:
     """(output folder, train.py arguments) of every training stage, in order."""
     w, s = ["--world", "shapes", "--device", device], ["--seed", str(seed)]
-    showo, d, v = str(o / "showo"), o / "data", o / "verifiers"
+    showo, d, v = str(o / SHOWO), o / "data", o / "verifiers"
 
     def curate(task: str, n: int, name: str = "", k: int = seed, samples: int = 4) -> tuple[Path, list[str]]:
         return d / (name or task), ["curate", *w, "--showo", showo, "--task", task, "--num-prompts", str(n),
                                     "--samples", str(samples), "--temperature", "1", "--steps", str(z["steps"]),
                                     "--seed", str(k)]
 
-    dpo_argv = ["dpo", *w, *s, *z["fast"], "--showo", showo, "--rounds", "2", "--geneval", str(z["dpo"]),
-                "--gen-steps", str(z["steps"]), *SHAPES_SHOWO_TUNING, *SHAPES_DPO]   # no --verifier: evaluator pairs
+    dpo_argv = ["dpo", *w, *s, *z["fast"], "--rounds", "2", "--geneval", str(z["dpo"]), "--gen-steps", str(z["steps"]),
+                *SHAPES_SHOWO_TUNING, *SHAPES_DPO]         # no --verifier: the evaluator labels the pairs
     orm_labels = ["--verifier", str(v / "orm")] if z["orm_pairs"] else []
+    # Sec. 3.4's guidance: It. DPO's second round again, from its first round on its pairs, with the online term
+    guided = lambda verifier: ["dpo", *w, *s, *z["fast"], "--showo", str(o / DPO1), "--data",  # noqa: E731
+                               str(o / "dpo" / "round_2" / "pairs.jsonl"), "--gen-steps", str(z["steps"]),
+                               *SHAPES_SHOWO_TUNING, *SHAPES_DPO, *SHAPES_GUIDANCE, "--verifier", str(v / verifier)]
     sft = lambda task, *files: ["parm" if task == "parm" else "orm", *w, *s, "--base", str(v / "base"),  # noqa
                                 *SHAPES_VERIFIER_TUNING, *z["fast"],
                                 *(a for f in files for a in ("--data", str(d / f)))]
-    return [(o / "showo", ["pretrain", *w, *s, *z["pretrain"]]),
+    return [(o / SHOWO, ["pretrain", *w, *s, *z["pretrain"]]),
             curate("orm", z["curate"]), curate("orm", z["heldout"], "orm_heldout", seed + 1),
             curate("prm", z["prm"], samples=1), curate("prm", z["heldout"] // 3, "prm_heldout", seed + 1, samples=1),
             curate("parm", z["curate"] // 4, samples=2),     # ~24 records per path: clarity at 16 steps, potential
@@ -1881,41 +1960,62 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
             (v / "prm", sft("orm", "prm/prm.json") + ["--heldout", str(d / "prm_heldout/prm.json")]),
             (v / "parm", sft("parm", "parm/parm.json") + [*PARM_SHARE, "--heldout", str(d / "parm_heldout/parm.json")]),
             (v / "parmpp", sft("parm", "parm/parm.json", "reflect/reflect.json") + PARM_SHARE),
-            (o / "dpo", dpo_argv), (o / "dpo_orm", dpo_argv + orm_labels),
-            (o / "selfcorrect", ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
-                                 str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING])]
+            (o / "dpo", dpo_argv + ["--showo", showo]), (o / "dpo_orm", dpo_argv + ["--showo", showo] + orm_labels),
+            (o / "dpo_guided_orm", guided("orm")), (o / "dpo_guided_parm", guided("parm")),
+            (o / SELF, ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
+                        str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING])]
 
 def row_folder(o: Path, row: str) -> Path:
     """Where a row of the tables is evaluated: OUT/eval/<row in lower case, "++" as "pp", other marks as "_">
-    ("PARM++" -> parmpp, "It. DPO + PARM" -> it_dpo_parm), one folder per row."""
+    ("PARM++" -> parmpp, "It. DPO, PARM guidance" -> it_dpo_parm_guidance), one folder per row."""
     return o / "eval" / re.sub(r"[^a-z0-9]+", "_", row.lower().replace("++", "pp")).strip("_")
 
-def shapes_evaluate(o: Path, z: dict, seed: int, device: str,
-                    pipeline: sample.Pipeline) -> dict[str, dict[str, data.Score]] | None:
-    """Every row of the tables scored on the world's evaluation prompts (sample.py --world shapes --eval)."""
-    rows = {}
-    for name, generator, search, verifier in SHAPES_ROWS:
-        folder = row_folder(o, name)
-        if not (folder / "scores.json").is_file():
-            argv = ["--world", "shapes", "--eval", "--showo", str(o / generator), *search, "--paths", str(z["paths"]),
-                    "--samples", str(z["samples"]), "--steps", str(z["steps"]), "--seed", str(seed),
-                    "--device", device, "--out", str(folder), "--overwrite"]
-            argv += ["--verifier", str(o / "verifiers" / verifier)] if verifier else []
-            argv += ["--limit", str(z["limit"])] if z["limit"] else []
-            print(f"[shapes] evaluating {name}", file=sys.stderr)
-            if sample.main(argv, pipeline):
-                return None
-        scores = json.loads((folder / "scores.json").read_text())
-        rows[name] = {k: data.Score(**v) for k, v in scores.items()}
-    return rows
+def curve_folder(o: Path, generator: str, method: str, n: int) -> Path:
+    return row_folder(o, f"curves {generator} {method} N{n}")
 
-def search_work(folder: Path) -> dict[str, float]:
-    """Mean work per image of an evaluated row, from its search traces (Show-o token-forwards, verifier tokens)."""
-    traces = [json.loads(p.read_text())["work"] for p in sorted(folder.glob("*/traces/*.json"))]
-    keys = ("showo_token_forwards", "verifier_tokens")
-    return {k: sum(t[k] for t in traces) / len(traces) for k in keys} if traces else {}
+def evaluations(o: Path, z: dict) -> list[tuple[Path, str, list[str], str | None, int | None]]:
+    """(folder, generator, search flags with N, verifier, images per prompt) of every row and curve point, the
+    rows first; each generator's own evaluations in a run (they share its decoding paths)."""
+    rows = [(row_folder(o, name), gen, [*flags, "--paths", str(z["paths"])], verifier, z["samples"])
+            for _, name, gen, flags, verifier in SHAPES_ROWS]
+    curves = [(curve_folder(o, g, m, n), gen, [*flags, "--paths", str(n)], verifier, 1)
+              for g, gen in CURVE_GENERATORS for m, flags, verifier in CURVE_METHODS for n in z["curve"]]
+    order = list(dict.fromkeys(gen for _, gen, _, _, _ in rows))
+    return sorted(rows + curves, key=lambda e: order.index(e[1]))
+
+def shapes_evaluate(o: Path, z: dict, seed: int, device: str, pipeline: sample.Pipeline,
+                    after: Callable[[str, cotgen.PathRecord], None]) -> bool:
+    """Every row and curve point scored on the world's evaluation prompts (sample.py --world shapes --eval), all
+    with the same prompts and image seeds. A generator's evaluations share one PathRecord: each decoding path is
+    decoded once and every search replays it (the work a search reports is still its own). `after(generator,
+    record)` runs once a generator is done. False: interrupted."""
+    jobs = evaluations(o, z)
+    for gen in dict.fromkeys(job[1] for job in jobs):
+        record = cotgen.PathRecord()
+        for folder, g, flags, verifier, samples in (job for job in jobs if job[1] == gen):
+            if (folder / "scores.json").is_file():
+                continue
+            argv = ["--world", "shapes", "--eval", "--showo", str(o / gen), *flags, "--steps", str(z["steps"]),
+                    "--seed", str(seed), "--device", device, "--out", str(folder), "--overwrite"]
+            argv += ["--verifier", str(o / "verifiers" / verifier)] if verifier else []
+            argv += ["--samples", str(samples)] if samples else []
+            argv += ["--limit", str(z["limit"])] if z["limit"] else []
+            print(f"[shapes] evaluating {folder.name}", file=sys.stderr)
+            if sample.main(argv, pipeline, record=record):
+                return False
+        after(gen, record)
+    return True
+
+def read_results(folder: Path) -> list[dict]:
+    """A scored evaluation's per-image rows (sample.py's results.jsonl)."""
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
+
+def scores_of(folder: Path) -> dict[str, data.Score]:
+    return {k: data.Score(**v) for k, v in json.loads((folder / "scores.json").read_text()).items()}
 
 def run_shapes(a) -> int:
+    if a.pool:
+        return pool_runs(a)
     o, z = Path(a.out), SHAPES_SIZES["micro" if a.micro else "full"]
     device = str(sample.device_of(a))
     settings = {"shapes": "micro" if a.micro else "full", "seed": a.seed}
@@ -1931,38 +2031,171 @@ def run_shapes(a) -> int:
         code = main(argv + ["--out", str(folder)] + resume, pipeline)
         if code:        # interrupted: the stage kept what it had, and the same command continues from there
             return code
-    rows = shapes_evaluate(o, z, a.seed, device, pipeline)
-    if rows is None:
+    found: dict = {}
+    if not shapes_evaluate(o, z, a.seed, device, pipeline, partial(inspect_generator, o, z, a.seed, device, found)):
         return 130
-    write_shapes_results(o, rows, time.time() - t0)
-    data.save_png(shapes_examples(o, z, a.seed, torch.device(device)), o / "examples.png")
-    print(f"[shapes] wrote {o / 'results.md'}, results.png and examples.png in {time.time() - t0:.0f} s",
-          file=sys.stderr)
+    write_shapes_results(o, z, found, time.time() - t0)
+    print(f"[shapes] wrote {o / 'results.md'}, scaling.png, clear_steps.png and examples.png in "
+          f"{time.time() - t0:.0f} s", file=sys.stderr)
     return 0
 
-def write_shapes_results(o: Path, rows: dict, seconds: float) -> None:
-    """results.md (the table, the verifiers' held-out accuracies, the work per image) and results.png."""
-    lines = ["# The paper's tables in the shapes world", "", data.markdown_table(rows), "",
-             "## Verifiers: held-out accuracy against the evaluator", "",
-             "| verifier | task | accuracy | with another prompt's image (a judge blind to the image keeps its "
-             "accuracy) | answer is yes (an always-yes judge scores this) | n | ranks a prompt's yes image above "
-             "its no image (blind: 0.5) | pairs |", "|---|---|---|---|---|---|---|---|"]
+def eval_images(z: dict, seed: int, samples: int | None = None) -> Iterator[tuple[int, int, dict, int]]:
+    """(prompt k, image j, spec, seed of its path 0) of every evaluation image, as sample.py --eval makes them."""
+    specs = data.eval_specs()[:z["limit"]]
+    for k, spec in enumerate(specs):
+        for j in range(samples or z["samples"] or spec["images"]):
+            yield k, j, spec, sample.image_seed(seed, k, j)
+
+def clear_steps(model, tok, codec, z: dict, seed: int, record: cotgen.PathRecord) -> dict[str, list[float]]:
+    """Sec. 4's observation, measured in the world as the paper measured Show-o (Fig. 5): at every step 1-18, the
+    share of the baseline's x̂0 images (path 0 of every evaluation image) whose every object is whole
+    (data.well_formed), and the share whose evaluator verdict already equals the final image's."""
+    whole, settled, n = np.zeros(z["steps"]), np.zeros(z["steps"]), 0
+    for _, _, spec, s in eval_images(z, seed):
+        _, history = cotgen.generate(model, tok, spec["prompt"], 1, steps=z["steps"], seed=s, history=True,
+                                     record=record)
+        cells = codec.decode_cells(history[0]).numpy()
+        verdicts = np.array([data.judge_cells(c, spec)[0] for c in cells])
+        whole += [data.well_formed(c) for c in cells]
+        settled += verdicts == verdicts[-1]
+        n += 1
+    return {"well-formed": (whole / n).tolist(), "verdict = final": (settled / n).tolist(), "images": n}
+
+def parm_pruning(o: Path, model, tok, codec, z: dict, record: cotgen.PathRecord) -> dict:
+    """What PARM's potential assessment prunes (Sec. 4, task 2), over the PARM row's searches: every path is
+    finished here, pruned ones too (for this measure only: the row's own work stops them), and the evaluator
+    judges its final image. Returns the accuracy of pruned and kept paths' final images, the step each path was
+    first judged clear (or never), and how many searches pruned every path."""
+    stats = Counter()
+    clear_at: Counter = Counter()
+    for trace_file in sorted(row_folder(o, "PARM").glob("*/traces/*.json")):
+        trace = json.loads(trace_file.read_text())
+        spec = json.loads((trace_file.parent.parent / "metadata.jsonl").read_text())
+        finals = cotgen.generate(model, tok, trace["prompt"], trace["n"], steps=trace["steps"], cfg=trace["cfg"],
+                                 seed=trace["paths"][0]["seed"], record=record)
+        pruned = ["truncated" in (p["ended"] or "") for p in trace["paths"]]
+        for cells, cut in zip(codec.decode_cells(finals).numpy(), pruned):
+            kind = "pruned" if cut else "kept"
+            stats.update({f"{kind} paths": 1, f"{kind} right": int(data.judge_cells(cells, spec)[0])})
+        clear_at.update(str(int(trace["clear_at"][str(i)]) + 1) if str(i) in trace["clear_at"] else "never"
+                        for i in range(trace["n"]))
+        stats.update(searches=1, all_pruned=int(all(pruned)))
+    return {**stats, "clear_at": dict(clear_at)}
+
+def inspect_generator(o: Path, z: dict, seed: int, device: str, found: dict, gen: str,
+                      record: cotgen.PathRecord) -> None:
+    """Once the baseline generator's rows are scored: its clear-step curves, PARM's pruning and examples.png,
+    from its recorded paths (nothing is decoded again)."""
+    if gen != SHOWO:
+        return
+    model, tok = cotgen.load_showo(o / SHOWO, None, dtype=torch.float32, device=torch.device(device))
+    codec = data.QuadrantCodec()
+    found["clear"] = clear_steps(model, tok, codec, z, seed, record)
+    found["pruning"] = parm_pruning(o, model, tok, codec, z, record)
+    data.save_png(shapes_examples(o, z, seed, model, tok, codec, record), o / "examples.png")
+
+def claim_lines(runs: Sequence[Path], draws: int = 4000) -> list[str]:
+    """The claims table: every claim's paired difference of overall scores with its 95 % bootstrap interval
+    (data.paired_difference), per run (seed) and pooled over them, and the verdict of the pooled interval."""
+    head = ["claim (A beats B)", "paper's Δ", *(f"Δ [95 % CI], {r.name}" for r in runs)]
+    lines = ["| " + " | ".join(head + (["pooled", "verdict"] if len(runs) > 1 else ["verdict"])) + " |",
+             "|---" * (len(head) + (2 if len(runs) > 1 else 1)) + "|"]
+    for a, b, paper, words in CLAIMS:
+        pairs = [(read_results(row_folder(r, a)), read_results(row_folder(r, b))) for r in runs]
+        cells = [data.paired_difference([p], draws) for p in pairs]
+        if len(runs) > 1:
+            cells.append(data.paired_difference(pairs, draws))
+        shown = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in cells]
+        lines.append(f"| {words}: {a} − {b} | {paper:+.2f} | " + " | ".join(shown) +
+                     f" | {data.verdict_of(*cells[-1][1:])} |")
+    return lines
+
+def scaling_chart(o: Path, z: dict) -> tuple[np.ndarray, list[str]]:
+    """scaling.png (one panel per generator: each verifier's best-of-N overall against N, 95 % whiskers) and its
+    numbers as Markdown lines."""
+    panels, lines = [], ["| generator | verifier | " + " | ".join(f"N = {n}" for n in z["curve"]) + " |",
+                         "|---" * (2 + len(z["curve"])) + "|"]
+    for g, _ in CURVE_GENERATORS:
+        curves, whiskers = {}, {}
+        for m, _, _ in CURVE_METHODS:
+            scores = [scores_of(curve_folder(o, g, m, n))["overall"] for n in z["curve"]]
+            curves[m], whiskers[m] = [s.accuracy for s in scores], [(s.low, s.high) for s in scores]
+            lines.append(f"| {g} | {m} | " + " | ".join(f"{s.accuracy:.3f}" for s in scores) + " |")
+        panels.append(data.line_chart(curves, z["curve"], f"best-of-N on {g} (overall, 95% CI)", "N",
+                                      intervals=whiskers))
+    return np.concatenate(panels, axis=1), lines
+
+def heldout_lines(o: Path) -> list[str]:
+    lines = ["| verifier | task | accuracy | with another image (a judge blind to the image keeps its accuracy; "
+             "clarity: the same prompt's image from the other side of the rule) | answer is yes (an always-yes "
+             "judge scores this) | n | ranks a prompt's yes image above its no image (blind: 0.5) | pairs |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in ("base", "orm", "prm", "parm"):
         held = o / "verifiers" / name / "heldout.json"
         for task, r in (json.loads(held.read_text())["tasks"] if held.is_file() else {}).items():
             rank = "-" if r.get("ranking") is None else f"{r['ranking']:.3f}"
             lines.append(f"| {name} | {task} | {r['accuracy']:.3f} | {r['shuffled_accuracy']:.3f} | "
                          f"{r['answer_yes'] / r['total']:.3f} | {r['total']} | {rank} | {r.get('ranking_pairs', 0)} |")
-    lines += ["", "## Work per image", "", "| row | Show-o token-forwards | verifier tokens |", "|---|---|---|"]
-    for name, _, _, _ in SHAPES_ROWS:
-        work = search_work(row_folder(o, name))
+    return lines
+
+def search_work(folder: Path) -> dict[str, float]:
+    """Mean work per image of an evaluated row, from its search traces (Show-o token-forwards, verifier tokens)."""
+    traces = [json.loads(p.read_text())["work"] for p in sorted(folder.glob("*/traces/*.json"))]
+    keys = ("showo_token_forwards", "verifier_tokens")
+    return {k: sum(t[k] for t in traces) / len(traces) for k in keys} if traces else {}
+
+def write_shapes_results(o: Path, z: dict, found: dict, seconds: float) -> None:
+    """results.md (claims, the four tables, best-of-N, clear steps, PARM's pruning, the verifiers' held-out
+    accuracies, work per image), scaling.png and clear_steps.png."""
+    lines = ["# The paper in the shapes world", "", "## Claims: paired differences of overall scores", "",
+             *claim_lines([o]), ""]
+    for table in dict.fromkeys(t for t, *_ in SHAPES_ROWS):
+        rows = {name: scores_of(row_folder(o, name)) for t, name, *_ in SHAPES_ROWS if t == table}
+        lines += [f"## {'Table ' + table if table.isdigit() else 'DPO with the trained ORM' + chr(39) + 's pairs'}",
+                  "", data.markdown_table(rows), ""]
+    chart, numbers = scaling_chart(o, z)
+    data.save_png(chart, o / "scaling.png")
+    lines += ["## Best-of-N (Figures 3, 6, 7): overall on the first image of each prompt", "", *numbers, ""]
+    clear, pruning = found["clear"], found["pruning"]
+    data.save_png(data.line_chart({k: clear[k] for k in ("well-formed", "verdict = final")},
+                                  range(1, z["steps"] + 1), "the baseline's step images (x̂0)", "step"),
+                  o / "clear_steps.png")
+    lines += [f"## When the baseline's step images clear ({clear['images']} images)", "",
+              "| step | " + " | ".join(str(s) for s in range(1, z["steps"] + 1)) + " |", "|---" * (z["steps"] + 1) + "|",
+              *(f"| {k} | " + " | ".join(f"{v:.2f}" for v in clear[k]) + " |" for k in ("well-formed", "verdict = final")),
+              "", "## PARM's pruning (the PARM row; pruned paths finished for this measure only)", "",
+              f"- pruned paths end right {pruning.get('pruned right', 0)} / {pruning.get('pruned paths', 0)}; kept "
+              f"paths {pruning.get('kept right', 0)} / {pruning.get('kept paths', 0)}",
+              f"- searches that pruned every path: {pruning.get('all_pruned', 0)} / {pruning.get('searches', 0)}",
+              "- first clear step: " + ", ".join(f"{k}: {v}" for k, v in sorted(
+                  pruning["clear_at"].items(), key=lambda kv: (kv[0] == "never", int(kv[0]) if kv[0].isdigit() else 0))),
+              "", "## Verifiers: held-out accuracy against the evaluator", "", *heldout_lines(o), "",
+              "## Work per image", "", "| row | Show-o token-forwards | verifier tokens |", "|---|---|---|"]
+    for _, name, _, flags, _ in SHAPES_ROWS:
+        work = search_work(row_folder(o, name)) if flags else {}
         if work:
             lines.append(f"| {name} | {work['showo_token_forwards']:.0f} | {work['verifier_tokens']:.0f} |")
     lines += ["", f"Total time of this invocation: {seconds / 60:.1f} min."]
     with data.atomic_path(o / "results.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    chart = data.bar_chart({k: v["overall"] for k, v in rows.items()}, "GenEval overall in the shapes world (95% CI)")
-    data.save_png(chart, o / "results.png")
+
+def pool_runs(a) -> int:
+    """`train.py shapes --pool RUN ... --out OUT`: the claims of finished runs (one per seed), per run and pooled,
+    in OUT/claims.md. Every run must have scored every row."""
+    runs = [Path(r) for r in a.pool]
+    for r in runs:
+        missing = [name for _, name, *_ in SHAPES_ROWS if not (row_folder(r, name) / "results.jsonl").is_file()]
+        if missing:
+            fail(f"--pool {r}: no scored row {missing[0]!r} ({len(missing)} missing): finish that run first "
+                 f"(python train.py shapes --out {r} --seed SEED)")
+    seeds = [data.read_config(r, "run.json").get("seed") for r in runs]
+    lines = ["# Claims of the paper in the shapes world, pooled over runs", "",
+             "Runs: " + ", ".join(f"{r} (seed {s})" for r, s in zip(runs, seeds)), "", *claim_lines(runs)]
+    out = Path(a.out)              # checked and locked by `start`
+    with data.atomic_path(out / "claims.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print(f"[shapes] wrote {out / 'claims.md'}", file=sys.stderr)
+    return 0
 
 EXAMPLE_TAGS = ("counting", "position", "color_attr", "two_object", "colors", "single_object")
 
@@ -1976,7 +2209,7 @@ def correction(o: Path, k: int, prompt: str, codec) -> tuple[int, Path | None, d
     reflection), kind 0 when it said "no" to a wrong image and the corrected one is right, 1 when it said "no",
     2 otherwise (no trace: (3, None, None))."""
     best: tuple[int, Path | None, dict | None] = (3, None, None)
-    for trace in sorted((row_folder(o, "PARM++") / f"{k:05d}" / "traces").glob("*.json")):
+    for trace in sorted((row_folder(o, "Self-correction + PARM++") / f"{k:05d}" / "traces").glob("*.json")):
         first = (json.loads(trace.read_text()).get("reflections") or [None])[0]
         if first is None:
             continue
@@ -1988,36 +2221,46 @@ def correction(o: Path, k: int, prompt: str, codec) -> tuple[int, Path | None, d
         best = min(best, (kind, final, first), key=lambda b: b[0])
     return best
 
-def shapes_examples(o: Path, z: dict, seed: int, device: torch.device) -> np.ndarray:
-    """examples.png: a few evaluation prompts, one per tag first, those where PARM++ fixed an image first (then
-    counting, position, colour attribution): the baseline's image, PARM's paths (each with the step its potential
-    assessment pruned it at), PARM's choice, and from the PARM++ row's evaluation its first image, the verifier's
-    reason and the corrected image; every caption ends with the evaluator's verdict."""
-    codec, specs = data.QuadrantCodec(), data.eval_specs()
-    base, tok = cotgen.load_showo(o / "showo", None, dtype=torch.float32, device=device)
-    parm = cotgen.Judge(verifiers.load_verifier(o / "verifiers" / "parm", device=device))
-    evaluated = range(min(len(specs), z["limit"] or len(specs)))
-    stories = {k: correction(o, k, specs[k]["prompt"], codec) for k in evaluated}
-    order = sorted(evaluated, key=lambda k: (stories[k][0], EXAMPLE_TAGS.index(specs[k]["tag"])))
+def parm_tiles(o: Path, k: int, prompt: str, model, tok, codec, record) -> tuple[list, torch.Tensor]:
+    """PARM's search on evaluation prompt k's first image, from the PARM row's trace: each path's final image, and
+    beside a pruned path the x̂0 PARM pruned it on; then PARM's choice. Also every path's x̂0 at every step."""
+    trace = json.loads((row_folder(o, "PARM") / f"{k:05d}" / "traces" / "0000.json").read_text())
+    _, history = cotgen.generate(model, tok, prompt, trace["n"], steps=trace["steps"], cfg=trace["cfg"],
+                                 seed=trace["paths"][0]["seed"], history=True, record=record)
+    tiles = []
+    for i, path in enumerate(trace["paths"]):
+        final = sample.decode_images(codec, history[i, -1:])[0]
+        if "truncated" in (path["ended"] or ""):
+            t = int(trace["clear_at"][str(i)])
+            seen = sample.decode_images(codec, history[i, t:t + 1])[0]
+            tiles += [(seen, f"path {i}: pruned\nat step {t + 1} on this"), (final, f"...it would have\n"
+                                                                                 f"{verdict(final, prompt)}")]
+        else:
+            tiles.append((final, f"path {i} kept\n{verdict(final, prompt)}"))
+    chosen = sample.decode_images(codec, history[trace["winner"], -1:])[0]
+    return tiles + [(chosen, f"PARM's choice: {trace['winner']}\n{verdict(chosen, prompt)}")], history
+
+def shapes_examples(o: Path, z: dict, seed: int, model, tok, codec, record) -> np.ndarray:
+    """examples.png: first one path's x̂0 at every step, clearing from broken to whole; then a few evaluation
+    prompts, one per tag first, those where PARM++ fixed an image first: the baseline's image, PARM's paths (a
+    pruned one with the x̂0 it was pruned on), PARM's choice, and from the PARM++ row its first image, the
+    verifier's reason and the corrected image; every caption ends with the evaluator's verdict."""
+    specs = data.eval_specs()[:z["limit"]]
+    stories = {k: correction(o, k, spec["prompt"], codec) for k, spec in enumerate(specs)}
+    order = sorted(stories, key=lambda k: (stories[k][0], EXAMPLE_TAGS.index(specs[k]["tag"])))
     first_of_tag: dict[str, int] = {}
     for k in order:
         first_of_tag.setdefault(specs[k]["tag"], k)
-    one_per_tag = list(first_of_tag.values())       # in `order`: a dict keeps the first insertion's place
-    rows = []
-    for k in (one_per_tag + [k for k in order if k not in one_per_tag])[:z["examples"]]:
+    rows, steps = [], None
+    for k in list(first_of_tag.values())[:z["examples"]]:      # a dict keeps the first insertion's place
         prompt = specs[k]["prompt"]
-        first = np.asarray(data.load_image(o / "eval" / "baseline" / f"{k:05d}" / "samples" / "0000.png"))
-        tiles = [(first, f"baseline\n{verdict(first, prompt)}")]
-        with torch.inference_mode():
-            r = cotgen.parm_search(base, tok, codec, parm, prompt, z["paths"], steps=z["steps"], seed=seed)
-        finals = sample.decode_images(codec, r.finals.clamp(min=0))
-        for i, path in enumerate(r.trace["paths"]):
-            ended = path["ended"] or ""
-            step = re.search(r"step (\d+)", ended) if "truncated" in ended else None
-            tiles.append((finals[i], f"path {i} " + (f"pruned, step {step.group(1)}" if step else "kept") +
-                          f"\n{verdict(finals[i], prompt)}"))
-        chosen = sample.decode_images(codec, r.codes[None])[0]
-        tiles.append((chosen, f"PARM's choice: {r.winner}\n{verdict(chosen, prompt)}"))
+        first = np.asarray(data.load_image(row_folder(o, "Baseline") / f"{k:05d}" / "samples" / "0000.png"))
+        tiles, history = parm_tiles(o, k, prompt, model, tok, codec, record)
+        whole = [i for i in range(len(history)) if data.well_formed(codec.decode_cells(history[i, -1:]).numpy()[0])]
+        if steps is None and whole:
+            pics = sample.decode_images(codec, history[whole[0]])
+            steps = (f"{prompt}: path {whole[0]}'s x̂0 at every step",
+                     [(p, f"step {t + 1}\n{verdict(p, prompt)}") for t, p in enumerate(pics)])
         _, final, reflection = stories[k]
         if reflection is not None:
             before = sample.decode_images(codec, torch.tensor([reflection["codes"]]))[0]
@@ -2025,8 +2268,8 @@ def shapes_examples(o: Path, z: dict, seed: int, device: torch.device) -> np.nda
         if reflection is not None and "reason" in reflection:
             after = np.asarray(data.load_image(final))
             tiles.append((after, f"after: {strip_no(reflection['reason'])[:13]}\n{verdict(after, prompt)}"))
-        rows.append((prompt, tiles))
-    return data.captioned_rows(rows)
+        rows.append((prompt, [(first, f"baseline\n{verdict(first, prompt)}"), *tiles]))
+    return data.captioned_rows(([steps] if steps else []) + rows)
 
 # ---- the command line ------------------------------------------------------------------------------------
 

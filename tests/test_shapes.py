@@ -144,11 +144,17 @@ def test_evaluator_tolerates_pixel_noise():
 
 def test_evaluation_set_balanced_like_geneval():
     ev = data.eval_specs()
-    tags = [s["tag"] for s in ev]
-    k = len(data.SHAPE_NAMES)
-    for tag, n in data.GENEVAL_COUNTS.items():
-        assert tags.count(tag) == round(k * n / 80), tag
-    assert sorted(s["include"][0]["class"] for s in ev if s["tag"] == "single_object") == sorted(data.SHAPE_NAMES)
+    prompts = {t: [s for s in ev if s["tag"] == t] for t in data.PROMPT_TEMPLATES}
+    # hand-computed from GenEval's counts (80, 99, 80, 94, 100, 100 of 553) for 784 images and 7 shapes: single
+    # object is every class; the others need ceil(share / 4) prompts, at most a third of their distinct prompts
+    # (two objects 42, counting 21, colours 70, position 168, colour attribution 3780)
+    assert {t: len(v) for t, v in prompts.items()} == {"single_object": 7, "two_object": 14, "counting": 7,
+                                                       "colors": 23, "position": 36, "color_attr": 36}
+    assert {t: {s["images"] for s in v} for t, v in prompts.items()} == {
+        "single_object": {17}, "two_object": {11}, "counting": {17}, "colors": {6}, "position": {4},
+        "color_attr": {4}}
+    assert sum(s["images"] for s in ev) == 818 >= data.EVAL_IMAGES
+    assert sorted(s["include"][0]["class"] for s in prompts["single_object"]) == sorted(data.SHAPE_NAMES)
     assert len({s["prompt"] for s in ev}) == len(ev)
 
 def test_ground_truth_scenes_of_every_eval_prompt_pass():
@@ -202,41 +208,70 @@ def test_prompts_agree_with_the_project_generator():
 # ---- codec -----------------------------------------------------------------------------------------------------
 
 def test_codec_round_trip():
-    codec = data.SlotCodec()
-    assert codec.codebook_size == 1 + 7 * 10 and codec.tokens == 9
-    codes = torch.randint(0, 71, (3, 9))
+    codec = data.QuadrantCodec()
+    assert codec.codebook_size == 1 + 15 * 10 and codec.tokens == 36
+    codes = torch.randint(0, 151, (3, 36))
     pixels = codec.decode_code(codes)
     assert pixels.shape == (3, 3, 15 * 8, 15 * 8) and pixels.abs().max() <= 1
     assert torch.equal(codec.get_code(pixels), codes)
+    rng = np.random.default_rng(4)
+    tr = data.train_specs(data.eval_specs())
+    for i in rng.choice(len(tr), 40, replace=False):        # exact on the world's scenes, through the pixels
+        img = data.render(data.sample_scene(tr[i], rng))
+        assert np.array_equal(data.to_uint8_image(codec.decode_code(codec.get_code(to_pixels(img))))[0], img)
+
+
+def to_pixels(im):
+    return torch.from_numpy(im).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 def test_codec_decodes_to_the_hand_drawn_scene():
-    # code 1 + shape * 10 + colour: ring = shape 5, blue = colour 4 -> 55 in slot 1; square/red = 1 in slot 8
-    codes = torch.zeros(1, 9, dtype=torch.long)
-    codes[0, 1], codes[0, 8] = 1 + 5 * 10 + 4, 1 + 0 * 10 + 0
-    img = data.to_uint8_image(data.SlotCodec().decode_code(codes))[0]
+    # code 1 + pattern * 10 + colour, pattern p = the 2x2 cells read as 4 bits (top-left first) minus 1: a blue
+    # (colour 4) ring in slot 1 is the quadrants 1 1 / 1 0 (bits 1110 = 14 -> p 13), 1 1 / 0 1 (13 -> 12),
+    # 1 0 / 1 1 (11 -> 10), 0 1 / 1 1 (7 -> 6); slot 1's quadrants are tokens 2, 3 (row 0) and 8, 9 (row 1)
+    codes = torch.zeros(1, 36, dtype=torch.long)
+    codes[0, [2, 3, 8, 9]] = torch.tensor([1 + 13 * 10 + 4, 1 + 12 * 10 + 4, 1 + 10 * 10 + 4, 1 + 6 * 10 + 4])
+    codes[0, 35] = 1 + 14 * 10 + 0          # slot 8's bottom-right quadrant, all four cells red
+    img = data.to_uint8_image(data.QuadrantCodec().decode_code(codes))[0]
     want = np.full((15, 15, 3), (150, 150, 150), dtype=np.uint8)
     want[0:4, 5:9] = (40, 80, 220)
     want[1:3, 6:8] = (150, 150, 150)                # the ring's hole
-    want[10:13, 10:13] = (220, 40, 40)              # a 3x3 square: (4 - 3) // 2 = 0 cells into slot 8
+    want[12:14, 12:14] = (220, 40, 40)
     assert np.array_equal(img, np.repeat(np.repeat(want, 8, 0), 8, 1))
+    assert torch.equal(data.QuadrantCodec().get_code(to_pixels(data.render([data.in_slot("ring", "blue", 1)])))[0],
+                       torch.tensor([0] * 2 + [135, 125] + [0] * 4 + [105, 65] + [0] * 26))
 
 
-def test_codec_encodes_any_image_to_the_nearest_slot_content():
-    codec = data.SlotCodec()
-    objs = [data.in_slot("circle", "purple", 0), data.in_slot("bar", "yellow", 7)]
-    img = data.render(objs)
-    to_pixels = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].float() / 127.5 - 1   # noqa: E731
+def test_codec_encodes_any_image_to_the_nearest_quadrant_content():
+    codec = data.QuadrantCodec()
+    img = data.render([data.in_slot("circle", "purple", 0), data.in_slot("bar", "yellow", 7)])
     codes = codec.get_code(to_pixels(img))
-    assert codes[0].tolist() == [1 + 1 * 10 + 5, 0, 0, 0, 0, 0, 0, 1 + 4 * 10 + 2, 0]
-    back = data.to_uint8_image(codec.decode_code(codes))[0]
-    assert np.array_equal(back, img)
-    assert data.evaluate(back, spec("color_attr", ["circle", "bar"], ["purple", "yellow"])) == (True, "")
-    damaged = img.copy()
-    damaged[:8, 8:16] = data.PALETTE[0]             # one cell of the circle erased: still the nearest content
-    assert torch.equal(codec.get_code(to_pixels(damaged)), codes)
-    off_slot = data.render([Obj("square", "red", 1, 3)])   # straddles slots 0 and 1: each gets its nearest
-    assert codec.get_code(to_pixels(off_slot))[0, 2:].tolist() == [0] * 7
+    # the circle's top-left quadrant is . # / # #: bits 0111 = 7 -> pattern 6, purple = colour 5 -> 1 + 60 + 5
+    assert codes[0, 0] == 66
+    stray = img.copy()
+    stray[32:40, 0:8] = data.PALETTE[1]             # a red cell in slot 0's free last row belongs to no quadrant
+    assert torch.equal(codec.get_code(to_pixels(stray)), codes)
+    two = img.copy()
+    two[8:16, 0:8] = data.PALETTE[1]                # . P / R P: one cell off from both . # / . # and . # / # #
+    mixed = codec.get_code(to_pixels(two))          # in purple; the tie goes to the lower code, . # / . #:
+    assert mixed[0, 0] == 1 + 4 * 10 + 5 and torch.equal(mixed[0, 1:], codes[0, 1:])   # bits 0101 -> pattern 4
+
+
+def test_a_step_image_mixing_quadrants_of_two_objects_is_no_object():
+    codec = data.QuadrantCodec()
+    code = lambda shape, color: codec.encode_cells(data.paint([data.in_slot(shape, color, 4)])[None])  # noqa: E731
+    cross, ring, green = code("cross", "red"), code("ring", "red"), code("cross", "green")
+    decoded = lambda codes: codec.decode_cells(torch.from_numpy(codes)).numpy()[0]  # noqa: E731
+    for shape, whole in (("cross", cross), ("ring", ring)):
+        assert data.well_formed(decoded(whole)) and data.judge_cells(decoded(whole), spec("single_object", [shape]))[0]
+    # slot 4's top quadrants are tokens 14, 15 (quadrant row 2), its bottom ones 20, 21 (row 3)
+    cross_over_ring = decoded(np.concatenate([cross[:, :18], ring[:, 18:]], 1))
+    assert not data.well_formed(cross_over_ring)
+    for shape in ("cross", "ring"):
+        assert data.judge_cells(cross_over_ring, spec("single_object", [shape])) == (False, f"no {shape}")
+    two_colours = decoded(np.concatenate([cross[:, :18], green[:, 18:]], 1))
+    assert not data.well_formed(two_colours)       # (the evaluator still sees a red cross short of one cell)
+    assert not data.well_formed(np.zeros((15, 15), dtype=np.int64))       # an empty image shows no object
 
 
 def test_ground_truth_objects_never_touch():
