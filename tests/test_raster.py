@@ -32,7 +32,8 @@ def random_codes(n, seed=0):
 def full_forward_mask(ids, tok):
     """The test's own raster mask: Show-o's omni-attention, cut to positions at or before the query."""
     L = ids.shape[1]
-    return cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id) & torch.ones(L, L, dtype=torch.bool).tril()
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id) & causal
 
 
 def test_config_says_which_generator(raster, tiny):
@@ -161,6 +162,26 @@ def test_dpo_likelihood_is_the_exact_sum_of_next_token_log_probabilities(raster)
     loss, _ = dpo.preference_loss(model, model, tok, batch, g)
     assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state()) and loss.item() == pytest.approx(
         -F.logsigmoid(torch.tensor(0.0)).item())
+
+
+def test_dpo_objective_on_a_raster_generator_samples_raster_paths_online(raster, monkeypatch):
+    import math
+
+    import train
+
+    model, tok, _ = raster
+    pairs = dpo.PairData([PROMPT, "two blue squares"], random_codes(2, 1), random_codes(2, 2), ["a", "b"])
+    cfg = train.TrainConfig(reward_coef=1.0, online_per_step=1, online_samples=3, gen_steps=3)
+    made = []
+    monkeypatch.setattr(cotgen.RasterPaths, "step", lambda self, step=cotgen.RasterPaths.step: made.append(
+        self.n) or step(self))
+    score = lambda images, prompts: (torch.arange(len(prompts), dtype=torch.float32), torch.ones(len(prompts)))  # noqa
+    objective = train.dpo_objective(model, model, tok, pairs, cfg, magvit=data.QuadrantCodec(), score=score)
+    g = torch.Generator().manual_seed(0)
+    loss, stats = objective(0, [0, 1], g)
+    assert made == [3] * 3 and stats["online_pairs"] == 1          # one prompt's 3 samples, 3 steps, as raster paths
+    assert stats["dpo"] == pytest.approx(math.log(2)) and stats["online_dpo"] == pytest.approx(math.log(2))
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())   # no mask drawn
 
 
 def test_searches_run_on_the_raster_generator(raster):
