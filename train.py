@@ -1721,10 +1721,9 @@ layout: causal attention over the image tokens in raster order, next-token predi
 its config.json says "order": "raster" with its sampling settings (--temperature, --top-k), so sample.py and the
 searches decode it token by token (cotgen.RasterPaths)."""
 
-# the generators' default sizes (flags left out); raster: see README, the raster generator
-PRETRAIN_SIZES = {"masked": dict(n_embd=128, n_layer=4, n_head=4, scenes=57600),
-                  "raster": dict(n_embd=128, n_layer=4, n_head=4, scenes=57600)}
-RASTER_SAMPLING = dict(temperature=1.0, top_k=0)    # the raster generator's sampling: a world decoding setting
+# the raster generator's sampling, a world decoding setting: plain sampling (top-k 5 and temperature 0.7 scored
+# within the interval of it on the seed-0 world: README, the raster generator)
+RASTER_SAMPLING = dict(temperature=1.0, top_k=0)
 
 def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     d = TrainConfig.preset("pretrain")
@@ -1734,15 +1733,13 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("model (Show-o's architecture at a small size)")
     g.add_argument("--generator", default="masked", choices=cotgen.ORDERS,
                    help="masked: Show-o (default); raster: LlamaGen-style, token by token in raster order")
-    sizes = lambda k: " / ".join(f"{PRETRAIN_SIZES[o][k]} {o}" for o in cotgen.ORDERS)  # noqa: E731
-    g.add_argument("--n-embd", type=int, help=f"width (default {sizes('n_embd')})")
-    g.add_argument("--n-layer", type=int, help=f"Phi blocks (default {sizes('n_layer')})")
-    g.add_argument("--n-head", type=int, help=f"attention heads (default {sizes('n_head')})")
+    g.add_argument("--n-embd", type=int, default=128, help="width (default 128)")
+    g.add_argument("--n-layer", type=int, default=4, help="Phi blocks (default 4)")
+    g.add_argument("--n-head", type=int, default=4, help="attention heads (default 4)")
     g.add_argument("--vocab", type=int, default=300, help="BPE vocabulary of the world's text tokenizer (default 300)")
-    g.add_argument("--scenes", type=int,
+    g.add_argument("--scenes", type=int, default=57600,
                    help="training examples, each a prompt and a random correct scene of it; one epoch of them "
-                        f"in batches of --batch-size is the run (default {sizes('scenes')}: with batches of 32, "
-                        "1800 steps are 57600)")
+                        "in batches of --batch-size is the run (default 57600: 1800 steps of 32)")
     g.add_argument("--temperature", type=float,
                    help=f"raster only: sampling temperature, saved in config.json (default "
                         f"{RASTER_SAMPLING['temperature']})")
@@ -1773,10 +1770,8 @@ def world_generator(out: Path, a, prompts: Sequence[str]) -> Path:
     sync()
     return init
 
-def pretrain_defaults(a) -> None:
-    """The generator's default sizes and sampling for the flags left out; sampling flags are the raster's."""
-    for k, v in PRETRAIN_SIZES[a.generator].items():
-        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+def sampling_defaults(a) -> None:
+    """A raster generator's sampling flags (RASTER_SAMPLING for those left out); a masked one takes none."""
     for k, v in RASTER_SAMPLING.items():
         if a.generator != "raster" and getattr(a, k) is not None:
             fail(f"--{k.replace('_', '-')} is a raster generator's sampling setting: add --generator raster, or "
@@ -1785,7 +1780,7 @@ def pretrain_defaults(a) -> None:
 
 def run_pretrain(a) -> int:
     check_optim_args(a)
-    pretrain_defaults(a)
+    sampling_defaults(a)
     at_least(a, 1, "n_embd", "n_layer", "n_head", "vocab", "scenes")
     at_least(a, 0, "top_k", "temperature")
     if a.n_embd % a.n_head or (a.n_embd // a.n_head) % 4:
