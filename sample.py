@@ -373,11 +373,23 @@ def load_models(args):
     else:
         showo_dir, phi_dir, magvit_dir = resolve_weights(args)
     model, tok = cotgen.load_showo(showo_dir, phi_dir, dtype=dtype, device=device)
+    if model.config.order == "raster":
+        check_raster(args, model.config, showo_dir)
     magvit = image_tokenizer(args, magvit_dir, dtype, device)
     if args.world and model.config.num_vq_tokens != magvit.tokens:
         fail(f"{showo_dir} makes {model.config.num_vq_tokens} image tokens, not the {args.world} world's "
              f"{magvit.tokens}: pass a generator that `train.py pretrain --world {args.world}` wrote")
     return model, tok, magvit
+
+def check_raster(args, config: cotgen.ShowoConfig, showo_dir: Path) -> None:
+    """What a raster generator (config.json's order) cannot do, before any work: PARM++'s self-correction, and a
+    step of no token."""
+    if args.parmpp:
+        fail(f"{showo_dir} is a raster generator: PARM++ regenerates from a previous image, which only Show-o's "
+             "masked generator is trained for; use --parm")
+    if args.steps > config.num_vq_tokens:
+        fail(f"--steps {args.steps}: {showo_dir} is a raster generator of {config.num_vq_tokens} image tokens, and "
+             "each step makes at least one: use at most that many steps")
 
 def image_tokenizer(args, magvit_dir: Path | None, dtype=torch.float32, device="cpu"):
     """MAGVIT-v2 from its folder, or the world's codec (data.QuadrantCodec) with --world."""

@@ -143,9 +143,9 @@ def autocast(device: torch.device, bf16: bool):
 Objective = Callable[..., "tuple[torch.Tensor, dict]"]
 
 # The model methods besides forward() through which an objective enters a model: the verifier's sft_loss starts
-# with encode_images; DPO's online sampling (Paths) calls Show-o's prefix and image_logits. Under FSDP2 the root's
-# parameters are gathered at each of them.
-FSDP_ENTRIES = ("encode_images", "prefix", "image_logits")
+# with encode_images; DPO's online sampling (Paths) calls Show-o's prefix and image_logits (RasterPaths: prefix and
+# next_logits). Under FSDP2 the root's parameters are gathered at each of them.
+FSDP_ENTRIES = ("encode_images", "prefix", "image_logits", "next_logits")
 
 def tell(text: str) -> None:
     """A message on stderr, from the first process only (the others would repeat it)."""
@@ -982,6 +982,8 @@ def run_selfcorrect(a) -> int:
     if begin(out, settings, a.resume, "self-correction"):
         return 0
     base, tok = cotgen.load_showo(showo, phi, dtype=torch.float32, device=device)
+    if base.config.order != "masked":
+        fail(f"{showo} is a {base.config.order} generator: self-correction (PARM++) is for Show-o's masked one")
 
     def make() -> list[dict]:
         groups = correction_groups(a, base.config, sample.image_tokenizer(a, magvit_dir, device=device))
@@ -1119,8 +1121,8 @@ def prm_rollouts(model, tok, prompt: str, main_generator, rollout_generators, *,
     [S - 1, R, N] (row i: branched after step i + 1, 1-based)."""
     R = len(rollout_generators[0])
     flat = [g for per_step in rollout_generators for g in per_step]
-    paths = cotgen.Paths(model, tok, prompt, 1 + len(flat), steps=steps, cfg=cfg, temperature=temperature,
-                         generators=[main_generator, *flat])
+    paths = cotgen.open_paths(model, tok, prompt, 1 + len(flat), steps=steps, cfg=cfg, temperature=temperature,
+                              generators=[main_generator, *flat])
     for j in range(1, paths.n):
         paths.stop(j)                                  # a continuation waits until its step is reached
     history = []
@@ -1733,7 +1735,16 @@ PRETRAIN_DOC = """Pretrain Show-o from scratch on a miniature world, with Show-o
 The same `Showo` class and t2i sequence layout as the released model, at a small width; the text tokenizer is
 trained on the world's prompts and the image tokenizer is the world's quadrant codec (data.QuadrantCodec). The
 objective masks a cosine-schedule fraction of the image tokens, takes the cross-entropy on them, and drops the
-prompt 10% of the time so classifier-free guidance works. --out is a Show-o folder that sample.py loads."""
+prompt 10% of the time so classifier-free guidance works. --out is a Show-o folder that sample.py loads.
+
+--generator raster trains the paper's other kind of generator (Table 4, LlamaGen-style) on the same layers and
+layout: causal attention over the image tokens in raster order, next-token prediction, the same prompt dropout;
+its config.json says "order": "raster" with its sampling settings (--temperature, --top-k), so sample.py and the
+searches decode it token by token (cotgen.RasterPaths)."""
+
+# the raster generator's sampling, a world decoding setting: plain sampling (top-k 5 and temperature 0.7 scored
+# within the interval of it on the seed-0 world: README, the raster generator)
+RASTER_SAMPLING = dict(temperature=1.0, top_k=0)
 
 def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     d = TrainConfig.preset("pretrain")
@@ -1741,6 +1752,8 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
                        description=PRETRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", required=True, choices=sample.WORLDS, help="which miniature world")
     g = p.add_argument_group("model (Show-o's architecture at a small size)")
+    g.add_argument("--generator", default="masked", choices=cotgen.ORDERS,
+                   help="masked: Show-o (default); raster: LlamaGen-style, token by token in raster order")
     g.add_argument("--n-embd", type=int, default=128, help="width (default 128)")
     g.add_argument("--n-layer", type=int, default=4, help="Phi blocks (default 4)")
     g.add_argument("--n-head", type=int, default=4, help="attention heads (default 4)")
@@ -1748,6 +1761,11 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--scenes", type=int, default=57600,
                    help="training examples, each a prompt and a random correct scene of it; one epoch of them "
                         "in batches of --batch-size is the run (default 57600: 1800 steps of 32)")
+    g.add_argument("--temperature", type=float,
+                   help=f"raster only: sampling temperature, saved in config.json (default "
+                        f"{RASTER_SAMPLING['temperature']})")
+    g.add_argument("--top-k", type=int, help=f"raster only: sample among the k most likely codes, saved in "
+                                             f"config.json (0: all; default {RASTER_SAMPLING['top_k']})")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     g = add_optim_args(p, "optimisation", d)
     add_config_flags(g, d, {"cond_dropout": "probability of dropping the prompt (classifier-free guidance)"})
@@ -1766,21 +1784,33 @@ def world_generator(out: Path, a, prompts: Sequence[str]) -> Path:
         codec = data.QuadrantCodec()
         config = cotgen.ShowoConfig(codebook_size=codec.codebook_size, num_vq_tokens=codec.tokens,
                                     max_seq_length=longest + 2, n_layer=a.n_layer, n_head=a.n_head,
-                                    n_embd=a.n_embd, intermediate_size=4 * a.n_embd)
+                                    n_embd=a.n_embd, intermediate_size=4 * a.n_embd, order=a.generator,
+                                    temperature=a.temperature, top_k=a.top_k)
         with data.atomic_path(init, directory=True) as d:
             cotgen.write_showo(d, d / "phi", tok, config, seed=a.seed, std=0.02)    # trained from scratch
     sync()
     return init
 
+def sampling_defaults(a) -> None:
+    """A raster generator's sampling flags (RASTER_SAMPLING for those left out); a masked one takes none."""
+    for k, v in RASTER_SAMPLING.items():
+        if a.generator != "raster" and getattr(a, k) is not None:
+            fail(f"--{k.replace('_', '-')} is a raster generator's sampling setting: add --generator raster, or "
+                 "leave it out (Show-o's masked decoding takes its temperature at sampling time)")
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+
 def run_pretrain(a) -> int:
     check_optim_args(a)
+    sampling_defaults(a)
     at_least(a, 1, "n_embd", "n_layer", "n_head", "vocab", "scenes")
+    at_least(a, 0, "top_k", "temperature")
     if a.n_embd % a.n_head or (a.n_embd // a.n_head) % 4:
         fail(f"--n-embd {a.n_embd} must be a multiple of 4 x --n-head {a.n_head} (Phi's rotary half of each head)")
     device, out = sample.device_of(a), Path(a.out)
     cfg = train_config(a, device, "pretrain")
     settings = {"world": a.world, "train": cfg.fingerprint(), "scenes": a.scenes,
-                "model": {k: getattr(a, k) for k in ("n_embd", "n_layer", "n_head", "vocab")}}
+                "model": {k: getattr(a, k) for k in ("generator", "n_embd", "n_layer", "n_head", "vocab", "temperature",
+                                                     "top_k")}}
     if begin(out, settings, a.resume, f"{a.world} pretraining"):
         return 0
     evaluation = data.eval_specs()
@@ -1791,8 +1821,10 @@ def run_pretrain(a) -> int:
     prompts, codes = data.training_scenes(specs, a.scenes, derive_seed(a.seed, "scenes"), progress=progress)
     tok = cotgen.load_showo(init, dtype=torch.float32, device=device)[1]
 
+    objective = dpo.next_token_loss if a.generator == "raster" else dpo.masked_token_loss
+
     def make(model: cotgen.Showo) -> Trainer:
-        loss = lambda step, index, g, rows=slice(None): dpo.masked_token_loss(  # noqa: E731
+        loss = lambda step, index, g, rows=slice(None): objective(  # noqa: E731
             model, tok, [prompts[i] for i in index], codes[index], g, cfg.cond_dropout, rows=rows)
         return Trainer(model, loss, [f"scene {i}" for i in range(len(prompts))], cfg)
 
