@@ -1047,7 +1047,7 @@ def render(objects: Iterable[Obj], grid: int = GRID, cell_px: int = CELL_PX) -> 
 
 # The world's static clarity rule (train.clarity_label, Sec. 4), read off its baseline generator's curve of clear
 # step images as the paper read Show-o's: "no" before step A, "yes" after step B (README: the paper in miniature)
-WORLD_CLARITY = (10, 11)
+WORLD_CLARITY = (9, 10)
 
 # ---- the shapes world: prompts, specs, evaluation and training sets, scene sampling ----------------------
 
@@ -1542,8 +1542,8 @@ LINE_COLOURS = ((40, 80, 220), (220, 40, 40), (40, 170, 60), (245, 140, 20), (14
 def line_chart(curves: dict[str, Sequence[float]], xs: Sequence[float], title: str, xlabel: str,
                width: int = 480, height: int = 300, intervals: dict[str, Sequence[tuple[float, float]]] | None = None,
                ) -> np.ndarray:
-    """Curves of values on [0, 1] over the points `xs` (evenly spaced, labelled by value), one colour each with a
-    legend; `intervals` (optional, per curve) draws a whisker at every point."""
+    """Curves of values on [0, 1] over the points `xs` (evenly spaced, labelled by value; a curve with fewer values
+    stops early), one colour each with a legend; `intervals` (optional, per curve) draws a whisker at every point."""
     font = ImageFont.load_default()
     left, top, right, bottom = 44, 28, 16, 40 + 14 * len(curves)
     canvas = Image.new("RGB", (width, height + bottom), (255, 255, 255))
@@ -1591,36 +1591,43 @@ def captioned_rows(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]],
 
 # ---- the shapes world: the image tokenizer: one code per quarter of a slot ---------------------------------
 
-# A slot's 4x4 shape area is four 2x2-cell quadrants; a token is one quadrant's content, so an object is four
-# tokens and a step's x̂0, which samples every masked token on its own, can mix parts of different objects: the
-# unclear early images of Sec. 4 (Fig. 5), which a token per whole object could never show.
-QUAD = 2                      # cells per quadrant side
-QUADS = SLOTS * (SLOT - 1) // QUAD   # quadrants per image side: 6, so 36 image tokens
-# code 0 = an empty quadrant; code 1 + pattern * 10 + colour = one of the 15 non-empty 2x2 cell patterns
-# (PATTERNS' order) in one of GenEval's colours (GenEval's order)
-PATTERNS = [np.array([[b >> 3 & 1, b >> 2 & 1], [b >> 1 & 1, b & 1]], dtype=bool) for b in range(1, 16)]
+# A slot's 4x4 shape area is four 2x2-cell quadrants and a token is one quadrant: it names the object whose quarter
+# it draws (its shape and colour), so an object is four tokens and a step's x̂0, which samples every masked token on
+# its own, can mix quarters of different objects: the unclear early images of Sec. 4 (Fig. 5), which a token per
+# whole object could never show. The tokens go quadrant by quadrant (every slot's top-left quarter, then top-right,
+# bottom-left, bottom-right): the four tokens of one slot are then always 9 apart, a relation Show-o's relative
+# (rotary) positions can learn; in raster order over the 6 x 6 quarters they are 1, 5, 6 or 7 apart depending on
+# where the slot is, and a Show-o trained alike left 90 % of its final images broken (README: the shapes world).
+QUADRANTS = 4                 # per slot: top-left, top-right, bottom-left, bottom-right
+# code 0 = an empty quadrant; code 1 + shape * 10 + colour = a quarter of that shape in that colour (SHAPES' and
+# GenEval's orders): the slot contents of the world, each drawn a quarter at a time
+SLOT_CONTENTS = [None] + [(s, c) for s in SHAPE_NAMES for c in GENEVAL_COLORS]
 
-def quadrant_cells(cells: np.ndarray) -> np.ndarray:
-    """[B, GRID, GRID] cell codes -> [B, QUADS * QUADS, QUAD, QUAD]: every slot's four quadrants, the tokens in
-    raster order over the 6x6 quadrant grid (left to right, top to bottom, as an image tokenizer's patches).
-    A slot's free last row and column belong to no quadrant: no world object reaches them."""
-    areas = cells.reshape(-1, SLOTS, SLOT, SLOTS, SLOT)[:, :, :SLOT - 1, :, :SLOT - 1]    # [B, 3, 4, 3, 4]
-    q = areas.reshape(-1, SLOTS, 2, QUAD, SLOTS, 2, QUAD).transpose(0, 1, 2, 4, 5, 3, 6)  # [B, 3, 2, 3, 2, Q, Q]
-    return q.reshape(len(cells), QUADS * QUADS, QUAD, QUAD)
+def slot_areas(cells: np.ndarray) -> np.ndarray:
+    """[B, GRID, GRID] cell codes -> [B, 9, 4, 4]: every slot's 4x4 shape area, slots in raster order. A slot's free
+    last row and column belong to no token: no world object reaches them."""
+    areas = cells.reshape(-1, SLOTS, SLOT, SLOTS, SLOT)[:, :, :SLOT - 1, :, :SLOT - 1]
+    return areas.transpose(0, 1, 3, 2, 4).reshape(len(cells), SLOTS * SLOTS, SLOT - 1, SLOT - 1)
+
+def quarters(areas: np.ndarray) -> np.ndarray:
+    """[..., 4, 4] shape areas -> [..., 4, 2, 2] their quadrants (top-left, top-right, bottom-left, bottom-right)."""
+    q = areas.reshape(*areas.shape[:-2], 2, 2, 2, 2).swapaxes(-3, -2)
+    return q.reshape(*areas.shape[:-2], QUADRANTS, 2, 2)
 
 class QuadrantCodec:
-    """The image tokenizer of the shapes world, with MAGVIT-v2's interface (cotgen.MAGVITv2): a vector quantiser
-    whose patches are quadrants of the slots (2x2 cells, 16 x 16 px) and whose codebook is every one-colour
-    quadrant content (empty, or a 2x2 cell pattern in one of 10 colours: 151 codes), 36 codes per image.
-    get_code snaps the pixels to cells and takes, per quadrant, the entry with the fewest differing cells (ties:
-    the lower code), so it encodes any image and is exact on the world's: decode_code(get_code(x)) == x for every
-    ground-truth image and get_code(decode_code(c)) == c for every c."""
+    """The image tokenizer of the shapes world, with MAGVIT-v2's interface (cotgen.MAGVITv2): 36 tokens per image,
+    one per quadrant of a slot (2x2 cells, 16 x 16 px), quadrant by quadrant (token q * 9 + s is quadrant q of slot
+    s), each the slot content (empty, or one of 7 shapes x 10 colours: 71 codes) whose quarter it draws. get_code
+    snaps the pixels to cells; a slot that shows one whole content gets its code in all four tokens, any other
+    quadrant the content whose quarter differs from it in the fewest cells (ties: the lower code). So it encodes
+    any image, is exact on the world's, and re-encodes what it decodes to the same pixels: a whole object is four
+    equal tokens, while four tokens that disagree draw quarters of different objects."""
 
     def __init__(self, cell_px: int = CELL_PX):
-        self.cell_px, self.tokens = cell_px, QUADS * QUADS
-        colours = np.arange(1, len(PALETTE))
-        self.codebook = np.concatenate([np.zeros((1, QUAD, QUAD), dtype=np.int64)] +
-                                       [np.where(p[None], colours[:, None, None], 0) for p in PATTERNS])
+        self.cell_px, self.tokens = cell_px, QUADRANTS * SLOTS * SLOTS
+        self.contents = np.stack([paint([in_slot(*sc, 0)] if sc else [])[:SLOT - 1, :SLOT - 1]
+                                  for sc in SLOT_CONTENTS])                        # [71, 4, 4]
+        self.quarters = quarters(self.contents)                                    # [71, 4, 2, 2]
         # decoded values sit half a level above the palette, so Show-o's truncating uint8 conversion
         # ((x + 1) / 2 * 255, floored; data.to_uint8_image) gives the palette exactly
         self.levels = torch.from_numpy((PALETTE.astype(np.float32) + 0.5) / 127.5 - 1.0)
@@ -1629,35 +1636,38 @@ class QuadrantCodec:
 
     @property
     def codebook_size(self) -> int:
-        return len(self.codebook)
+        return len(SLOT_CONTENTS)
 
     def image_size(self, n_tokens: int) -> int:
         """Image side of n_tokens codes (MAGVIT-v2's interface): the world's one image size."""
         return GRID * self.cell_px
 
     def encode_cells(self, cells: np.ndarray) -> np.ndarray:
-        """[B, GRID, GRID] cell codes -> [B, 36] codes: the nearest codebook entry of every quadrant."""
-        quads = quadrant_cells(cells).reshape(-1, 1, QUAD, QUAD)
-        differ = (quads != self.codebook[None]).sum((2, 3))                          # [B * 36, codebook]
-        return differ.argmin(1).reshape(len(cells), -1)
+        """[B, GRID, GRID] cell codes -> [B, 36] codes."""
+        areas = slot_areas(cells)                                                   # [B, 9, 4, 4]
+        whole = (areas[:, :, None] == self.contents[None, None]).all((3, 4))        # [B, 9, 71]
+        near = (quarters(areas)[:, :, :, None] != self.quarters.swapaxes(0, 1)[None, None]).sum((4, 5))  # [B,9,4,71]
+        codes = np.where(whole.any(2)[:, :, None], whole.argmax(2)[:, :, None], near.argmin(3))         # [B, 9, 4]
+        return codes.swapaxes(1, 2).reshape(len(cells), -1)
 
     def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> codes [B, 36]."""
         cells = np.stack([snap_cells(im) for im in to_uint8_image(pixels.cpu())])
         return torch.from_numpy(self.encode_cells(cells)).long().to(pixels.device)
 
-    def decode_cells(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode_cells(self, codes: torch.Tensor) -> np.ndarray:
         """Codes [B, 36] -> cell codes [B, GRID, GRID]; codes outside the codebook are clamped."""
         if codes.shape[1] != self.tokens:
-            raise ValueError(f"{codes.shape[1]} codes per image, expected {self.tokens} ({QUADS}x{QUADS} quadrants)")
-        q = torch.from_numpy(self.codebook)[codes.long().cpu().clamp(0, self.codebook_size - 1)]
-        q = q.view(-1, SLOTS, 2, SLOTS, 2, QUAD, QUAD).permute(0, 1, 2, 5, 3, 4, 6)  # [B, 3, 2, Q, 3, 2, Q]
-        areas = q.reshape(-1, SLOTS, SLOT - 1, SLOTS, SLOT - 1)
-        cells = torch.zeros(len(codes), SLOTS, SLOT, SLOTS, SLOT, dtype=torch.long)
-        cells[:, :, :SLOT - 1, :, :SLOT - 1] = areas
-        return cells.view(-1, GRID, GRID)
+            raise ValueError(f"{codes.shape[1]} codes per image, expected {self.tokens} ({QUADRANTS} quadrants x "
+                             f"{SLOTS * SLOTS} slots)")
+        c = codes.long().cpu().clamp(0, self.codebook_size - 1).numpy().reshape(-1, QUADRANTS, SLOTS * SLOTS)
+        q = self.quarters[c, np.arange(QUADRANTS)[None, :, None]]                  # [B, 4, 9, 2, 2]
+        areas = q.swapaxes(1, 2).reshape(-1, SLOTS, SLOTS, 2, 2, 2, 2).transpose(0, 1, 3, 5, 2, 4, 6)
+        cells = np.zeros((len(c), SLOTS, SLOT, SLOTS, SLOT), dtype=np.int64)
+        cells[:, :, :SLOT - 1, :, :SLOT - 1] = areas.reshape(-1, SLOTS, SLOT - 1, SLOTS, SLOT - 1)
+        return cells.reshape(-1, GRID, GRID)
 
     def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         """Codes [B, 36] -> images [B, 3, GRID * px, GRID * px] in [-1, 1]."""
-        x = self.levels[self.decode_cells(codes)].permute(0, 3, 1, 2).to(codes.device)   # [B, 3, GRID, GRID]
+        x = self.levels[torch.from_numpy(self.decode_cells(codes))].permute(0, 3, 1, 2).to(codes.device)
         return x.repeat_interleave(self.cell_px, 2).repeat_interleave(self.cell_px, 3)

@@ -415,9 +415,11 @@ def check_common(args) -> None:
     if args.samples is not None and args.samples > IMAGES_PER_PROMPT:
         fail(f"--samples must be at most {IMAGES_PER_PROMPT} (got {args.samples}): each prompt has "
              f"{IMAGES_PER_PROMPT} image seeds")
-    if not 1 <= args.n <= PATHS_PER_IMAGE:
-        fail(f"--paths/--n must be between 1 and {PATHS_PER_IMAGE} (got {args.n}): each image has "
-             f"{PATHS_PER_IMAGE} path seeds")
+    if args.n < 1:
+        fail(f"--paths/--n must be at least 1 (got {args.n})")
+    if args.n > PATHS_PER_IMAGE:
+        fail(f"--paths/--n must be at most {PATHS_PER_IMAGE} (got {args.n}): each image has {PATHS_PER_IMAGE} path "
+             "seeds")
     at_least(args, 1, "steps", "samples")
     at_least(args, 0, "cfg")            # g = 0 is plain conditional decoding; a negative or NaN g is a typo
     if args.rounds < 0:
@@ -544,7 +546,7 @@ def prompt_parts(args, out: Path) -> Path:
     with the run's flags in run.json: --resume keeps what an interrupted run with the same flags finished,
     otherwise it starts empty. Every process reads it before the first one changes it."""
     parts = out.parent / f".{out.name}.parts"
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "record")}  # record: a cache
     if args.resume and (parts / "run.json").is_file() and data.read_config(parts, "run.json") != settings:
         fail(f"--resume: {parts} was made with other flags: use the same flags, or leave out --resume to start again")
     sync()

@@ -93,8 +93,9 @@ class TrainConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":
         presets = {"dpo": {}, "selfcorrect": {},   # the paper gives no recipe for Sec. 5: DPO's is kept
-                   "pretrain": dict(lr=2e-3, batch_size=32, warmup_ratio=0.055, max_grad_norm=1.0, shuffle=True,
-                                    betas=(0.9, 0.99), seed=0),
+                   # the shapes world: two passes over 57,600 scenes (one pass left half its objects broken)
+                   "pretrain": dict(lr=2e-3, batch_size=32, epochs=2, warmup_ratio=0.055, max_grad_norm=1.0,
+                                    shuffle=True, betas=(0.9, 0.99), seed=0),
                    "sft": dict(batch_size=8, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, shuffle=True,
                                seed=0)}
         # a world's verifier is trained from scratch (train.py orm --world): the pretraining-sized steps
@@ -848,9 +849,12 @@ class DPORun:
                                           progress=sample.Progress(f"round {r}", 1, seconds=2.0).note)
         print(f"[round {r}] curated {stats['pairs']} pairs from {stats['prompts']} prompts ({stats['dropped']} "
               "dropped: all images got the same label)", file=sys.stderr)
-        if not records:
+        if not records and r == 1:
             raise DataError(f"curation gave no pair: for every prompt all {a.curate_samples} images got the same "
                             "label; use more --curate-samples or other prompts")
+        if not records:
+            print(f"[round {r}] no pair: every prompt's images got one label, so there is nothing to prefer; round "
+                  f"{r} keeps round {r - 1}'s model", file=sys.stderr)
         return records
 
     def round_pairs(self, r: int, model: cotgen.Showo, tok) -> dpo.PairData:
@@ -871,6 +875,10 @@ class DPORun:
         a = self.a
         reference, tok = cotgen.load_showo(start, self.phi, dtype=torch.float32, device=self.device)
         pairs = self.round_pairs(r, reference, tok)
+        if len(pairs) == 0:         # a later round with nothing to prefer (`curated_pairs`): its start stands
+            with data.atomic_path(self.out / f"round_{r}" / "model", directory=True) as d:
+                self.write(reference, d)
+            return True
         score = self.scorer() if self.cfg.reward_coef > 0 else None
         online = data.read_prompts(a.online_prompts) if a.online_prompts else None
 
@@ -1904,18 +1912,23 @@ CLAIMS = (
 # prompt (path seeds as the rows', so each curve's paths are the rows' paths and N's are the first N of 20's)
 CURVE_NS = (1, 2, 4, 8, 16, 20)
 CURVE_GENERATORS = (("Baseline", SHOWO), ("DPO", DPO1), ("It. DPO", DPO2))
-CURVE_METHODS = (("Zs. ORM", ["--orm"], "base"), ("Ft. ORM", ["--orm"], "orm"), ("Ft. PRM", ["--prm"], "prm"),
-                 ("PARM", ["--parm"], "parm"))
+# (verifier, search flags, verifier folder, largest N): a PRM search re-branches every path at every step, so it
+# shares no path with the others and judges N images a step; N = 16 and 20 would cost more than the rest together
+CURVE_METHODS = (("Zs. ORM", ["--orm"], "base", 20), ("Ft. ORM", ["--orm"], "orm", 20),
+                 ("Ft. PRM", ["--prm"], "prm", 8), ("PARM", ["--parm"], "parm", 20))
 
 # stage sizes: the defaults, and --micro (a smoke run in seconds that only checks that every row is produced).
 # orm_pairs: the trained ORM labels dpo_orm's pairs (not in --micro: a 2-step ORM may label every image alike)
 SHAPES_SIZES = {
-    "full": dict(pretrain=[], scenes=24000, curate=1000, heldout=150, prm=150, reflect=500, dpo=600, paths=8,
-                 samples=None, limit=None, steps=18, examples=4, fast=[], orm_pairs=True, curve=CURVE_NS),
+    "full": dict(pretrain=[], scenes=24000, curate=1000, heldout=150, prm=150, reflect=500, reflect_samples=4,
+                 dpo=600, paths=8, samples=None, limit=None, steps=18, examples=4, fast=[], orm_pairs=True,
+                 curve=CURVE_NS),
+    # a micro generator draws a right image now and then (single objects, mostly): the reflect data takes more
+    # samples, so that some prompt has a right and a wrong image to pair
     "micro": dict(pretrain=["--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "120", "--scenes", "512",
-                            "--batch-size", "16"],
-                  scenes=8, curate=6, heldout=3, prm=2, reflect=6, dpo=48, paths=2, samples=1, limit=2, steps=4,
-                  examples=1, fast=["--max-steps", "2"], orm_pairs=False, curve=(1, 2)),
+                            "--batch-size", "16", "--epochs", "1"],
+                  scenes=8, curate=6, heldout=3, prm=2, reflect=96, reflect_samples=8, dpo=48, paths=2, samples=1,
+                  limit=2, steps=4, examples=1, fast=["--max-steps", "2"], orm_pairs=False, curve=(1, 2)),
 }
 
 # fine-tuning the world's Show-o (DPO, self-correction): a small model trained from scratch takes a larger lr and
@@ -1984,7 +1997,7 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
             curate("prm", z["prm"], samples=1), curate("prm", z["heldout"] // 3, "prm_heldout", seed + 1, samples=1),
             curate("parm", z["curate"] // 4, samples=2),     # ~24 records per path: clarity at 16 steps, potential
             curate("parm", z["heldout"], "parm_heldout", seed + 1, 2),
-            curate("reflect", z["reflect"]),
+            curate("reflect", z["reflect"], samples=z["reflect_samples"]),
             (d / "scenes", ["curate", "--world", "shapes", "--task", "scenes", "--num-prompts", str(z["scenes"]), *s]),
             (v / "base", ["orm", *w, *s, *z["fast"], "--data", str(d / "scenes/scenes.json"), *VERIFIER_PRETRAINING,
                           "--heldout", str(d / "orm_heldout/orm.json")]),
@@ -2003,7 +2016,8 @@ def row_folder(o: Path, row: str) -> Path:
     return o / "eval" / re.sub(r"[^a-z0-9]+", "_", row.lower().replace("++", "pp")).strip("_")
 
 def curve_folder(o: Path, generator: str, method: str, n: int) -> Path:
-    return row_folder(o, f"curves {generator} {method} N{n}")
+    """Where a point of a best-of-N curve is evaluated: OUT/eval/curves/<generator>/<verifier>_n<N>."""
+    return o / "eval" / "curves" / row_folder(o, generator).name / row_folder(o, f"{method} N{n}").name
 
 def evaluations(o: Path, z: dict) -> list[tuple[Path, str, list[str], str | None, int | None]]:
     """(folder, generator, search flags with N, verifier, images per prompt) of every row and curve point, the
@@ -2011,7 +2025,8 @@ def evaluations(o: Path, z: dict) -> list[tuple[Path, str, list[str], str | None
     rows = [(row_folder(o, name), gen, [*flags, "--paths", str(z["paths"])], verifier, z["samples"])
             for _, name, gen, flags, verifier in SHAPES_ROWS]
     curves = [(curve_folder(o, g, m, n), gen, [*flags, "--paths", str(n)], verifier, 1)
-              for g, gen in CURVE_GENERATORS for m, flags, verifier in CURVE_METHODS for n in z["curve"]]
+              for g, gen in CURVE_GENERATORS for m, flags, verifier, most in CURVE_METHODS
+              for n in z["curve"] if n <= most]
     order = list(dict.fromkeys(gen for _, gen, _, _, _ in rows))
     return sorted(rows + curves, key=lambda e: order.index(e[1]))
 
@@ -2086,7 +2101,7 @@ def clear_steps(model, tok, codec, z: dict, seed: int, record: cotgen.PathRecord
     for _, _, spec, s in eval_images(z, seed):
         _, history = cotgen.generate(model, tok, spec["prompt"], 1, steps=z["steps"], seed=s, history=True,
                                      record=record)
-        cells = codec.decode_cells(history[0]).numpy()
+        cells = codec.decode_cells(history[0])
         verdicts = np.array([data.judge_cells(c, spec)[0] for c in cells])
         whole += [data.well_formed(c) for c in cells]
         settled += verdicts == verdicts[-1]
@@ -2106,7 +2121,7 @@ def parm_pruning(o: Path, model, tok, codec, z: dict, record: cotgen.PathRecord)
         finals = cotgen.generate(model, tok, trace["prompt"], trace["n"], steps=trace["steps"], cfg=trace["cfg"],
                                  seed=trace["paths"][0]["seed"], record=record)
         pruned = ["truncated" in (p["ended"] or "") for p in trace["paths"]]
-        for cells, cut in zip(codec.decode_cells(finals).numpy(), pruned):
+        for cells, cut in zip(codec.decode_cells(finals), pruned):
             kind = "pruned" if cut else "kept"
             stats.update({f"{kind} paths": 1, f"{kind} right": int(data.judge_cells(cells, spec)[0])})
         clear_at.update(str(int(trace["clear_at"][str(i)]) + 1) if str(i) in trace["clear_at"] else "never"
@@ -2149,10 +2164,11 @@ def scaling_chart(o: Path, z: dict) -> tuple[np.ndarray, list[str]]:
                          "|---" * (2 + len(z["curve"])) + "|"]
     for g, _ in CURVE_GENERATORS:
         curves, whiskers = {}, {}
-        for m, _, _ in CURVE_METHODS:
-            scores = [scores_of(curve_folder(o, g, m, n))["overall"] for n in z["curve"]]
+        for m, _, _, most in CURVE_METHODS:
+            scores = [scores_of(curve_folder(o, g, m, n))["overall"] for n in z["curve"] if n <= most]
             curves[m], whiskers[m] = [s.accuracy for s in scores], [(s.low, s.high) for s in scores]
-            lines.append(f"| {g} | {m} | " + " | ".join(f"{s.accuracy:.3f}" for s in scores) + " |")
+            lines.append(f"| {g} | {m} | " + " | ".join([f"{s.accuracy:.3f}" for s in scores] +
+                                                       ["-"] * (len(z["curve"]) - len(scores))) + " |")
         panels.append(data.line_chart(curves, z["curve"], f"best-of-N on {g} (overall, 95% CI)", "N",
                                       intervals=whiskers))
     return np.concatenate(panels, axis=1), lines
@@ -2215,6 +2231,9 @@ def pool_runs(a) -> int:
     """`train.py shapes --pool RUN ... --out OUT`: the claims of finished runs (one per seed), per run and pooled,
     in OUT/claims.md. Every run must have scored every row."""
     runs = [Path(r) for r in a.pool]
+    twice = sorted({str(r) for r in runs if sum(r.resolve() == q.resolve() for q in runs) > 1})
+    if twice:
+        fail(f"--pool names {twice[0]} twice: give each run (one per seed) once")
     for r in runs:
         missing = [name for _, name, *_ in SHAPES_ROWS if not (row_folder(r, name) / "results.jsonl").is_file()]
         if missing:
@@ -2288,7 +2307,7 @@ def shapes_examples(o: Path, z: dict, seed: int, model, tok, codec, record) -> n
         prompt = specs[k]["prompt"]
         first = np.asarray(data.load_image(row_folder(o, "Baseline") / f"{k:05d}" / "samples" / "0000.png"))
         tiles, history = parm_tiles(o, k, prompt, model, tok, codec, record)
-        whole = [i for i in range(len(history)) if data.well_formed(codec.decode_cells(history[i, -1:]).numpy()[0])]
+        whole = [i for i in range(len(history)) if data.well_formed(codec.decode_cells(history[i, -1:])[0])]
         if steps is None and whole:
             pics = sample.decode_images(codec, history[whole[0]])
             steps = (f"{prompt}: path {whole[0]}'s x̂0 at every step",
