@@ -53,6 +53,8 @@ class ShowoConfig:
     order: str = "masked"
     temperature: float = 1.0
     top_k: int = 0
+    token_order: list[int] | None = None   # raster: the image tokens' indices in the order it makes them (None: as
+                                           # the image tokenizer lays them out)
 
     # derived sizes are properties: loading and `write_tiny_showo` set the fields after construction
     head_dim = property(lambda self: self.n_embd // self.n_head)
@@ -308,6 +310,10 @@ def showo_config(ckpt_dir: str | Path, phi_dir: str | Path) -> ShowoConfig:
                               f"not {c.order!r}")
     c.temperature = data.config_field(raw, "temperature", float, src, 1.0, 0.0, 100.0)
     c.top_k = data.config_field(raw, "top_k", int, src, 0, 0, 2 ** 20)
+    c.token_order = raw.get("token_order")
+    if c.token_order is not None and sorted(c.token_order) != list(range(c.num_vq_tokens)):
+        raise CheckpointError(f"{src}: field 'token_order' must list every image token index 0..{c.num_vq_tokens - 1}"
+                              " once (the order a raster generator makes them)")
     if yaml is not None:
         text = data.read_text(yaml, "Show-o inference config", CheckpointError)
         for k, (low, high) in YAML_FIELDS.items():
@@ -814,6 +820,9 @@ class RasterPaths(Paths):
         self.top_k = c.top_k if top_k is None else top_k
         self.tokens = torch.zeros_like(self.tokens)                           # codes: 0 (empty) until made
         self.ends = [(s + 1) * N // steps for s in range(steps)]              # tokens made after step s
+        # the j-th token made goes to image slot order[j] (x̂0 and the tokens keep the image tokenizer's layout)
+        self.order = torch.tensor(c.token_order or range(N), device=self.tokens.device)
+        self.rank = torch.argsort(self.order)                                 # slot -> when it is made
         self.rows = 2 if self.cfg else 1                                      # row i + r·n: path i, cond/uncond
         kv, key_ok = self._prefix
         pick = torch.arange(self.rows, device=key_ok.device).repeat_interleave(n)
@@ -849,7 +858,7 @@ class RasterPaths(Paths):
         made = torch.tensor([self.ends[self.step_of[i] - 1] for i in live])
         return Step(paths=live, step=[self.step_of[i] - 1 for i in live], x0=torch.stack([self.x0[i] for i in live]),
                     mask_len=(N - made).tolist(), temperature=[self.temperature[i] for i in live],
-                    masking=(torch.arange(N)[None] >= made[:, None]).to(self.tokens.device),
+                    masking=self.rank[None] >= made[:, None].to(self.tokens.device),
                     probs=torch.stack([torch.stack(kept[i]) for i in live]) if self.keep_probs else None)
 
     def next_token(self, group: list[int], j: int) -> torch.Tensor:
@@ -858,7 +867,7 @@ class RasterPaths(Paths):
         T = self.key_ok.shape[1] - c.num_vq_tokens
         idx = torch.tensor(group, device=dev)
         rows = torch.cat([idx + r * n for r in range(self.rows)])
-        last = self.tokens[idx, j - 1] + c.image_offset if j else torch.full_like(idx, self.tok.soi_id)
+        last = self.tokens[idx, self.order[j - 1]] + c.image_offset if j else torch.full_like(idx, self.tok.soi_id)
         past = [(k[rows, :, :T + j], v[rows, :, :T + j]) for k, v in self.cache]
         logits, new = self.model.next_logits(last.repeat(self.rows)[:, None], T + j, past,
                                              self.key_ok[rows, None, None, :T + j + 1])
@@ -875,7 +884,7 @@ class RasterPaths(Paths):
         probs = torch.softmax(logits, dim=-1)
         for p, i in zip(probs, group):          # temperature 0: the most likely code
             draw = torch.multinomial(p, 1, generator=self.generators[i])[0] if self.temperature[i] else p.argmax()
-            self.tokens[i, j] = draw
+            self.tokens[i, self.order[j]] = draw
         return probs
 
 def open_paths(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, **kw) -> Paths:
@@ -1147,7 +1156,8 @@ def write_showo(showo_dir: str | Path, phi_dir: str | Path, tok, c: ShowoConfig,
                      "llm_model_path": os.path.relpath(phi_dir, showo_dir), "llm_vocab_size": c.llm_vocab_size,
                      "mask_token_id": c.mask_token_id, "num_vq_tokens": c.num_vq_tokens, "vocab_size": c.vocab_size,
                      "w_clip_vit": False, **({} if c.order == "masked" else
-                                             {"order": c.order, "temperature": c.temperature, "top_k": c.top_k})},
+                                             {"order": c.order, "temperature": c.temperature, "top_k": c.top_k,
+                                              **({"token_order": c.token_order} if c.token_order else {})})},
                     showo_dir / "config.json")
     (showo_dir / "inference_config.yaml").write_text(
         f"model:\n  showo:\n    num_new_special_tokens: {c.num_new_special_tokens}\n"

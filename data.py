@@ -1625,6 +1625,9 @@ class QuadrantCodec:
 
     def __init__(self, cell_px: int = CELL_PX):
         self.cell_px, self.tokens = cell_px, QUADRANTS * SLOTS * SLOTS
+        # the tokens left to right, top to bottom over the 6 x 6 quarters: the order a raster generator makes them
+        self.raster_order = [(r % 2 * 2 + c % 2) * SLOTS * SLOTS + r // 2 * SLOTS + c // 2
+                             for r in range(2 * SLOTS) for c in range(2 * SLOTS)]
         self.contents = np.stack([paint([in_slot(*sc, 0)] if sc else [])[:SLOT - 1, :SLOT - 1]
                                   for sc in SLOT_CONTENTS])                        # [71, 4, 4]
         self.quarters = quarters(self.contents)                                    # [71, 4, 2, 2]

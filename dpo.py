@@ -57,7 +57,7 @@ def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes
     `condition` [B, N] codes puts a previous image before the one being predicted (PARM++'s self-correction
     format, Sec. 5): it is input only, so its segment is never scored, and text dropout leaves it in place."""
     c = tok.config
-    vocab = codes.cpu() + c.image_offset
+    vocab = codes.cpu()[:, c.token_order or slice(None)] + c.image_offset     # in the order the generator makes them
     masked = masked.cpu()
     ids = tok.t2i_ids(["" if d else p for p, d in zip(prompts, drop_text.tolist())],
                       torch.where(masked, c.mask_token_id, vocab), condition=condition)
@@ -75,7 +75,7 @@ def next_token_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], cod
     `image_log_likelihood` reads it (no shift there): <|soi|> predicts image token 0, token n predicts n + 1.
     Only the N image tokens are scored (the sampler stops after N, so <|eoi|> is never drawn). ids, labels [B, L]."""
     c = tok.config
-    vocab = codes.cpu() + c.image_offset
+    vocab = codes.cpu()[:, c.token_order or slice(None)] + c.image_offset     # in the order the generator makes them
     ids = tok.t2i_ids(["" if d else p for p, d in zip(prompts, drop_text.tolist())], vocab)
     labels = torch.full_like(ids, IGNORE)
     start = ids.shape[1] - (c.num_vq_tokens + 2)      # <|soi|>

@@ -22,6 +22,8 @@ import copy
 import itertools
 import json
 import math
+import multiprocessing
+import os
 import re
 import shlex
 import shutil
@@ -1793,7 +1795,8 @@ def world_generator(out: Path, a, prompts: Sequence[str]) -> Path:
         config = cotgen.ShowoConfig(codebook_size=codec.codebook_size, num_vq_tokens=codec.tokens,
                                     max_seq_length=longest + 2, n_layer=a.n_layer, n_head=a.n_head,
                                     n_embd=a.n_embd, intermediate_size=4 * a.n_embd, order=a.generator,
-                                    temperature=a.temperature, top_k=a.top_k)
+                                    temperature=a.temperature, top_k=a.top_k,
+                                    token_order=codec.raster_order if a.generator == "raster" else None)
         with data.atomic_path(init, directory=True) as d:
             cotgen.write_showo(d, d / "phi", tok, config, seed=a.seed, std=0.02)    # trained from scratch
     sync()
@@ -1862,6 +1865,7 @@ same command again). Writes OUT/results.md, results.png and examples.png."""
 SHOWO, DPO1, DPO2, SELF = "showo", "dpo/round_1/model", "dpo/round_2/model", "selfcorrect"
 GUIDED_ORM, GUIDED_PARM = "dpo_guided_orm/round_1/model", "dpo_guided_parm/round_1/model"
 ORM_PAIRS1, ORM_PAIRS2 = "dpo_orm/round_1/model", "dpo_orm/round_2/model"
+RASTER, RASTER_DPO = "raster", "dpo_raster/round_1/model"       # Table 4: a LlamaGen-style generator
 SHAPES_ROWS = (
     ("1", "Baseline", SHOWO, [], None), ("1", "Zs. ORM", SHOWO, ["--orm"], "base"),
     ("1", "Ft. ORM", SHOWO, ["--orm"], "orm"), ("1", "Zs. PRM", SHOWO, ["--prm"], "base"),
@@ -1872,6 +1876,9 @@ SHAPES_ROWS = (
     ("3", "PARM", SHOWO, ["--parm"], "parm"), ("3", "PARM on It. DPO", DPO2, ["--parm"], "parm"),
     ("3", "It. DPO, PARM guidance", GUIDED_PARM, [], None),
     ("3", "PARM on It. DPO, PARM guidance", GUIDED_PARM, ["--parm"], "parm"),
+    ("4", "Raster baseline", RASTER, [], None), ("4", "Raster + Zs. ORM", RASTER, ["--orm"], "base"),
+    ("4", "Raster + Ft. ORM", RASTER, ["--orm"], "orm"), ("4", "Raster + DPO", RASTER_DPO, [], None),
+    ("4", "Raster + PARM", RASTER, ["--parm"], "parm"),
     ("5", "Self-correction", SELF, [], None), ("5", "Self-correction + Ft. ORM", SELF, ["--orm"], "orm"),
     ("5", "Self-correction + PARM", SELF, ["--parm"], "parm"),
     ("5", "Self-correction + PARM++, no reflection", SELF, ["--parm++", "--rounds", "0"], "parmpp"),
@@ -1906,7 +1913,12 @@ CLAIMS = (
     ("Self-correction + PARM", "Self-correction + PARM++, no reflection", 0.03,
      "PARM++ without reflection is slightly below PARM (Sec. 5)"),
     ("Self-correction + PARM++", "Self-correction + PARM++, no reflection", 0.09, "reflection lifts PARM++ (Sec. 5)"),
-    ("Self-correction + PARM++", "Self-correction + PARM", 0.06, "PARM++ with reflection beats PARM (Table 5)"))
+    ("Self-correction + PARM++", "Self-correction + PARM", 0.06, "PARM++ with reflection beats PARM (Table 5)"),
+    # Table 4, LlamaGen's row: the methods plug into a raster-order generator, the verifiers not retrained
+    ("Raster + Zs. ORM", "Raster baseline", 0.03, "on a raster generator, a zero-shot ORM helps (Table 4)"),
+    ("Raster + Ft. ORM", "Raster baseline", 0.07, "on a raster generator, the Ft. ORM helps (Table 4)"),
+    ("Raster + DPO", "Raster baseline", 0.09, "on a raster generator, DPO helps (Table 4)"),
+    ("Raster + PARM", "Raster baseline", 0.14, "on a raster generator, PARM helps (Table 4)"))
 
 # Figures 3, 6 and 7: best-of-N for each verifier on three generators, over the first image of every evaluation
 # prompt (path seeds as the rows', so each curve's paths are the rows' paths and N's are the first N of 20's)
@@ -1967,6 +1979,9 @@ def add_shapes_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0; held-out sets use seed+1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--micro", action="store_true", help="tiny sizes everywhere: checks the plumbing in seconds")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that evaluate the rows, one generator each at a time (default: 2 on a CPU with "
+                        "2 or more cores, 1 on a GPU)")
     p.add_argument("--pool", nargs="+", default=None, metavar="RUN",
                    help="pool finished runs (their --out folders, one per seed) into OUT/claims.md: every claim's "
                         "paired difference per seed and over all of them; trains and evaluates nothing")
@@ -2007,6 +2022,9 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
             (v / "parmpp", sft("parm", "parm/parm.json", "reflect/reflect.json") + PARM_SHARE),
             (o / "dpo", dpo_argv + ["--showo", showo]), (o / "dpo_orm", dpo_argv + ["--showo", showo] + orm_labels),
             (o / "dpo_guided_orm", guided("orm")), (o / "dpo_guided_parm", guided("parm")),
+            (o / RASTER, ["pretrain", *w, *s, *z["pretrain"], "--generator", "raster"]),
+            (o / "dpo_raster", ["dpo", *w, *s, *z["fast"], "--rounds", "1", "--geneval", str(z["dpo"]), "--gen-steps",
+                                str(z["steps"]), *SHAPES_SHOWO_TUNING, *SHAPES_DPO, "--showo", str(o / RASTER)]),
             (o / SELF, ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
                         str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING])]
 
@@ -2030,28 +2048,42 @@ def evaluations(o: Path, z: dict) -> list[tuple[Path, str, list[str], str | None
     order = list(dict.fromkeys(gen for _, gen, _, _, _ in rows))
     return sorted(rows + curves, key=lambda e: order.index(e[1]))
 
-def shapes_evaluate(o: Path, z: dict, seed: int, device: str, pipeline: sample.Pipeline,
-                    after: Callable[[str, cotgen.PathRecord], None]) -> bool:
-    """Every row and curve point scored on the world's evaluation prompts (sample.py --world shapes --eval), all
-    with the same prompts and image seeds. A generator's evaluations share one PathRecord: each decoding path is
-    decoded once and every search replays it (the work a search reports is still its own). `after(generator,
-    record)` runs once a generator is done. False: interrupted."""
+def evaluate_generator(o: Path, z: dict, seed: int, device: str, pipeline: sample.Pipeline, gen: str,
+                       jobs: Sequence[tuple], threads: int | None = None) -> dict | None:
+    """One generator's rows and curve points, scored on the world's evaluation prompts (sample.py --world shapes
+    --eval, the same prompts and image seeds for all), sharing one PathRecord: each decoding path is decoded once
+    and every search replays it (the work a search reports is still its own). For the baseline generator also
+    what `inspect_generator` measures. None: interrupted."""
+    if threads:
+        torch.set_num_threads(threads)
+    record = None if gen in (RASTER, RASTER_DPO) else cotgen.PathRecord()   # a raster path's state is a KV cache
+    for folder, _, flags, verifier, samples in jobs:
+        if (folder / "scores.json").is_file():
+            continue
+        argv = ["--world", "shapes", "--eval", "--showo", str(o / gen), *flags, "--steps", str(z["steps"]),
+                "--seed", str(seed), "--device", device, "--out", str(folder), "--overwrite"]
+        argv += ["--verifier", str(o / "verifiers" / verifier)] if verifier else []
+        argv += ["--samples", str(samples)] if samples else []
+        argv += ["--limit", str(z["limit"])] if z["limit"] else []
+        print(f"[shapes] evaluating {folder.relative_to(o / 'eval')}", file=sys.stderr)
+        if sample.main(argv, pipeline, record=record):
+            return None
+    return inspect_generator(o, z, seed, device, gen, record) if gen in (SHOWO, RASTER) else {}
+
+def shapes_evaluate(o: Path, z: dict, seed: int, device: str, pipeline: sample.Pipeline, workers: int) -> dict | None:
+    """Every generator's evaluations (`evaluate_generator`), the busiest first, in `workers` processes of one
+    thread each: the world's models are small, and two processes get about twice what two threads of one do.
+    Returns what the baseline's inspection found; None: interrupted."""
     jobs = evaluations(o, z)
-    for gen in dict.fromkeys(job[1] for job in jobs):
-        record = cotgen.PathRecord()
-        for folder, g, flags, verifier, samples in (job for job in jobs if job[1] == gen):
-            if (folder / "scores.json").is_file():
-                continue
-            argv = ["--world", "shapes", "--eval", "--showo", str(o / gen), *flags, "--steps", str(z["steps"]),
-                    "--seed", str(seed), "--device", device, "--out", str(folder), "--overwrite"]
-            argv += ["--verifier", str(o / "verifiers" / verifier)] if verifier else []
-            argv += ["--samples", str(samples)] if samples else []
-            argv += ["--limit", str(z["limit"])] if z["limit"] else []
-            print(f"[shapes] evaluating {folder.name}", file=sys.stderr)
-            if sample.main(argv, pipeline, record=record):
-                return False
-        after(gen, record)
-    return True
+    gens = sorted(dict.fromkeys(job[1] for job in jobs), key=lambda g: -sum(len(j[2]) for j in jobs if j[1] == g))
+    calls = [(o, z, seed, device, pipeline, g, [j for j in jobs if j[1] == g], 1 if workers > 1 else None)
+             for g in gens]
+    if workers == 1:
+        results = [evaluate_generator(*call) for call in calls]
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.starmap(evaluate_generator, calls, chunksize=1)
+    return None if any(r is None for r in results) else {k: v for r in results for k, v in r.items()}
 
 def read_results(folder: Path) -> list[dict]:
     """A scored evaluation's per-image rows (sample.py's results.jsonl)."""
@@ -2063,6 +2095,7 @@ def scores_of(folder: Path) -> dict[str, data.Score]:
 def run_shapes(a) -> int:
     if a.pool:
         return pool_runs(a)
+    at_least(a, 1, "workers")
     o, z = Path(a.out), SHAPES_SIZES["micro" if a.micro else "full"]
     device = str(sample.device_of(a))
     settings = {"shapes": "micro" if a.micro else "full", "seed": a.seed}
@@ -2078,8 +2111,9 @@ def run_shapes(a) -> int:
         code = main(argv + ["--out", str(folder)] + resume, pipeline)
         if code:        # interrupted: the stage kept what it had, and the same command continues from there
             return code
-    found: dict = {}
-    if not shapes_evaluate(o, z, a.seed, device, pipeline, partial(inspect_generator, o, z, a.seed, device, found)):
+    workers = a.workers or (1 if device != "cpu" else min(2, os.cpu_count() or 1))
+    found = shapes_evaluate(o, z, a.seed, device, pipeline, workers)
+    if found is None:
         return 130
     write_shapes_results(o, z, found, time.time() - t0)
     print(f"[shapes] wrote {o / 'results.md'}, scaling.png, clear_steps.png and examples.png in "
@@ -2108,14 +2142,14 @@ def clear_steps(model, tok, codec, z: dict, seed: int, record: cotgen.PathRecord
         n += 1
     return {"well-formed": (whole / n).tolist(), "verdict = final": (settled / n).tolist(), "images": n}
 
-def parm_pruning(o: Path, model, tok, codec, z: dict, record: cotgen.PathRecord) -> dict:
-    """What PARM's potential assessment prunes (Sec. 4, task 2), over the PARM row's searches: every path is
+def parm_pruning(o: Path, row: str, model, tok, codec, record: cotgen.PathRecord | None) -> dict:
+    """What PARM's potential assessment prunes (Sec. 4, task 2), over a PARM row's searches: every path is
     finished here, pruned ones too (for this measure only: the row's own work stops them), and the evaluator
     judges its final image. Returns the accuracy of pruned and kept paths' final images, the step each path was
     first judged clear (or never), and how many searches pruned every path."""
     stats = Counter()
     clear_at: Counter = Counter()
-    for trace_file in sorted(row_folder(o, "PARM").glob("*/traces/*.json")):
+    for trace_file in sorted(row_folder(o, row).glob("*/traces/*.json")):
         trace = json.loads(trace_file.read_text())
         spec = json.loads((trace_file.parent.parent / "metadata.jsonl").read_text())
         finals = cotgen.generate(model, tok, trace["prompt"], trace["n"], steps=trace["steps"], cfg=trace["cfg"],
@@ -2129,17 +2163,23 @@ def parm_pruning(o: Path, model, tok, codec, z: dict, record: cotgen.PathRecord)
         stats.update(searches=1, all_pruned=int(all(pruned)))
     return {**stats, "clear_at": dict(clear_at)}
 
-def inspect_generator(o: Path, z: dict, seed: int, device: str, found: dict, gen: str,
-                      record: cotgen.PathRecord) -> None:
-    """Once the baseline generator's rows are scored: its clear-step curves, PARM's pruning and examples.png,
-    from its recorded paths (nothing is decoded again)."""
-    if gen != SHOWO:
-        return
-    model, tok = cotgen.load_showo(o / SHOWO, None, dtype=torch.float32, device=torch.device(device))
+def inspect_generator(o: Path, z: dict, seed: int, device: str, gen: str, record: cotgen.PathRecord | None) -> dict:
+    """Once a generator's rows are scored, from its recorded paths (nothing is decoded again): for the baseline,
+    its clear-step curves, the PARM row's pruning and examples.png; for the raster generator, its PARM row's
+    pruning and raster.png, one path filling in step by step."""
+    model, tok = cotgen.load_showo(o / gen, None, dtype=torch.float32, device=torch.device(device))
     codec = data.QuadrantCodec()
-    found["clear"] = clear_steps(model, tok, codec, z, seed, record)
-    found["pruning"] = parm_pruning(o, model, tok, codec, z, record)
+    if gen == RASTER:
+        spec = data.eval_specs()[0]
+        _, history = cotgen.generate(model, tok, spec["prompt"], 1, steps=z["steps"], history=True,
+                                     seed=sample.image_seed(seed, 0, 0))
+        pics = sample.decode_images(codec, history[0])
+        data.save_png(data.captioned_rows([(f"{spec['prompt']}: the raster generator's x̂0 at every step",
+                                            [(p, f"step {t + 1}") for t, p in enumerate(pics)])]), o / "raster.png")
+        return {"raster pruning": parm_pruning(o, "Raster + PARM", model, tok, codec, None)}
     data.save_png(shapes_examples(o, z, seed, model, tok, codec, record), o / "examples.png")
+    return {"clear": clear_steps(model, tok, codec, z, seed, record),
+            "pruning": parm_pruning(o, "PARM", model, tok, codec, record)}
 
 def claim_lines(runs: Sequence[Path], draws: int = 4000) -> list[str]:
     """The claims table: every claim's paired difference of overall scores with its 95 % bootstrap interval
@@ -2192,6 +2232,16 @@ def search_work(folder: Path) -> dict[str, float]:
     keys = ("showo_token_forwards", "verifier_tokens")
     return {k: sum(t[k] for t in traces) / len(traces) for k in keys} if traces else {}
 
+def pruning_lines(title: str, pruning: dict) -> list[str]:
+    """`parm_pruning`'s numbers as Markdown."""
+    order = lambda kv: (kv[0] == "never", int(kv[0]) if kv[0].isdigit() else 0)  # noqa: E731
+    return [f"## What {title} prunes (pruned paths finished for this measure only)", "",
+            f"- pruned paths end right {pruning.get('pruned right', 0)} / {pruning.get('pruned paths', 0)}; kept "
+            f"paths {pruning.get('kept right', 0)} / {pruning.get('kept paths', 0)}",
+            f"- searches that pruned every path: {pruning.get('all_pruned', 0)} / {pruning.get('searches', 0)}",
+            "- step each path was first judged clear (its count): " +
+            ", ".join(f"{k}: {v}" for k, v in sorted(pruning["clear_at"].items(), key=order)), ""]
+
 def write_shapes_results(o: Path, z: dict, found: dict, seconds: float) -> None:
     """results.md (claims, the four tables, best-of-N, clear steps, PARM's pruning, the verifiers' held-out
     accuracies, work per image), scaling.png and clear_steps.png."""
@@ -2199,25 +2249,22 @@ def write_shapes_results(o: Path, z: dict, found: dict, seconds: float) -> None:
              *claim_lines([o]), ""]
     for table in dict.fromkeys(t for t, *_ in SHAPES_ROWS):
         rows = {name: scores_of(row_folder(o, name)) for t, name, *_ in SHAPES_ROWS if t == table}
-        lines += [f"## {'Table ' + table if table.isdigit() else 'DPO with the trained ORM' + chr(39) + 's pairs'}",
+        title = f"Table {table}" if table.isdigit() else "DPO with the trained ORM's pairs"
+        lines += [f"## {title}",
                   "", data.markdown_table(rows), ""]
     chart, numbers = scaling_chart(o, z)
     data.save_png(chart, o / "scaling.png")
     lines += ["## Best-of-N (Figures 3, 6, 7): overall on the first image of each prompt", "", *numbers, ""]
-    clear, pruning = found["clear"], found["pruning"]
+    clear = found["clear"]
     data.save_png(data.line_chart({k: clear[k] for k in ("well-formed", "verdict = final")},
                                   range(1, z["steps"] + 1), "the baseline's step images (x̂0)", "step"),
                   o / "clear_steps.png")
     lines += [f"## When the baseline's step images clear ({clear['images']} images)", "",
               "| step | " + " | ".join(str(s) for s in range(1, z["steps"] + 1)) + " |", "|---" * (z["steps"] + 1) + "|",
               *(f"| {k} | " + " | ".join(f"{v:.2f}" for v in clear[k]) + " |" for k in ("well-formed", "verdict = final")),
-              "", "## PARM's pruning (the PARM row; pruned paths finished for this measure only)", "",
-              f"- pruned paths end right {pruning.get('pruned right', 0)} / {pruning.get('pruned paths', 0)}; kept "
-              f"paths {pruning.get('kept right', 0)} / {pruning.get('kept paths', 0)}",
-              f"- searches that pruned every path: {pruning.get('all_pruned', 0)} / {pruning.get('searches', 0)}",
-              "- first clear step: " + ", ".join(f"{k}: {v}" for k, v in sorted(
-                  pruning["clear_at"].items(), key=lambda kv: (kv[0] == "never", int(kv[0]) if kv[0].isdigit() else 0))),
-              "", "## Verifiers: held-out accuracy against the evaluator", "", *heldout_lines(o), "",
+              "", *pruning_lines("PARM (the PARM row)", found["pruning"]),
+              *pruning_lines("PARM on the raster generator (the Raster + PARM row)", found["raster pruning"]),
+              "## Verifiers: held-out accuracy against the evaluator", "", *heldout_lines(o), "",
               "## Work per image", "", "| row | Show-o token-forwards | verifier tokens |", "|---|---|---|"]
     for _, name, _, flags, _ in SHAPES_ROWS:
         work = search_work(row_folder(o, name)) if flags else {}

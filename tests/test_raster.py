@@ -278,3 +278,43 @@ def test_raster_pretrain_bad_flags_write_nothing(tmp_path, capsys, args, message
     with pytest.raises(SystemExit) as e:
         train.main(MICRO + ["--out", str(tmp_path / "o")] + args)
     assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_token_order_makes_the_image_left_to_right_top_to_bottom(tmp_path):
+    """The world's tokenizer lays a slot's four quarters 9 apart; the raster generator makes them left to right,
+    top to bottom over the image (token_order, saved in config.json): a step's x̂0 holds exactly the first tokens of
+    that order, and DPO's exact likelihood sums the next-token log-probabilities in that order."""
+    order = data.QuadrantCodec().raster_order
+    assert order[:6] == [0, 9, 1, 10, 2, 11] and order[6:8] == [18, 27]    # the top row: slots 0-2, upper quarters
+    c = cotgen.ShowoConfig.preset("tiny")
+    c.order, c.codebook_size, c.num_vq_tokens, c.token_order = "raster", 151, 36, order
+    cotgen.write_showo(tmp_path / "showo", tmp_path / "phi", cotgen.phi_style_tokenizer(data.tiny_corpus(), 400), c,
+                       seed=0)
+    ordered, otok = cotgen.load_showo(tmp_path / "showo")
+    c = ordered.config
+    assert ordered.config.token_order == order
+    paths = cotgen.open_paths(ordered, otok, PROMPT, 2, steps=6, seed=4)
+    history = [step.x0 for step in paths]
+    final = paths.final_tokens()
+    for s, made in enumerate(step_ends(6)):
+        filled = torch.zeros(36, dtype=torch.bool)
+        filled[order[:made]] = True
+        assert torch.equal(history[s][:, filled], final[:, filled]) and not history[s][:, ~filled].any()
+    codes = random_codes(1, 3)
+    batch = dpo.PairBatch([PROMPT], codes, random_codes(1, 4))
+    with torch.no_grad():
+        (pw, _), _, _ = dpo.pair_log_likelihoods(ordered, ordered, otok, batch, torch.Generator())
+    off, want = c.image_offset, 0.0
+    ids = otok.t2i_ids([PROMPT], codes[:, order] + off)
+    soi = ids.shape[1] - 38
+    for n in range(36):
+        cut = ids[:, :soi + 1 + n]
+        with torch.no_grad():
+            logits = ordered(cut, full_forward_mask(cut, otok))[0, -1]
+        want += F.log_softmax(logits.double(), -1)[codes[0, order[n]] + off].item()
+    assert abs(pw.item() - want) < 1e-3
+    bad = json.loads((tmp_path / "showo" / "config.json").read_text())
+    bad["token_order"] = list(range(35)) + [0]
+    (tmp_path / "showo" / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(data.CheckpointError, match="token_order"):
+        cotgen.load_showo(tmp_path / "showo")
