@@ -2050,10 +2050,10 @@ def evaluations(o: Path, z: dict) -> list[tuple[Path, str, list[str], str | None
 
 def evaluate_generator(o: Path, z: dict, seed: int, device: str, pipeline: sample.Pipeline, gen: str,
                        jobs: Sequence[tuple], threads: int | None = None) -> dict | None:
-    """One generator's rows and curve points, scored on the world's evaluation prompts (sample.py --world shapes
-    --eval, the same prompts and image seeds for all), sharing one PathRecord: each decoding path is decoded once
-    and every search replays it (the work a search reports is still its own). For the baseline generator also
-    what `inspect_generator` measures. None: interrupted."""
+    """Some of one generator's rows and curve points, scored on the world's evaluation prompts (sample.py --world
+    shapes --eval, the same prompts and image seeds for all), sharing one PathRecord: each decoding path is decoded
+    once and every search replays it (the work a search reports is still its own). With the baseline's PARM row,
+    also what `inspect_generator` measures. None: interrupted."""
     if threads:
         torch.set_num_threads(threads)
     record = None if gen in (RASTER, RASTER_DPO) else cotgen.PathRecord()   # a raster path's state is a KV cache
@@ -2068,16 +2068,28 @@ def evaluate_generator(o: Path, z: dict, seed: int, device: str, pipeline: sampl
         print(f"[shapes] evaluating {folder.relative_to(o / 'eval')}", file=sys.stderr)
         if sample.main(argv, pipeline, record=record):
             return None
-    return inspect_generator(o, z, seed, device, gen, record) if gen in (SHOWO, RASTER) else {}
+    inspected = {row_folder(o, "PARM"): SHOWO, row_folder(o, "Raster + PARM"): RASTER}
+    return next((inspect_generator(o, z, seed, device, gen, record) for folder, *_ in jobs
+                 if inspected.get(folder) == gen), {})
+
+def evaluation_groups(o: Path, z: dict) -> list[tuple[str, list[tuple]]]:
+    """The evaluations split into groups that share decoding paths, the costliest first (by paths decoded): each
+    generator's searches that follow their own paths, and each PRM search alone (it re-branches every path from
+    the best at every step, so it follows paths no other search does)."""
+    groups: dict[tuple, list] = {}
+    for job in evaluations(o, z):
+        folder, gen, flags = job[:3]
+        groups.setdefault((gen, str(folder) if "--prm" in flags else ""), []).append(job)
+    images = {samples: sum(1 for _ in eval_images(z, 0, samples)) for samples in (z["samples"], 1)}
+    paths = lambda job: images[job[4]] * int(job[2][-1]) * (2 if "--prm" in job[2] else 1)  # noqa: E731 (+ judging)
+    return sorted(((gen, jobs) for (gen, _), jobs in groups.items()), key=lambda g: -sum(map(paths, g[1])))
 
 def shapes_evaluate(o: Path, z: dict, seed: int, device: str, pipeline: sample.Pipeline, workers: int) -> dict | None:
-    """Every generator's evaluations (`evaluate_generator`), the busiest first, in `workers` processes of one
-    thread each: the world's models are small, and two processes get about twice what two threads of one do.
-    Returns what the baseline's inspection found; None: interrupted."""
-    jobs = evaluations(o, z)
-    gens = sorted(dict.fromkeys(job[1] for job in jobs), key=lambda g: -sum(len(j[2]) for j in jobs if j[1] == g))
-    calls = [(o, z, seed, device, pipeline, g, [j for j in jobs if j[1] == g], 1 if workers > 1 else None)
-             for g in gens]
+    """Every group of evaluations (`evaluation_groups`, `evaluate_generator`), the costliest first, in `workers`
+    processes of one thread each: the world's models are small, and two processes get about twice what two threads
+    of one do. Returns what the inspections found; None: interrupted."""
+    calls = [(o, z, seed, device, pipeline, gen, jobs, 1 if workers > 1 else None)
+             for gen, jobs in evaluation_groups(o, z)]
     if workers == 1:
         results = [evaluate_generator(*call) for call in calls]
     else:
