@@ -1847,17 +1847,21 @@ def run_pretrain(a) -> int:
 
 # ---- 8. shapes: the paper's tables in miniature, every step for real (README: The paper in miniature) ------
 
-SHAPES_DOC = """The whole method in the shapes world, from scratch, and the paper's Tables 1, 3 and 5 measured in it.
+SHAPES_DOC = """The whole method in the shapes world, from scratch, and every table and best-of-N figure of the paper
+measured in it (Tables 1-5, Figures 3, 6, 7), with each claim's paired difference.
 
-    python train.py shapes --out runs/shapes
+    python train.py shapes --out runs/s0 --seed 0          # one seed; run others side by side in other folders
+    python train.py shapes --pool runs/s0 runs/s1 runs/s2 --out runs/pooled     # the claims over the seeds
 
 World -> pretrain Show-o -> curate with the world's evaluator as the automatic labeller (orm, prm, parm,
 reflect, and held-out sets from another seed) -> pretrain a LLaVA-OneVision on painted scenes (captions and
 outcome questions, `curate --task scenes`) -> fine-tune the ORM, PRM, PARM and PARM++ verifiers from it ->
 DPO and iterative DPO with pairs labelled by the automatic labeller (as the paper's Sec. 3.3: its pairs are the
-ORM's ranking data), and again by the trained ORM -> self-correction -> evaluate every row. Each stage is a
-`train.py` / `sample.py` command whose output folder is kept, so a killed run continues where it stopped (run the
-same command again). Writes OUT/results.md, results.png and examples.png."""
+ORM's ranking data), and again by the trained ORM; It. DPO's second round with Ft. ORM or PARM guidance ->
+self-correction -> a raster-order generator and its DPO (Table 4) -> every row and best-of-N point, on the same
+prompts and image seeds. Each stage is a `train.py` / `sample.py` command whose output folder is kept, so a killed
+run continues where it stopped (run the same command again). Writes OUT/results.md (claims, tables, curves,
+pruning, held-out accuracies, work), scaling.png, clear_steps.png, examples.png and raster.png."""
 
 # (table, row, generator, search flags, verifier): every row of the paper's Tables 1, 2, 3 and 5, named as the paper
 # names them, and the extra rows of DPO with the trained ORM's pairs. A generator is a folder of the run. Sec. 3.3
