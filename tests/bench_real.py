@@ -296,24 +296,26 @@ def dpo_step(o, pairs: int) -> dict:
 def sft_step(o) -> dict:
     """One step of train.py's reward-model fine-tune (Sec. 3.2, 4) on one ORM conversation about a random image,
     with gradient checkpointing, as the released run."""
-    v = build_verifier(o, torch.float32)
-    folder = Path(tempfile.mkdtemp())
-    image = folder / "image.png"
-    data.save_png(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8), image)
+    v = build_verifier(o, torch.float32)                 # fp32 master weights
     ids, labels = V.sft_tokens(v.tokenizer, [V.orm_question(PROMPT), "yes"])
-    n = o.train_steps + 1
-    examples = V.SFTData([ids] * n, [labels] * n, [image] * n, ["bench"] * n)
     cfg = train.TrainConfig.preset("sft", batch_size=1, warmup_ratio=0.0, gradient_checkpointing=True,
                                    bf16=o.device.type == "cuda")
-    return bench_dpo.timed_steps(train.sft_trainer(v, examples, cfg), o.train_steps)
+    n = o.train_steps + 1
+    with tempfile.TemporaryDirectory() as folder:
+        image = Path(folder) / "image.png"
+        data.save_png(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8), image)
+        examples = V.SFTData([ids] * n, [labels] * n, [image] * n, ["bench"] * n)
+        return bench_dpo.timed_steps(train.sft_trainer(v, examples, cfg), o.train_steps)
 
 
 def bench_train(o) -> dict:
+    """DPO with 2 pairs a step (a GPU's share of the paper's batch of 10 on 8 GPUs) and with 10 (all of it on one),
+    the 7B's SFT with one conversation a step; each next to `train.memory_estimate`, the 7B's with --fsdp too."""
     c, _ = showo_parts(o.smoke, o.layers)
     with torch.device("meta"):
         showo, llava = cotgen.Showo(c), V.LlavaOneVision(llava_config(o, verifier_tokenizer(o.smoke)))
     out = {}
-    for pairs in (2, 10):       # the per-GPU share of the paper's batch of 10 on 8 GPUs, and all of it on one
+    for pairs in (2, 10):
         estimate = train.memory_estimate(showo, pairs, per_example=2, reference=True)
         out[f"DPO, {pairs} pairs"] = attempt(o, estimate, lambda: dpo_step(o, pairs))
     estimate = train.memory_estimate(llava, 1, checkpointing=True)
