@@ -101,7 +101,7 @@ def run_isolated(worker, args: dict) -> dict:
     return out
 
 
-def bench_showo(opts) -> None:
+def bench_showo(opts) -> dict:
     common = {"width": opts.width, "layers": opts.layers, "steps": opts.steps, "threads": opts.threads}
     fast = run_isolated(_showo_worker, {**common, "paths": opts.paths, "batched": True})
     slow = run_isolated(_showo_worker, {**common, "paths": opts.baseline_paths, "batched": False})
@@ -251,7 +251,7 @@ def parse_args(argv=None):
     if opts.size == "small" and (opts.device != "cpu" or opts.smoke or opts.peak_tflops):
         p.error("--device, --smoke and --peak-tflops are for --size real: --size small compares variants side by "
                 "side on the CPU")
-    if min(opts.paths, opts.baseline_paths, opts.steps, opts.layers or 1) < 1:
+    if min(opts.paths, opts.baseline_paths, opts.steps, 1 if opts.layers is None else opts.layers) < 1:
         p.error("--paths, --baseline-paths, --steps and --layers must be at least 1")
     if opts.size == "small":
         opts.layers = opts.layers or 4

@@ -138,7 +138,8 @@ def test_real_size_benchmark_runs_at_the_tiny_presets(tmp_path, capsys):
     (["--size", "real", "--device", "tpu"], "--device: unknown device"),
     (["--size", "small", "--device", "cuda"], "--device, --smoke and --peak-tflops are for --size real"),
     (["--size", "real", "dpo"], "unknown section(s) dpo for --size real"),
-    (["--steps", "0"], "must be at least 1")])
+    (["--steps", "0"], "must be at least 1"),
+    (["--size", "real", "--layers", "0"], "must be at least 1")])
 def test_benchmark_flags_are_checked_before_any_work(argv, message, capsys):
     import bench
 
