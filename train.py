@@ -192,6 +192,59 @@ def spread(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module | None:
             m.set_force_sum_reduction_for_comms(True)    # a plain sum: gloo has no pre-multiplied sum
     return skeleton
 
+# Memory per GPU (README: Many GPUs): the arithmetic of its table, from the shapes of a model built on the meta device
+TRAINED_BYTES = 4 + 4 + 8   # per trained parameter: fp32 master weight, fp32 gradient, AdamW's two fp32 moments
+QUESTION_TOKENS = 70        # the chat around the image in a verifier's training conversation: L = 730 + 70 = 800
+
+@dataclass
+class MemoryEstimate:
+    """GB (10^9 bytes) per GPU of a training job, computed, not measured (README: Many GPUs prints these)."""
+    params: int             # the trained model's parameters
+    root: int               # those outside its transformer layers (embeddings, head, projector): FSDP2's root
+    layer: int              # the largest layer's
+    state: float            # weights, gradients and AdamW's moments: TRAINED_BYTES per parameter, sharded by FSDP
+    reference: float        # a frozen fp32 copy of the model (DPO's reference), not sharded
+    gathered: float         # FSDP2: the root in bf16 and its gradient in bf16 and fp32, and two layers in bf16
+    activations: float      # what the backward pass keeps, for this GPU's share of the batch
+
+    @property
+    def total(self) -> float:
+        return self.state + self.reference + self.gathered + self.activations
+
+def activation_bytes(model: torch.nn.Module, checkpointing: bool = False) -> int:
+    """Bytes the backward pass keeps per sequence in bf16: ≈ 2·L·(10·d + 4·i) per layer of L positions, width d
+    and MLP width i (the block's input, q/k/v, attention output, the MLP's gate/up/product; SDPA keeps no scores),
+    or with checkpointing each layer's input 2·L·d and one layer recomputed. Show-o adds its fp32 logits and their
+    log-softmax (DPO's full-vocabulary likelihood); the verifier's loss reads a few answer positions only."""
+    if isinstance(model, cotgen.Showo):
+        c = model.config
+        towers, logits = [(c.n_layer, c.seq_len, c.n_embd, c.intermediate_size)], 2 * c.seq_len * c.vocab_size * 4
+    else:
+        c, v = model.cfg, model.cfg.vision
+        towers = [(c.n_layer, c.n_image_tokens + QUESTION_TOKENS, c.hidden_size, c.intermediate_size),
+                  (v.n_layer, v.n_patches, v.hidden_size, v.intermediate_size)]
+        logits = 0
+    layer = [2 * L * (10 * d + 4 * i) for _, L, d, i in towers]
+    if checkpointing:
+        return sum(n * 2 * L * d for n, L, d, _ in towers) + max(layer) + logits
+    return sum(n * a for (n, *_), a in zip(towers, layer)) + logits
+
+def memory_estimate(model: torch.nn.Module, batch: int, *, per_example: int = 1, processes: int = 1,
+                    fsdp: bool = False, reference: bool = False, checkpointing: bool = False) -> MemoryEstimate:
+    """GB per GPU of training `model` (built on the meta device: only its shapes are read) on batches of `batch`
+    examples of `per_example` sequences (DPO: 2, chosen and rejected) split over `processes` GPUs, replicated or
+    with `fsdp` (`spread`), with a frozen fp32 `reference` copy, with or without gradient checkpointing."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    layers = [layer for m in model.modules() if isinstance(m, torch.nn.ModuleList) for layer in m]
+    params, largest = count(model), max(count(layer) for layer in layers)
+    root = params - sum(count(layer) for layer in layers)
+    sharded = fsdp and processes > 1
+    share = math.ceil(batch / processes) * per_example                     # sequences on the busiest GPU
+    return MemoryEstimate(params, root, largest, state=TRAINED_BYTES * params / (processes if sharded else 1) / 1e9,
+                          reference=4 * params / 1e9 if reference else 0.0,
+                          gathered=((2 + 2 + 4) * root + 2 * 2 * largest) / 1e9 if sharded else 0.0,
+                          activations=share * activation_bytes(model, checkpointing) / 1e9)
+
 class Trainer:
     """One round of training `model` on an `Objective`.
 

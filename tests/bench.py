@@ -1,19 +1,24 @@
 """Benchmarks, printed side by side in one run (not collected by pytest).
 
-    python tests/bench.py            # every section
-    python tests/bench.py showo      # one section: showo | raster | verifier | parm | dpo
+    python tests/bench.py                             # --size small (default): every section, on the CPU
+    python tests/bench.py showo                       # one section: showo | raster | verifier | parm | dpo
+    python tests/bench.py --size real --device cuda   # the released sizes on one GPU (tests/bench_real.py):
+                                                      # showo | verifier | parm | train | parity, one JSON
 
 Show-o: N paths of one prompt decoded as one batch with the text prefix reused and only the codebook logits
 computed, against the same paths decoded one after another with the original full forward (full sequence,
 full vocabulary), at the real sequence length (387 = 129 text + soi + 256 image + eoi) and real vocabulary,
 with a small width. Each variant runs in a fresh process so its peak memory is its own.
 
-Raster: a raster generator's paths (the shapes world's sizes: 36 tokens, 151 codes) decoded as one batch with
+Raster: a raster generator's paths (the shapes world's sizes: 36 tokens, 71 codes) decoded as one batch with
 the text's and earlier tokens' keys/values cached, against the uncached loop: one full forward of the whole
 sequence per token (cond and empty-prompt rows), paths one after another.
 
 PARM: the search as implemented here (paths batched, the clarity turn's KV cache reused for the potential
 question, truncation) against the released loop's shape, on the tiny checkpoints.
+
+--size real runs the same measurements (`decode`, `compare_parm`, bench_verifiers.measure, bench_dpo's
+`dpo_trainer` and `timed_steps`) on the released models, in one process on the device: tests/bench_real.py.
 """
 from __future__ import annotations
 
@@ -30,46 +35,60 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+PROMPT = "a photo of a red apple on a wooden table"
+
+
+def padded(tok, size: int):
+    """`tok` with unused tokens added up to `size`, so that a tokenizer trained on a few sentences serves a model
+    with a released vocabulary (full-vocabulary logits cost what they really cost; any greedy answer decodes)."""
+    from tokenizers import AddedToken
+
+    n = tok.get_vocab_size(with_added_tokens=True)
+    tok.add_tokens([AddedToken(f"<unused{i}>", special=False) for i in range(size - n)])
+    return tok
+
+
 def bench_model(width: int, layers: int):
     """A Show-o with the released vocabulary and sequence layout, random weights, small width."""
     import torch
-    from tokenizers import AddedToken
 
     import cotgen
     import data
 
-    tok = data.train_tiny_bpe(data.tiny_corpus(), 400)
-    tok.add_special_tokens([AddedToken(cotgen.EOT_TOKEN, special=True, normalized=False)])
-    # pad the text vocabulary to phi-1.5's size so that the full-vocabulary logits cost what they really cost
-    tok.add_tokens([AddedToken(f"<unused{i}>", special=False) for i in range(50295 - tok.get_vocab_size())])
     c = cotgen.ShowoConfig(n_layer=layers, n_head=width // 64, n_embd=width, intermediate_size=4 * width)
+    tok = padded(cotgen.phi_style_tokenizer(data.tiny_corpus(), 400), c.llm_vocab_size)
     torch.manual_seed(0)
     model = cotgen.Showo(c).eval()
     return model, cotgen.ShowoTokenizer(tok, c)
 
 
+def decode(model, tok, prompt: str, n: int, steps: int, batched: bool) -> int:
+    """Decode `n` paths of `prompt` (Sec. 3.1): as one batch with the text prefix reused and only the codebook
+    logits, or one after another with the original full forward. Returns the token positions run."""
+    import cotgen
+
+    if batched:
+        paths = cotgen.Paths(model, tok, prompt, n, steps=steps, fast=True)
+        for _ in paths:
+            pass
+        return paths.token_forwards
+    forwards = 0
+    for i in range(n):
+        paths = cotgen.Paths(model, tok, prompt, 1, steps=steps, seed=i, fast=False)
+        for _ in paths:
+            pass
+        forwards += paths.token_forwards
+    return forwards
+
+
 def _showo_worker(args, queue):
     import torch
 
-    import cotgen
-
     torch.set_num_threads(args["threads"])
     model, tok = bench_model(args["width"], args["layers"])
-    prompt = "a photo of a red apple on a wooden table"
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    forwards = 0
-    if args["batched"]:
-        paths = cotgen.Paths(model, tok, prompt, args["paths"], steps=args["steps"], fast=True)
-        for _ in paths:
-            pass
-        forwards = paths.token_forwards
-    else:
-        for i in range(args["paths"]):
-            paths = cotgen.Paths(model, tok, prompt, 1, steps=args["steps"], seed=i, fast=False)
-            for _ in paths:
-                pass
-            forwards += paths.token_forwards
+    forwards = decode(model, tok, PROMPT, args["paths"], args["steps"], args["batched"])
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queue.put({"seconds": dt, "images": args["paths"], "peak_mib": peak / 1024, "extra_mib": (peak - base) / 1024,
@@ -86,7 +105,7 @@ def run_isolated(worker, args: dict) -> dict:
     return out
 
 
-def bench_showo(opts) -> None:
+def bench_showo(opts) -> dict:
     common = {"width": opts.width, "layers": opts.layers, "steps": opts.steps, "threads": opts.threads}
     fast = run_isolated(_showo_worker, {**common, "paths": opts.paths, "batched": True})
     slow = run_isolated(_showo_worker, {**common, "paths": opts.baseline_paths, "batched": False})
@@ -131,7 +150,7 @@ def bench_raster(opts) -> dict:
 
     torch.set_num_threads(opts.threads)
     d = Path(tempfile.mkdtemp())
-    c = cotgen.ShowoConfig(codebook_size=151, num_vq_tokens=36, max_seq_length=16, n_layer=4, n_head=4, n_embd=128,
+    c = cotgen.ShowoConfig(codebook_size=71, num_vq_tokens=36, max_seq_length=16, n_layer=4, n_head=4, n_embd=128,
                            intermediate_size=512, order="raster")
     cotgen.write_showo(d / "showo", d / "phi", cotgen.phi_style_tokenizer(data.tiny_corpus(), 300), c)
     model, tok = cotgen.load_showo(d / "showo")
@@ -144,7 +163,7 @@ def bench_raster(opts) -> dict:
     t0 = time.perf_counter()
     forwards = sum(uncached_raster_path(model, tok, prompt, seed) for seed in range(opts.baseline_paths))
     rows.append(("one by one, full forward/token", opts.baseline_paths, time.perf_counter() - t0, forwards))
-    print(f"\n== raster decoding: 36 tokens, 151 codes, width 128, 4 layers, {opts.threads} thread(s) ==")
+    print(f"\n== raster decoding: 36 tokens, 71 codes, width 128, 4 layers, {opts.threads} thread(s) ==")
     print(f"{'variant':<32}{'paths':>6}{'seconds':>10}{'images/s':>10}{'token-fwd/img':>15}")
     for name, n, dt, fw in rows:
         print(f"{name:<32}{n:>6}{dt:>10.2f}{n / dt:>10.2f}{fw / n:>15.0f}")
@@ -196,39 +215,45 @@ def bench_parm(opts) -> dict:
     model, tok = cotgen.load_showo(t["showo"])
     magvit = cotgen.load_magvit(t["magvit"])
     verifier = verifiers.load_verifier(t["llava"])
-    prompt, n, steps = "a photo of a red apple", opts.paths, opts.steps
+    title = (f"PARM at tiny size: {opts.paths} paths x {opts.steps} steps, tiny Show-o + tiny LLaVA-OneVision, "
+             f"{opts.threads} thread(s)")
+    return compare_parm(model, tok, magvit, verifier, "a photo of a red apple", opts.paths, opts.steps, title)
+
+
+def compare_parm(model, tok, magvit, verifier, prompt: str, n: int, steps: int, title: str, report=print) -> dict:
+    """PARM (Sec. 4) as implemented here, with and without truncation, against the released loop's shape, side by
+    side: seconds per image (one search makes one image), verifier LM tokens, paths pruned, the winner."""
+    import torch
+
+    import cotgen
+
+    sync = torch.cuda.synchronize if verifier.device.type == "cuda" else (lambda: None)
     cotgen.parm_search(model, tok, magvit, cotgen.Judge(verifier), prompt, 2, steps=2)  # warm-up, untimed
     rows = []
     for name, truncate in (("batched + cache + truncation", True), ("batched + cache, no truncation", False)):
+        sync()
         tokens0, t0 = verifier.tokens_processed, time.perf_counter()
         r = cotgen.parm_search(model, tok, magvit, cotgen.Judge(verifier), prompt, n, steps=steps, truncate=truncate)
+        sync()
         rows.append((name, time.perf_counter() - t0, verifier.tokens_processed - tokens0, sum(r.pruned), r.winner))
     tokens0, t0 = verifier.tokens_processed, time.perf_counter()
     winner = released_parm_loop(model, tok, magvit, verifier, prompt, n, steps, seed=0)
+    sync()
     rows.append(("released loop shape", time.perf_counter() - t0, verifier.tokens_processed - tokens0, 0, winner))
-    print(f"\n== PARM at tiny size: {n} paths x {steps} steps, tiny Show-o + tiny LLaVA-OneVision, "
-          f"{opts.threads} thread(s) ==")
-    print(f"{'variant':<34}{'s/image':>9}{'verifier tokens':>17}{'pruned':>8}{'winner':>8}")
+    report(f"\n== {title} ==")
+    report(f"{'variant':<34}{'s/image':>9}{'verifier tokens':>17}{'pruned':>8}{'winner':>8}")
     for name, dt, tokens, pruned, w in rows:
-        print(f"{name:<34}{dt:>9.2f}{tokens:>17}{pruned:>8}{w:>8}")
-    print(f"speed-up vs released loop shape: {rows[2][1] / rows[0][1]:.1f}x time, "
-          f"{rows[2][2] / max(rows[0][2], 1):.2f}x verifier tokens")
+        report(f"{name:<34}{dt:>9.2f}{tokens:>17}{pruned:>8}{w:>8}")
+    report(f"speed-up vs released loop shape: {rows[2][1] / rows[0][1]:.1f}x time, "
+           f"{rows[2][2] / max(rows[0][2], 1):.2f}x verifier tokens")
     return {"rows": rows}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sections", nargs="*", default=["showo", "raster", "verifier", "parm", "dpo"],
-                   help="sections to run: showo, raster, verifier, parm, dpo")
-    p.add_argument("--paths", type=int, default=20, help="paths decoded as one batch (default 20)")
-    p.add_argument("--baseline-paths", type=int, default=4,
-                   help="paths decoded one by one for the baseline; images/s is per image (default 4)")
-    p.add_argument("--steps", type=int, default=18, help="decoding steps (default 18)")
-    p.add_argument("--width", type=int, default=256, help="Show-o hidden width (default 256)")
-    p.add_argument("--layers", type=int, default=4, help="Show-o layers (default 4)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    opts = p.parse_args(argv)
+SECTIONS = {"small": ("showo", "raster", "verifier", "parm", "dpo"),
+            "real": ("showo", "verifier", "parm", "train", "parity")}
+
+
+def run_small(opts) -> dict:
     results = {}
     for s in opts.sections:
         if s == "showo":
@@ -245,10 +270,64 @@ def main(argv=None):
             import bench_dpo
 
             results["dpo"] = bench_dpo.run(print, width=opts.width, layers=opts.layers, threads=opts.threads)
-        else:
-            p.error(f"unknown section {s!r}: use showo, raster, verifier, parm or dpo")
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sections", nargs="*",
+                   help="sections to run (default all): --size small: showo, raster, verifier, parm, dpo; --size real: "
+                        "showo, verifier, parm, train, parity")
+    p.add_argument("--size", choices=tuple(SECTIONS), default="small",
+                   help="small (default): side-by-side ratios on the CPU at a small width; real: the released "
+                        "models (random weights) on --device, every number in one JSON")
+    p.add_argument("--device", default="cpu", help="--size real: cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--paths", type=int, default=20, help="paths decoded as one batch (default 20)")
+    p.add_argument("--baseline-paths", type=int, default=4,
+                   help="paths decoded one by one for the baseline; images/s is per image (default 4)")
+    p.add_argument("--steps", type=int, default=18, help="decoding steps (default 18)")
+    p.add_argument("--width", type=int, default=256, help="--size small: Show-o hidden width (default 256)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="--size small: Show-o layers (default 4); --size real: keep only this many layers of each "
+                        "transformer (a check of the released widths on a small machine; default: all)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="--size real: the device's dense bf16 peak in TFLOP/s (default: looked up by its name: "
+                        "H100, H200, A100)")
+    p.add_argument("--smoke", action="store_true",
+                   help="--size real: run its code at the tiny presets instead (a check of the code on the CPU; "
+                        "the numbers mean nothing)")
+    p.add_argument("--json", default=None,
+                   help="write the numbers to this JSON file (--size real: default outputs/bench-real.json)")
+    opts = p.parse_args(argv)
+    opts.sections = opts.sections or list(SECTIONS[opts.size])
+    unknown = [s for s in opts.sections if s not in SECTIONS[opts.size]]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)} for --size {opts.size}: use "
+                f"{', '.join(SECTIONS[opts.size])}")
+    if opts.size == "small" and (opts.device != "cpu" or opts.smoke or opts.peak_tflops):
+        p.error("--device, --smoke and --peak-tflops are for --size real: --size small compares variants side by "
+                "side on the CPU")
+    if min(opts.paths, opts.baseline_paths, opts.steps, 1 if opts.layers is None else opts.layers) < 1:
+        p.error("--paths, --baseline-paths, --steps and --layers must be at least 1")
+    if opts.size == "small":
+        opts.layers = opts.layers or 4
+    return p, opts
+
+
+def main(argv=None):
+    p, opts = parse_args(argv)
+    if opts.size == "real":             # writes its JSON itself, after every section
+        import bench_real
+
+        try:
+            return bench_real.run(opts)
+        except bench_real.BadFlag as e:
+            p.error(str(e))
+    results = run_small(opts)
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=2, default=str))
+    return results
 
 
 if __name__ == "__main__":

@@ -28,36 +28,53 @@ VARIANTS = (("independent masks (released)", {}), ("shared mask", {"shared_mask"
 def _worker(args, queue):
     import torch
 
-    import dpo
-    import train
     from bench import bench_model
 
     torch.set_num_threads(args["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy, tok = bench_model(args["width"], args["layers"])
-    reference = copy.deepcopy(policy)
-    c, B, steps = policy.config, args["pairs"], args["steps"]
+    trainer = dpo_trainer(policy.to(device), tok, args["pairs"], args["steps"], **args["variant"])
+    queue.put({**timed_steps(trainer, args["steps"]), "device": str(device),
+               "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def dpo_trainer(policy, tok, pairs: int, steps: int, **variant):
+    """train.py's DPO trainer (Sec. 3.3) for `policy` against a frozen copy of it, on `pairs` random preference
+    pairs a step, enough of them for one warm-up step and `steps` timed ones; bf16 autocast on a GPU, as
+    train.py (`variant`: TrainConfig fields)."""
+    import torch
+
+    import dpo
+    import train
+
+    c, device = policy.config, next(policy.parameters()).device
     g = torch.Generator().manual_seed(0)
-    n = B * (steps + 1)
-    pairs = dpo.PairData(["a photo of a red apple on a wooden table"] * n,
-                         torch.randint(0, c.codebook_size, (n, c.num_vq_tokens), generator=g),
-                         torch.randint(0, c.codebook_size, (n, c.num_vq_tokens), generator=g), ["bench"] * n)
-    cfg = train.TrainConfig(batch_size=B, warmup_ratio=0, bf16=device.type == "cuda", **args["variant"])
-    policy, reference = policy.to(device), reference.to(device)
-    trainer = train.Trainer(policy, train.dpo_objective(policy, reference, tok, pairs, cfg), pairs.source, cfg)
-    trainer.train_step()                                      # warm-up (allocations, AdamW state)
-    if device.type == "cuda":
+    n = pairs * (steps + 1)
+    data = dpo.PairData(["a photo of a red apple on a wooden table"] * n,
+                        torch.randint(0, c.codebook_size, (n, c.num_vq_tokens), generator=g),
+                        torch.randint(0, c.codebook_size, (n, c.num_vq_tokens), generator=g), ["bench"] * n)
+    cfg = train.TrainConfig(batch_size=pairs, warmup_ratio=0, bf16=device.type == "cuda", **variant)
+    reference = copy.deepcopy(policy)
+    return train.Trainer(policy, train.dpo_objective(policy, reference, tok, data, cfg), data.source, cfg)
+
+
+def timed_steps(trainer, steps: int) -> dict:
+    """One warm-up step (allocations, AdamW state), then `steps` timed ones: seconds, and on a GPU the peak
+    memory of the timed steps."""
+    import torch
+
+    cuda = trainer.device.type == "cuda"
+    trainer.train_step()
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    queue.put({"seconds": dt, "steps": steps, "device": str(device),
-               "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None})
+    return {"seconds": time.perf_counter() - t0, "steps": steps,
+            "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
 
 
 def run(report=print, width: int = 256, layers: int = 4, pairs: int = 2, steps: int = 3, threads: int = 2) -> dict:

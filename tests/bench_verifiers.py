@@ -5,7 +5,8 @@ with the clarity turn's KV cache vs re-running the whole two-turn prompt.
     python tests/bench_verifiers.py --ckpt DIR --device cuda --dtype bf16    # real weights
 
 `run(report)` is what tests/bench.py calls: `report` receives one printable line at a time; the numbers come
-back as a dict.
+back as a dict. `measure(verifier, ...)` makes the table for a verifier already built (tests/bench_real.py: the
+7B with random weights).
 """
 from __future__ import annotations
 
@@ -48,9 +49,6 @@ def run(report=print, ckpt: str | None = None, device: str = "cpu", dtype: str =
 
 
 def _run(report, ckpt, device, dtype, n, reps) -> dict:
-    import numpy as np
-    import torch
-
     import verifiers as V
 
     if ckpt is None:
@@ -58,7 +56,16 @@ def _run(report, ckpt, device, dtype, n, reps) -> dict:
         what = "tiny LLaVA-OneVision checkpoint"
     else:
         what = str(ckpt)
-    v = V.load_verifier(ckpt, dtype=dtype, device=device)
+    return measure(V.load_verifier(ckpt, dtype=dtype, device=device), what, n, reps, report)
+
+
+def measure(v, what: str, n: int = 8, reps: int = 3, report=print) -> dict:
+    """The side-by-side table for verifier `v` (`what` names it) on `n` random 256x256 images; the numbers."""
+    import numpy as np
+    import torch
+
+    import verifiers as V
+
     sync = torch.cuda.synchronize if v.device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(n)]
@@ -79,6 +86,7 @@ def _run(report, ckpt, device, dtype, n, reps) -> dict:
     full = _best_time(lambda: v.judge(images, [V.potential_question(p) for p in prompts]), reps, sync)
     cached_tokens = counted(lambda: v.judge_potential(handles, prompts))
     full_tokens = counted(lambda: v.judge(images, [V.potential_question(p) for p in prompts]))
+    orm_tokens = counted(lambda: v.judge(images, orm))
 
     report(f"\n== verifier: {what}, {v.device.type} {str(v.dtype).replace('torch.', '')}, "
            f"{n} images of 256x256, {torch.get_num_threads()} thread(s) ==")
@@ -93,6 +101,7 @@ def _run(report, ckpt, device, dtype, n, reps) -> dict:
     report(f"batched vs one at a time: {single / batched:.1f}x; cached follow-up vs full prompt: "
            f"{full / cached:.1f}x time, {full_tokens / cached_tokens:.0f}x fewer LM tokens")
     return {"judgments_per_s_batched": n / batched, "judgments_per_s_single": n / single,
+            "prefill_tokens_per_s_batched": orm_tokens * n / batched, "orm_tokens": orm_tokens,
             "potential_ms_cached": 1000 * cached / n, "potential_ms_full": 1000 * full / n,
             "potential_tokens_cached": cached_tokens, "potential_tokens_full": full_tokens}
 
