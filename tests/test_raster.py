@@ -16,17 +16,17 @@ PROMPT = "a red circle"
 
 @pytest.fixture(scope="module")
 def raster(tmp_path_factory):
-    """A tiny raster generator at the shapes world's image sizes (36 tokens, 151 codes), random weights."""
+    """A tiny raster generator at the shapes world's image sizes (36 tokens, 71 codes), random weights."""
     d = tmp_path_factory.mktemp("raster")
     c = cotgen.ShowoConfig.preset("tiny")
-    c.order, c.codebook_size, c.num_vq_tokens = "raster", 151, 36
+    c.order, c.codebook_size, c.num_vq_tokens = "raster", 71, 36
     cotgen.write_showo(d / "showo", d / "phi", cotgen.phi_style_tokenizer(data.tiny_corpus(), 400), c, seed=0)
     model, tok = cotgen.load_showo(d / "showo")
     return model, tok, d / "showo"
 
 
 def random_codes(n, seed=0):
-    return torch.randint(0, 151, (n, 36), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 71, (n, 36), generator=torch.Generator().manual_seed(seed))
 
 
 def full_forward_mask(ids, tok):
@@ -51,7 +51,7 @@ def test_a_later_image_token_never_changes_an_earlier_positions_logits(raster, s
     start = ids.shape[1] - 38                         # <|soi|>
     for n in (0, 17, 35):
         changed = ids.clone()
-        changed[0, start + 1 + n] = model.config.image_offset + (codes[0, n] + 1) % 151
+        changed[0, start + 1 + n] = model.config.image_offset + (codes[0, n] + 1) % 71
         with torch.no_grad():
             a, b = (model(x, tok.attention_mask(x)) for x in (ids, changed))
         assert torch.equal(a[:, :start + 1 + n], b[:, :start + 1 + n])               # before token n: unchanged
@@ -287,7 +287,7 @@ def test_a_token_order_makes_the_image_left_to_right_top_to_bottom(tmp_path):
     order = data.QuadrantCodec().raster_order
     assert order[:6] == [0, 9, 1, 10, 2, 11] and order[6:8] == [18, 27]    # the top row: slots 0-2, upper quarters
     c = cotgen.ShowoConfig.preset("tiny")
-    c.order, c.codebook_size, c.num_vq_tokens, c.token_order = "raster", 151, 36, order
+    c.order, c.codebook_size, c.num_vq_tokens, c.token_order = "raster", 71, 36, order
     cotgen.write_showo(tmp_path / "showo", tmp_path / "phi", cotgen.phi_style_tokenizer(data.tiny_corpus(), 400), c,
                        seed=0)
     ordered, otok = cotgen.load_showo(tmp_path / "showo")
