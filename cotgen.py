@@ -311,7 +311,9 @@ def showo_config(ckpt_dir: str | Path, phi_dir: str | Path) -> ShowoConfig:
     c.temperature = data.config_field(raw, "temperature", float, src, 1.0, 0.0, 100.0)
     c.top_k = data.config_field(raw, "top_k", int, src, 0, 0, 2 ** 20)
     c.token_order = raw.get("token_order")
-    if c.token_order is not None and sorted(c.token_order) != list(range(c.num_vq_tokens)):
+    whole = lambda v: type(v) is int  # noqa: E731 (not a bool, a float or a string)
+    if c.token_order is not None and (not isinstance(c.token_order, list) or not all(map(whole, c.token_order)) or
+                                      sorted(c.token_order) != list(range(c.num_vq_tokens))):
         raise CheckpointError(f"{src}: field 'token_order' must list every image token index 0..{c.num_vq_tokens - 1}"
                               " once (the order a raster generator makes them)")
     if yaml is not None:
