@@ -2184,6 +2184,9 @@ def run_shapes(a) -> int:
     found = shapes_evaluate(o, z, a.seed, device, pipeline, workers)
     if found is None:
         return 130
+    model, tok = cotgen.load_showo(o / SHOWO, None, dtype=torch.float32, device=torch.device(device))
+    # once every row is scored (PARM++'s stories come from its row); the few paths shown are decoded again
+    data.save_png(shapes_examples(o, z, model, tok, data.QuadrantCodec()), o / "examples.png")
     write_shapes_results(o, z, found, time.time() - t0)
     print(f"[shapes] wrote {o / 'results.md'}, scaling.png, clear_steps.png and examples.png in "
           f"{time.time() - t0:.0f} s", file=sys.stderr)
@@ -2234,8 +2237,8 @@ def parm_pruning(o: Path, row: str, model, tok, codec, record: cotgen.PathRecord
 
 def inspect_generator(o: Path, z: dict, seed: int, device: str, gen: str, record: cotgen.PathRecord | None) -> dict:
     """Once a generator's rows are scored, from its recorded paths (nothing is decoded again): for the baseline,
-    its clear-step curves, the PARM row's pruning and examples.png; for the raster generator, its PARM row's
-    pruning and raster.png, one path filling in step by step."""
+    its clear-step curves and the PARM row's pruning; for the raster generator, its PARM row's pruning and
+    raster.png, one path filling in step by step."""
     model, tok = cotgen.load_showo(o / gen, None, dtype=torch.float32, device=torch.device(device))
     codec = data.QuadrantCodec()
     if gen == RASTER:
@@ -2246,7 +2249,6 @@ def inspect_generator(o: Path, z: dict, seed: int, device: str, gen: str, record
         data.save_png(data.captioned_rows([(f"{spec['prompt']}: the raster generator's x̂0 at every step",
                                             [(p, f"step {t + 1}") for t, p in enumerate(pics)])]), o / "raster.png")
         return {"raster pruning": parm_pruning(o, "Raster + PARM", model, tok, codec, None)}
-    data.save_png(shapes_examples(o, z, seed, model, tok, codec, record), o / "examples.png")
     return {"clear": clear_steps(model, tok, codec, z, seed, record),
             "pruning": parm_pruning(o, "PARM", model, tok, codec, record)}
 
@@ -2388,12 +2390,12 @@ def correction(o: Path, k: int, prompt: str, codec) -> tuple[int, Path | None, d
         best = min(best, (kind, final, first), key=lambda b: b[0])
     return best
 
-def parm_tiles(o: Path, k: int, prompt: str, model, tok, codec, record) -> tuple[list, torch.Tensor]:
+def parm_tiles(o: Path, k: int, prompt: str, model, tok, codec) -> tuple[list, torch.Tensor]:
     """PARM's search on evaluation prompt k's first image, from the PARM row's trace: each path's final image, and
     beside a pruned path the x̂0 PARM pruned it on; then PARM's choice. Also every path's x̂0 at every step."""
     trace = json.loads((row_folder(o, "PARM") / f"{k:05d}" / "traces" / "0000.json").read_text())
     _, history = cotgen.generate(model, tok, prompt, trace["n"], steps=trace["steps"], cfg=trace["cfg"],
-                                 seed=trace["paths"][0]["seed"], history=True, record=record)
+                                 seed=trace["paths"][0]["seed"], history=True)
     tiles = []
     for i, path in enumerate(trace["paths"]):
         final = sample.decode_images(codec, history[i, -1:])[0]
@@ -2407,7 +2409,7 @@ def parm_tiles(o: Path, k: int, prompt: str, model, tok, codec, record) -> tuple
     chosen = sample.decode_images(codec, history[trace["winner"], -1:])[0]
     return tiles + [(chosen, f"PARM's choice: {trace['winner']}\n{verdict(chosen, prompt)}")], history
 
-def shapes_examples(o: Path, z: dict, seed: int, model, tok, codec, record) -> np.ndarray:
+def shapes_examples(o: Path, z: dict, model, tok, codec) -> np.ndarray:
     """examples.png: first one path's x̂0 at every step, clearing from broken to whole; then a few evaluation
     prompts, one per tag first, those where PARM++ fixed an image first: the baseline's image, PARM's paths (a
     pruned one with the x̂0 it was pruned on), PARM's choice, and from the PARM++ row its first image, the
@@ -2422,7 +2424,7 @@ def shapes_examples(o: Path, z: dict, seed: int, model, tok, codec, record) -> n
     for k in list(first_of_tag.values())[:z["examples"]]:      # a dict keeps the first insertion's place
         prompt = specs[k]["prompt"]
         first = np.asarray(data.load_image(row_folder(o, "Baseline") / f"{k:05d}" / "samples" / "0000.png"))
-        tiles, history = parm_tiles(o, k, prompt, model, tok, codec, record)
+        tiles, history = parm_tiles(o, k, prompt, model, tok, codec)
         whole = [i for i in range(len(history)) if data.well_formed(codec.decode_cells(history[i, -1:])[0])]
         if steps is None and whole:
             pics = sample.decode_images(codec, history[whole[0]])
