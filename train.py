@@ -1966,7 +1966,8 @@ CLAIMS = (
     ("PARM on It. DPO", "2nd integration: Ft. ORM on It. DPO", 0.02, "on It. DPO, PARM beats the Ft. ORM (Table 3)"),
     ("PARM on It. DPO, PARM guidance", "PARM on It. DPO", 0.03, "PARM guidance adds to PARM on It. DPO (Table 3)"),
     ("Baseline", "Self-correction", 0.02, "self-correction fine-tuning costs the plain generator a little (Sec. 5)"),
-    ("Self-correction + PARM", "Self-correction + Ft. ORM", 0.06, "after self-correction, PARM beats Ft. ORM (Table 5)"),
+    ("Self-correction + PARM", "Self-correction + Ft. ORM", 0.06,
+     "after self-correction, PARM beats Ft. ORM (Table 5)"),
     ("Self-correction + PARM", "Self-correction + PARM++, no reflection", 0.03,
      "PARM++ without reflection is slightly below PARM (Sec. 5)"),
     ("Self-correction + PARM++", "Self-correction + PARM++, no reflection", 0.09, "reflection lifts PARM++ (Sec. 5)"),
@@ -2303,6 +2304,14 @@ def search_work(folder: Path) -> dict[str, float]:
     keys = ("showo_token_forwards", "verifier_tokens")
     return {k: sum(t[k] for t in traces) / len(traces) for k in keys} if traces else {}
 
+CLEAR_CURVES = ("well-formed", "verdict = final")
+
+def clear_lines(clear: dict, steps: int) -> list[str]:
+    """`clear_steps`'s curves as a Markdown table, a column per step."""
+    return [f"## When the baseline's step images clear ({clear['images']} images)", "",
+            "| step | " + " | ".join(str(s) for s in range(1, steps + 1)) + " |", "|---" * (steps + 1) + "|",
+            *(f"| {k} | " + " | ".join(f"{v:.2f}" for v in clear[k]) + " |" for k in CLEAR_CURVES), ""]
+
 def pruning_lines(title: str, pruning: dict) -> list[str]:
     """`parm_pruning`'s numbers as Markdown."""
     order = lambda kv: (kv[0] == "never", int(kv[0]) if kv[0].isdigit() else 0)  # noqa: E731
@@ -2326,14 +2335,9 @@ def write_shapes_results(o: Path, z: dict, found: dict, seconds: float) -> None:
     chart, numbers = scaling_chart(o, z)
     data.save_png(chart, o / "scaling.png")
     lines += ["## Best-of-N (Figures 3, 6, 7): overall on the first image of each prompt", "", *numbers, ""]
-    clear = found["clear"]
-    data.save_png(data.line_chart({k: clear[k] for k in ("well-formed", "verdict = final")},
-                                  range(1, z["steps"] + 1), "the baseline's step images (x̂0)", "step"),
-                  o / "clear_steps.png")
-    lines += [f"## When the baseline's step images clear ({clear['images']} images)", "",
-              "| step | " + " | ".join(str(s) for s in range(1, z["steps"] + 1)) + " |", "|---" * (z["steps"] + 1) + "|",
-              *(f"| {k} | " + " | ".join(f"{v:.2f}" for v in clear[k]) + " |" for k in ("well-formed", "verdict = final")),
-              "", *pruning_lines("PARM (the PARM row)", found["pruning"]),
+    data.save_png(data.line_chart({k: found["clear"][k] for k in CLEAR_CURVES}, range(1, z["steps"] + 1),
+                                  "the baseline's step images (x̂0)", "step"), o / "clear_steps.png")
+    lines += [*clear_lines(found["clear"], z["steps"]), *pruning_lines("PARM (the PARM row)", found["pruning"]),
               *pruning_lines("PARM on the raster generator (the Raster + PARM row)", found["raster pruning"]),
               "## Verifiers: held-out accuracy against the evaluator", "", *heldout_lines(o), "",
               "## Work per image", "", "| row | Show-o token-forwards | verifier tokens |", "|---|---|---|"]
