@@ -46,6 +46,15 @@ class ShowoConfig:
     rope_theta: float = 10000.0
     layer_norm_eps: float = 1e-5
     max_position_embeddings: int = 2048
+    # the kind of generator (config.json's "order"; absent: masked): "masked" is Show-o (masked parallel decoding,
+    # bidirectional image attention); "raster" is a LlamaGen-style model on the same layers and layout (ours, the
+    # paper's Table 4): causal image attention, next-token prediction, sampled with `temperature` and `top_k`
+    # (0: every code), which masked decoding ignores (Paths anneals its own temperature)
+    order: str = "masked"
+    temperature: float = 1.0
+    top_k: int = 0
+    token_order: list[int] | None = None   # raster: the image tokens' indices in the order it makes them (None: as
+                                           # the image tokenizer lays them out)
 
     # derived sizes are properties: loading and `write_tiny_showo` set the fields after construction
     head_dim = property(lambda self: self.n_embd // self.n_head)
@@ -88,6 +97,14 @@ class ShowoTokenizer:
         self.bos_id = self.eos_id = eot
         self.pad_id = ids["[PAD]"]
         self.soi_id, self.eoi_id, self.t2i_id = ids["<|soi|>"], ids["<|eoi|>"], ids["<|t2i|>"]
+
+    def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """The generator's mask of t2i sequences [B, L]: omni-attention; for a raster generator also causal
+        inside image segments (raster order), which leaves text and pads as they are (already causal)."""
+        allowed = omni_attention_mask(ids, self.pad_id, self.soi_id, self.eoi_id)
+        if self.config.order == "raster":
+            allowed = allowed & torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
+        return allowed
 
     def text_ids(self, prompt: str) -> list[int]:
         """Prompt -> ids: the tokenizer adds no special tokens, then a bos is prepended."""
@@ -214,7 +231,7 @@ class Showo(nn.Module):
     def prefix(self, text_ids: torch.Tensor, tok: ShowoTokenizer) -> tuple[list, torch.Tensor]:
         """(every layer's (k, v) [R, nh, T, hd], key_ok [R, T] False at pads) of the part before the decoded
         image [R, T]: text (and a conditioning image) never attends to it, so they stay fixed while it is decoded."""
-        allowed = omni_attention_mask(text_ids, tok.pad_id, tok.soi_id, tok.eoi_id)
+        allowed = tok.attention_mask(text_ids)
         x, cos, sin = self._embed(text_ids)
         kv = []
         for layer in self.layers:
@@ -225,20 +242,37 @@ class Showo(nn.Module):
     def image_logits(self, image_ids: torch.Tensor, prefix: tuple, rows: torch.Tensor) -> torch.Tensor:
         """Codebook logits [B, N, K] of image segments [B, N+2] (soi, N, eoi); row b attends to `prefix` row
         `rows[b]` (no pads) and its own segment. Only lm_head's K code columns: the sampler reads no others."""
-        c, (kv, key_ok) = self.config, prefix
+        kv, key_ok = prefix
         (B, S), T = image_ids.shape, kv[0][0].shape[2]
         x, cos, sin = self._embed(image_ids, T)
         key_ok = torch.cat([key_ok[rows], torch.ones(B, S, dtype=torch.bool, device=image_ids.device)], 1)
         for layer, (k, v) in zip(self.layers, kv):
             x, _ = layer(x, cos, sin, key_ok[:, None, None, :], past_kv=(k[rows], v[rows]))   # mask [B, 1, 1, T+S]
-        x = self.final_layernorm(x[:, 1:-1])                                         # the N image positions
-        return F.linear(x, self.lm_head.weight[c.code_ids], self.lm_head.bias[c.code_ids]).float()
+        return self.code_logits(self.final_layernorm(x[:, 1:-1]))                   # the N image positions
+
+    def code_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the K codes at final hidden states x [..., E]: only lm_head's code columns."""
+        ids = self.config.code_ids
+        return F.linear(x, self.lm_head.weight[ids], self.lm_head.bias[ids]).float()
+
+    def next_logits(self, ids: torch.Tensor, start: int, past: list,
+                    allowed: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """A raster generator's KV-cached step: code logits [B, K] after the last of `ids` [B, T] (positions
+        start..), attending to every layer's keys/values `past` too under `allowed` [B, 1, T, start+T], and the
+        new positions' keys/values per layer."""
+        x, cos, sin = self._embed(ids, start)
+        kv = []
+        for layer, layer_past in zip(self.layers, past):
+            x, layer_kv = layer(x, cos, sin, allowed, layer_past)
+            kv.append(layer_kv)
+        return self.code_logits(self.final_layernorm(x[:, -1])), kv
 
 # Every config number is typed and bounded when it is read: the released models sit well inside these bounds, and
 # a typo (an extra digit in the yaml's max_seq_length) stops with a message instead of asking for a [L, L] mask
 # that fills the memory. MAX_POSITIONS bounds every sequence length: phi-1.5 has 2048.
 MAX_POSITIONS = 2 ** 15
 SHOWO_FIELDS = {"vocab_size": 2 ** 24, "llm_vocab_size": 2 ** 24, "codebook_size": 2 ** 20, "num_vq_tokens": 2 ** 16}
+ORDERS = ("masked", "raster")       # config.json's "order": which generator (ShowoConfig.order)
 YAML_FIELDS = {"max_seq_length": (1, MAX_POSITIONS), "num_new_special_tokens": (10, 1024)}   # 10: [PAD] + 9 below
 # The released layout (Show-o's `models/modeling_utils.py`). ShowoConfig field <- (phi config key, type, low, high);
 # an absent field takes phi-1.5's value
@@ -270,6 +304,18 @@ def showo_config(ckpt_dir: str | Path, phi_dir: str | Path) -> ShowoConfig:
     phi = phi if phi.is_file() else None
     raw = data.read_config(d)
     c = ShowoConfig(**{k: data.config_field(raw, k, int, src, low=1, high=hi) for k, hi in SHOWO_FIELDS.items()})
+    c.order = data.config_field(raw, "order", str, src, "masked")
+    if c.order not in ORDERS:
+        raise CheckpointError(f"{src}: field 'order' must be one of {', '.join(ORDERS)} (the kind of generator), "
+                              f"not {c.order!r}")
+    c.temperature = data.config_field(raw, "temperature", float, src, 1.0, 0.0, 100.0)
+    c.top_k = data.config_field(raw, "top_k", int, src, 0, 0, 2 ** 20)
+    c.token_order = raw.get("token_order")
+    whole = lambda v: type(v) is int  # noqa: E731 (not a bool, a float or a string)
+    if c.token_order is not None and (not isinstance(c.token_order, list) or not all(map(whole, c.token_order)) or
+                                      sorted(c.token_order) != list(range(c.num_vq_tokens))):
+        raise CheckpointError(f"{src}: field 'token_order' must list every image token index 0..{c.num_vq_tokens - 1}"
+                              " once (the order a raster generator makes them)")
     if yaml is not None:
         text = data.read_text(yaml, "Show-o inference config", CheckpointError)
         for k, (low, high) in YAML_FIELDS.items():
@@ -577,7 +623,8 @@ class Paths:
     `resume(i)`: PARM's truncation. fast=True caches the text's keys/values; False runs the original full forward."""
     def __init__(self, model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
                  cfg: float = 1.75, temperature: float | Sequence[float] = 1.0, generators: Sequence | None = None,
-                 seed: int = 0, fast: bool = True, keep_probs: bool = False, condition: torch.Tensor | None = None):
+                 seed: int = 0, fast: bool = True, keep_probs: bool = False, condition: torch.Tensor | None = None,
+                 record: PathRecord | None = None):
         if n < 1:
             raise ValueError(f"number of paths must be at least 1 (got {n})")
         if steps < 1:
@@ -585,6 +632,9 @@ class Paths:
         c, device = model.config, model.embed_tokens.weight.device
         self.model, self.tok, self.config = model, tokenizer, c
         self.n, self.steps, self.cfg, self.fast, self.keep_probs = n, steps, float(cfg), fast, keep_probs
+        if record is not None and (generators is not None or keep_probs or condition is not None):
+            raise ValueError("a PathRecord keys each path by its seed: pass seed, not generators, keep_probs or "
+                             "condition")
         if generators is None:
             generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
         if len(generators) != n:
@@ -600,11 +650,16 @@ class Paths:
         self.tokens = torch.full((n, c.num_vq_tokens), c.mask_token_id, dtype=torch.long, device=device)
         self.x0, self.step_of, self.stopped = [None] * n, [0] * n, [False] * n      # x0: the last step's x̂0 [N]
         self.token_forwards = 0      # token positions run through the transformer (work counter)
+        rows = 2 if self.cfg else 1
+        # a path's share of a step's forward: its image segment (fast) or its whole sequences (the original)
+        self.step_forwards = rows * ((c.num_vq_tokens + 2) if fast else self.ids.shape[1])
+        self.record, self.seeds = record, [seed + i for i in range(n)]
+        self._scope = (prompt, self.cfg, steps, fast)
         if fast:
             before = self.ids[:, : -(c.num_vq_tokens + 2)]          # all before the decoded image's segment
             with torch.inference_mode():
                 self._prefix = model.prefix(before, tokenizer)
-            self.token_forwards += (2 if self.cfg else 1) * before.shape[1]
+            self.token_forwards += rows * before.shape[1]
         else:
             self._allowed = omni_attention_mask(self.ids, tokenizer.pad_id, tokenizer.soi_id, tokenizer.eoi_id)
 
@@ -662,39 +717,187 @@ class Paths:
 
     @torch.inference_mode()
     def step(self) -> Step:
-        """One pass of the original loop per live path: sample, keep known codes, re-mask (`mask_by_random_topk`)."""
+        """One pass of the original loop per live path: sample, keep known codes, re-mask (`mask_by_random_topk`).
+        A step the record holds is replayed: no forward, the path's generator still makes the step's draws."""
         live = self.live()
         if not live:
             raise RuntimeError("no live path to advance")
-        c, N, off = self.config, self.config.num_vq_tokens, self.config.image_offset
-        probs = self.probs(self.tokens[live])
+        keys = [self._key(i) for i in live] if self.record is not None else [None] * len(live)
+        known = [self.record.get(k) if k else None for k in keys]
+        fresh = [i for i, kn in zip(live, known) if kn is None]
+        probs = self.probs(self.tokens[fresh]) if fresh else None
+        self.token_forwards += self.step_forwards * (len(live) - len(fresh))
         mask_len, masking = [], []
-        for dist, i in zip(probs, live):          # dist: path i's [N, K] distribution
-            tokens, gen = self.tokens[i], self.generators[i]
-            unknown = tokens == c.mask_token_id
-            # every slot is sampled, known ones too: the original consumes the RNG that way
-            sampled = torch.where(unknown, torch.multinomial(dist, 1, generator=gen)[:, 0], tokens - off)
+        for i, key, kn in zip(live, keys, known):
             r = (self.step_of[i] + 1) / self.steps
-            conf = torch.where(unknown, torch.gather(dist, -1, sampled[:, None])[:, 0], torch.finfo(dist.dtype).max)
-            mask_len.append(int(max(1.0, min(float(unknown.sum() - 1), float(torch.floor(N * cosine_schedule(r)))))))
             # the temperature anneals by compounding (1 - r) every step, starting again for each path
             self.temperature[i] *= 1.0 - r
-            u = torch.zeros(1, N, device=dist.device).uniform_(0, 1, generator=gen)[0]
-            gumbel = -torch.log(torch.clamp(-torch.log(torch.clamp(u, min=1e-20)), min=1e-20))
-            confidence = torch.log(torch.clamp(conf, min=1e-20)) + self.temperature[i] * gumbel
-            masking.append(confidence < torch.sort(confidence).values[mask_len[-1]])
-            self.tokens[i] = torch.where(masking[-1], c.mask_token_id, sampled + off)
-            self.x0[i] = sampled
+            if kn is None:
+                sampled, tokens, m = self._advance(i, probs[fresh.index(i)], r)
+                if key is not None:
+                    self.record.put(key, sampled, tokens, m)
+            else:
+                sampled, tokens, m = kn
+                self._skip_draws(self.generators[i])
+            self.tokens[i], self.x0[i] = tokens, sampled
+            mask_len.append(m)
+            masking.append(tokens == self.config.mask_token_id)
             self.step_of[i] += 1
         return Step(paths=live, step=[self.step_of[i] - 1 for i in live], x0=torch.stack([self.x0[i] for i in live]),
                     mask_len=mask_len, temperature=[self.temperature[i] for i in live],
                     masking=torch.stack(masking), probs=probs if self.keep_probs else None)
 
+    def _advance(self, i: int, dist: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Path i's step from its [N, K] distribution: (x̂0 codes, the new image-slot state, tokens re-masked)."""
+        c, N, off = self.config, self.config.num_vq_tokens, self.config.image_offset
+        tokens, gen = self.tokens[i], self.generators[i]
+        unknown = tokens == c.mask_token_id
+        # every slot is sampled, known ones too: the original consumes the RNG that way
+        sampled = torch.where(unknown, torch.multinomial(dist, 1, generator=gen)[:, 0], tokens - off)
+        conf = torch.where(unknown, torch.gather(dist, -1, sampled[:, None])[:, 0], torch.finfo(dist.dtype).max)
+        mask_len = int(max(1.0, min(float(unknown.sum() - 1), float(torch.floor(N * cosine_schedule(r))))))
+        u = torch.zeros(1, N, device=dist.device).uniform_(0, 1, generator=gen)[0]
+        gumbel = -torch.log(torch.clamp(-torch.log(torch.clamp(u, min=1e-20)), min=1e-20))
+        confidence = torch.log(torch.clamp(conf, min=1e-20)) + self.temperature[i] * gumbel
+        masking = confidence < torch.sort(confidence).values[mask_len]
+        return sampled, torch.where(masking, c.mask_token_id, sampled + off), mask_len
+
+    def _key(self, i: int) -> tuple:
+        """What decides path i's next step: prompt, cfg, steps, its seed, its step, temperature and state."""
+        state = self.tokens[i].cpu().numpy().tobytes()
+        return (*self._scope, self.seeds[i], self.step_of[i], self.temperature[i], state)
+
+    def _skip_draws(self, gen: torch.Generator) -> None:
+        """Make the draws of one step (`_advance`) without using them: how many a multinomial over N x K and N
+        uniforms take does not depend on the probabilities (test_search checks the generator's state)."""
+        c = self.config
+        flat = torch.full((c.num_vq_tokens, c.codebook_size), 1.0 / c.codebook_size, device=self.tokens.device)
+        torch.multinomial(flat, 1, generator=gen)
+        torch.zeros(1, c.num_vq_tokens, device=self.tokens.device).uniform_(0, 1, generator=gen)
+
+class PathRecord:
+    """Decoding steps remembered (Sec. 3.1): each step a `Paths` computed, keyed by what decides it (prompt, cfg,
+    steps, the path's seed, step, temperature and image-slot state), with the x̂0 it sampled and the state it left.
+    Searches of one generator that share a record share their paths: a step decoded by one is replayed by the
+    next, bit for bit, with the work it costs still counted. Give each generator (model) its own record."""
+    def __init__(self):
+        self._steps: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.replayed = 0
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def get(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        got = self._steps.get(key)
+        self.replayed += got is not None
+        return got
+
+    def put(self, key: tuple, x0: torch.Tensor, tokens: torch.Tensor, mask_len: int) -> None:
+        self._steps[key] = (x0.clone(), tokens.clone(), mask_len)
+
+class RasterPaths(Paths):
+    """N decoding paths of a raster generator (ours, the paper's Table 4: LlamaGen makes the image tokens one at a
+    time, left to right, top to bottom) with `Paths`' interface, so that every search runs on it unchanged. A step
+    is a group of about N/steps tokens, and its x̂0 is the partial image: the tokens made so far and code 0 (empty)
+    for the others, so early images are incomplete. A token is drawn from the CFG logits (1+g)·cond − g·uncond
+    (Show-o's), divided by the path's temperature and cut to the top_k codes (LlamaGen's `sample`; defaults: the
+    checkpoint's config), by the path's own generator, one draw per token: stop/resume and the batch change
+    nothing. The text's keys/values are computed once; then each token is one position per path and CFG row, on
+    the keys/values cached for the path's earlier tokens. PARM++'s conditioning image is refused."""
+    def __init__(self, model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, steps: int = 18,
+                 cfg: float = 1.75, temperature: float | Sequence[float] | None = None, top_k: int | None = None,
+                 generators: Sequence | None = None, seed: int = 0, keep_probs: bool = False,
+                 condition: torch.Tensor | None = None, record: PathRecord | None = None):
+        c, N = model.config, model.config.num_vq_tokens
+        if condition is not None:
+            raise ValueError("a raster generator takes no conditioning image (PARM++'s self-correction): only "
+                             "Show-o's masked generator is trained for it")
+        if record is not None:
+            raise ValueError("a raster path's state is its KV cache, which a PathRecord does not hold: decode it "
+                             "live (record=None)")
+        if not 1 <= steps <= N:
+            raise ValueError(f"{steps} steps for {N} image tokens: a raster step makes at least one token")
+        super().__init__(model, tokenizer, prompt, n, steps=steps, cfg=cfg, generators=generators, seed=seed,
+                         temperature=c.temperature if temperature is None else temperature, keep_probs=keep_probs)
+        self.top_k = c.top_k if top_k is None else top_k
+        self.tokens = torch.zeros_like(self.tokens)                           # codes: 0 (empty) until made
+        self.ends = [(s + 1) * N // steps for s in range(steps)]              # tokens made after step s
+        # the j-th token made goes to image slot order[j] (x̂0 and the tokens keep the image tokenizer's layout)
+        self.order = torch.tensor(c.token_order or range(N), device=self.tokens.device)
+        self.rank = torch.argsort(self.order)                                 # slot -> when it is made
+        self.rows = 2 if self.cfg else 1                                      # row i + r·n: path i, cond/uncond
+        kv, key_ok = self._prefix
+        pick = torch.arange(self.rows, device=key_ok.device).repeat_interleave(n)
+        grow = lambda t: torch.cat([t[pick], t.new_zeros(len(pick), t.shape[1], N, t.shape[3])], 2)  # noqa: E731
+        self.cache = [(grow(k), grow(v)) for k, v in kv]       # [rows·n, nh, T + N, hd]: text, soi, tokens 0..N-2
+        self.key_ok = torch.cat([key_ok[pick], key_ok.new_ones(len(pick), N)], 1)
+
+    def probs(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a raster path's distributions come one token at a time: keep_probs=True keeps "
+                                  "them in each Step")
+
+    def copy_state(self, src: int, dst: int) -> None:
+        super().copy_state(src, dst)
+        for k, v in self.cache:
+            for r in range(self.rows):
+                k[dst + r * self.n], v[dst + r * self.n] = k[src + r * self.n], v[src + r * self.n]
+
+    @torch.inference_mode()
+    def step(self) -> Step:
+        """Each live path makes its step's tokens; paths at the same step go as one batch, one token at a time."""
+        live, N = self.live(), self.config.num_vq_tokens
+        if not live:
+            raise RuntimeError("no live path to advance")
+        kept = {i: [] for i in live}
+        for s in sorted({self.step_of[i] for i in live}):
+            group = [i for i in live if self.step_of[i] == s]
+            for j in range(self.ends[s - 1] if s else 0, self.ends[s]):
+                for i, p in zip(group, self.next_token(group, j)):
+                    kept[i].append(p)
+        for i in live:
+            self.x0[i] = self.tokens[i].clone()
+            self.step_of[i] += 1
+        made = torch.tensor([self.ends[self.step_of[i] - 1] for i in live])
+        return Step(paths=live, step=[self.step_of[i] - 1 for i in live], x0=torch.stack([self.x0[i] for i in live]),
+                    mask_len=(N - made).tolist(), temperature=[self.temperature[i] for i in live],
+                    masking=self.rank[None] >= made[:, None].to(self.tokens.device),
+                    probs=torch.stack([torch.stack(kept[i]) for i in live]) if self.keep_probs else None)
+
+    def next_token(self, group: list[int], j: int) -> torch.Tensor:
+        """Token j of the paths `group` (each has made tokens 0..j-1), drawn; returns their distributions [k, K]."""
+        c, n, dev = self.config, self.n, self.tokens.device
+        T = self.key_ok.shape[1] - c.num_vq_tokens
+        idx = torch.tensor(group, device=dev)
+        rows = torch.cat([idx + r * n for r in range(self.rows)])
+        last = self.tokens[idx, self.order[j - 1]] + c.image_offset if j else torch.full_like(idx, self.tok.soi_id)
+        past = [(k[rows, :, :T + j], v[rows, :, :T + j]) for k, v in self.cache]
+        logits, new = self.model.next_logits(last.repeat(self.rows)[:, None], T + j, past,
+                                             self.key_ok[rows, None, None, :T + j + 1])
+        for (k, v), (k_new, v_new) in zip(self.cache, new):
+            k[rows, :, T + j], v[rows, :, T + j] = k_new[:, :, 0], v_new[:, :, 0]
+        self.token_forwards += len(rows)
+        if self.cfg:
+            cond, uncond = logits.chunk(2)
+            logits = cond * (1 + self.cfg) - uncond * self.cfg
+        temperature = torch.tensor([self.temperature[i] or 1.0 for i in group], device=dev)[:, None]
+        logits = logits / temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            logits = logits.masked_fill(logits < torch.topk(logits, self.top_k).values[:, -1:], -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        for p, i in zip(probs, group):          # temperature 0: the most likely code
+            draw = torch.multinomial(p, 1, generator=self.generators[i])[0] if self.temperature[i] else p.argmax()
+            self.tokens[i, self.order[j]] = draw
+        return probs
+
+def open_paths(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, **kw) -> Paths:
+    """The decoding paths of `model`'s kind (its config's order): Show-o's `Paths`, or `RasterPaths`."""
+    return (RasterPaths if model.config.order == "raster" else Paths)(model, tokenizer, prompt, n, **kw)
+
 def generate(model: Showo, tokenizer: ShowoTokenizer, prompt: str, n: int = 1, *, on_step=None,
              history: bool = False, **kw):
-    """Decode n paths to the end (Sec. 3.1; `kw` go to `Paths`): codes [n, N], with history=True also each step's x̂0
-    [n, steps, N] (then no path may be stopped). `on_step(paths, step)` runs after each step and may stop paths."""
-    paths = Paths(model, tokenizer, prompt, n, **kw)
+    """Decode n paths to the end (Sec. 3.1; `kw` go to `open_paths`): codes [n, N], with history=True also each step's
+    x̂0 [n, steps, N] (then no path may be stopped). `on_step(paths, step)` runs after each step and may stop paths."""
+    paths = open_paths(model, tokenizer, prompt, n, **kw)
     x0 = []
     for step in paths:
         if history:
@@ -750,10 +953,11 @@ class Search:
     """What the searches share: paths, x̂0 decoding, verifier calls, JSON trace, work counters. released_temperature:
     paths after the first run at τ = 0, as the paper code's loops (`baseline.py`, `orm.py`, `parm.py`) keep τ."""
     def __init__(self, model: Showo, tok: ShowoTokenizer, magvit: MAGVITv2, judge: Judge | None, prompt: str, n: int,
-                 *, strategy: str, steps=18, cfg=1.75, seed=0, progress=None, released_temperature=False):
+                 *, strategy: str, steps=18, cfg=1.75, seed=0, progress=None, released_temperature=False, record=None):
         self.magvit, self.judge, self.prompt, self.strategy = magvit, judge, prompt, strategy
-        temperature = [1.0] + [0.0] * (n - 1) if released_temperature else 1.0
-        self.paths = Paths(model, tok, prompt, n, steps=steps, cfg=cfg, seed=seed, temperature=temperature)
+        # (a raster generator: path 0 at temperature 1, the others take the most likely code)
+        temperature = {"temperature": [1.0] + [0.0] * (n - 1)} if released_temperature else {}
+        self.paths = open_paths(model, tok, prompt, n, steps=steps, cfg=cfg, seed=seed, record=record, **temperature)
         self.progress = progress or (lambda *_: None)
         self.decodes, self.judge_tokens0 = 0, (judge.tokens_processed if judge is not None else 0)
         self.log = {i: {"path": i, "seed": seed + i, "steps": [], "ended": None} for i in range(n)}
@@ -801,7 +1005,8 @@ def best_of(scores: Sequence[float]) -> int:
 
 def decode_all(model, tok, magvit, prompt, n, **kw) -> SearchResult:
     """Plain generation of n paths (Sec. 3.1, no verifier): the winner is path 0; keeps every step's x̂0. `kw`,
-    here and in every search: `Search`'s steps, cfg, seed, progress and released_temperature."""
+    here and in every search: `Search`'s steps, cfg, seed, progress, released_temperature and record (a
+    PathRecord: searches of one generator that share it decode each path once)."""
     s = Search(model, tok, magvit, None, prompt, n, strategy="none", **kw)
     history = torch.stack(s.finish(), 1)
     return replace(s.result(0, "no verifier: path 0"), history=history)
@@ -874,11 +1079,16 @@ def self_correction_text(prompt: str, reason: str) -> str:
     return f"{prompt}\nCorrection: {' '.join(reason.split())}"
 
 def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
-                   truncate=True, rounds=3, max_reason_tokens=64, progress=None, released_temperature=False):
+                   truncate=True, rounds=3, max_reason_tokens=64, progress=None, released_temperature=False,
+                   record=None):
     """Sec. 5, PARM++: PARM's choice, then up to `rounds` reflection rounds: reflection evaluation asks if the image
-    matches the prompt; on "no" the verifier writes the reason and Show-o regenerates from prompt, image and reason."""
+    matches the prompt; on "no" the verifier writes the reason and Show-o regenerates from prompt, image and reason.
+    Show-o's masked generator only: a raster generator is never trained to regenerate from an image."""
+    if model.config.order != "masked":
+        raise ValueError(f"PARM++ needs Show-o's masked generator (its self-correction regenerates from a previous "
+                         f"image), not a {model.config.order} one: use PARM (--parm)")
     result = parm_search(model, tok, magvit, judge, prompt, n, steps=steps, cfg=cfg, seed=seed, truncate=truncate,
-                         progress=progress, released_temperature=released_temperature)
+                         progress=progress, released_temperature=released_temperature, record=record)
     codes, reflections, work, tokens0 = result.codes, [], result.trace["work"], judge.tokens_processed
     for r in range(rounds + 1):
         image = magvit.decode_code(codes[None])
@@ -947,7 +1157,10 @@ def write_showo(showo_dir: str | Path, phi_dir: str | Path, tok, c: ShowoConfig,
     data.write_json({"_class_name": "Showo", "_diffusers_version": "0.30.1", "codebook_size": c.codebook_size,
                      "llm_model_path": os.path.relpath(phi_dir, showo_dir), "llm_vocab_size": c.llm_vocab_size,
                      "mask_token_id": c.mask_token_id, "num_vq_tokens": c.num_vq_tokens, "vocab_size": c.vocab_size,
-                     "w_clip_vit": False}, showo_dir / "config.json")
+                     "w_clip_vit": False, **({} if c.order == "masked" else
+                                             {"order": c.order, "temperature": c.temperature, "top_k": c.top_k,
+                                              **({"token_order": c.token_order} if c.token_order else {})})},
+                    showo_dir / "config.json")
     (showo_dir / "inference_config.yaml").write_text(
         f"model:\n  showo:\n    num_new_special_tokens: {c.num_new_special_tokens}\n"
         f"dataset:\n  preprocessing:\n    max_seq_length: {c.max_seq_length}\n")

@@ -971,7 +971,8 @@ def training_prompts(n: int | None = None, *, objects=GENEVAL_OBJECTS, colors=GE
 # per cell. The grid is a SLOTS x SLOTS lattice of SLOT x SLOT-cell slots and every object sits in its own slot,
 # so objects never touch in a ground-truth scene. Prompts and specs follow GenEval's six templates, wording and
 # metadata; the evaluator reads pixels only (colour snapping, connected components, template matching) and
-# applies GenEval's rules; SlotCodec is the image tokenizer, one code per slot content, with MAGVIT-v2's interface.
+# applies GenEval's rules; QuadrantCodec is the image tokenizer, one code per quarter of a slot, with MAGVIT-v2's
+# interface.
 
 SLOT = 5           # cells per slot side: a shape of at most 4x4 cells and a free row and column
 SLOTS = 3          # slots per side: 9 image tokens
@@ -1044,6 +1045,10 @@ def cells_to_image(cells: np.ndarray, cell_px: int = CELL_PX) -> np.ndarray:
 def render(objects: Iterable[Obj], grid: int = GRID, cell_px: int = CELL_PX) -> np.ndarray:
     return cells_to_image(paint(objects, grid), cell_px)
 
+# The world's static clarity rule (train.clarity_label, Sec. 4), read off its baseline generator's curve of clear
+# step images as the paper read Show-o's: "no" before step A, "yes" after step B (README: the paper in miniature)
+WORLD_CLARITY = (9, 10)
+
 # ---- the shapes world: prompts, specs, evaluation and training sets, scene sampling ----------------------
 
 # GenEval's prompt counts per tag (GenEval's prompts/create_prompts.py), which `eval_specs` scales
@@ -1097,19 +1102,30 @@ def _random_spec(tag: str, rng: np.random.Generator, shapes: Sequence[str]) -> d
         return make_spec(tag, pick(2, shapes), pick(2, GENEVAL_COLORS))
     return make_spec(tag, pick(2, shapes))
 
+EVAL_IMAGES = 784    # images per evaluation: 4x GenEval's 196 at the world's scale, so paired differences of 0.02-0.05
+                     # between rows can be told apart (README: the paper in miniature)
+
 def eval_specs(seed: int = 43, shapes: Sequence[str] = SHAPE_NAMES) -> list[dict]:
-    """The held-out evaluation prompts, balanced like GenEval's 553 (GenEval's prompts/create_prompts.py):
-    single_object is every class once in random order; every other tag gets round(|classes| * GenEval's count / 80)
-    distinct prompts, drawn at random (duplicates redrawn). With 7 shapes: 7 / 9 / 7 / 8 / 9 / 9 = 49 prompts."""
+    """The held-out evaluation prompts, each with its number of images ("images"), in GenEval's proportions
+    (GenEval's prompts/create_prompts.py): each tag gets its share of EVAL_IMAGES (GenEval's count of the tag /
+    553). single_object is every class once; every other tag gets the prompts its share needs at 4 images each,
+    but at most a third of the tag's distinct prompts (the rest stay for training), drawn at random (duplicates
+    redrawn); a tag's images are spread evenly over its prompts (rounded up). With 7 shapes: 7 / 14 / 7 / 23 /
+    36 / 36 = 123 prompts, 818 images; counting and single_object hold 17 images per prompt."""
     rng = np.random.default_rng(seed)
-    out = [make_spec("single_object", [shapes[i]]) for i in rng.permutation(len(shapes))]
+    share = lambda tag: EVAL_IMAGES * GENEVAL_COUNTS[tag] / sum(GENEVAL_COUNTS.values())  # noqa: E731
+    with_images = lambda specs, tag: [{**sp, "images": math.ceil(share(tag) / len(specs))} for sp in specs]  # noqa
+    out = with_images([make_spec("single_object", [shapes[i]]) for i in rng.permutation(len(shapes))],
+                      "single_object")
     for tag in PROMPT_TEMPLATES[1:]:
-        want, seen = round(len(shapes) * GENEVAL_COUNTS[tag] / 80), set()
-        while len(seen) < want:
+        want = min(math.ceil(share(tag) / 4), _template_size(tag, shapes, shapes, GENEVAL_COLORS) // 3)
+        specs, seen = [], set()
+        while len(specs) < want:
             spec = _random_spec(tag, rng, shapes)
             if spec["prompt"] not in seen:
                 seen.add(spec["prompt"])
-                out.append(spec)
+                specs.append(spec)
+        out += with_images(specs, tag)
     return out
 
 def train_specs(exclude: Iterable[dict], shapes: Sequence[str] = SHAPE_NAMES) -> list[dict]:
@@ -1172,16 +1188,16 @@ def world_prompts(n: int, seed: int) -> list[str]:
 
 def training_scenes(specs: Sequence[dict], n: int, seed: int, progress=None) -> tuple[list[str], torch.Tensor]:
     """The pretraining set: n (prompt, scene) examples, each a drawn spec (`draw_specs`) and a random correct scene
-    of it (`sample_scene`). Returns the prompts and the scenes as slot codes [n, SLOTS * SLOTS] (SlotCodec's
-    codes). Deterministic in `seed`."""
+    of it (`sample_scene`). Returns the prompts and the scenes as codes [n, 36] (QuadrantCodec's). Deterministic
+    in `seed`."""
     rng = np.random.default_rng(seed)
-    prompts, codes = [], []
+    prompts, cells = [], []
     for spec in itertools.islice(draw_specs(specs, rng), n):
         prompts.append(spec["prompt"])
-        codes.append(slot_codes(sample_scene(spec, rng)))
+        cells.append(paint(sample_scene(spec, rng)))
         if progress is not None:
-            progress(len(codes))
-    return prompts, torch.from_numpy(np.stack(codes)).long()
+            progress(len(cells))
+    return prompts, torch.from_numpy(QuadrantCodec().encode_cells(np.stack(cells))).long()
 
 def caption(objs: Iterable[Obj]) -> str:
     """What a scene shows, in the prompts' words: "a photo of a red circle and a blue square", objects in reading
@@ -1313,6 +1329,13 @@ def detect(cells: np.ndarray, threshold: float = DETECT_IOU, cell_px: float = CE
         dets.sort(key=lambda d: (-d.score, -d.cells, d.box[1], d.box[0]))
     return found
 
+def well_formed(cells: np.ndarray) -> bool:
+    """Is every object of an image whole? Every one-colour 8-connected component of the snapped cell map matches
+    a shape template with IoU >= COUNT_IOU (an exact shape at these sizes), and there is at least one. A step's
+    x̂0 that mixes quadrants of different shapes or colours is not: the measure of a clear step image (Sec. 4)."""
+    comps = [comp for code in range(1, len(PALETTE)) for comp in components(cells == code)]
+    return bool(comps) and all(classify(comp)[1] >= COUNT_IOU for comp in comps)
+
 def relations(a: Detection, b: Detection, margin: float = POSITION_MARGIN) -> list[str]:
     """GenEval's relative_position of placed object a to reference b (GenEval's evaluation/evaluate_images.py): box
     centres, per axis |d| shrunk by margin x (the two boxes' sizes on that axis summed), clamped at 0; no relation
@@ -1428,6 +1451,39 @@ def geneval_table(results: Iterable[tuple[str, bool]]) -> dict[str, Score]:
         table["overall"] = Score(mean * total, total, mean, max(0.0, mean - half), min(1.0, mean + half))
     return table
 
+def paired_difference(pairs: Sequence[tuple[Sequence[dict], Sequence[dict]]], draws: int = 4000, seed: int = 0,
+                      ) -> tuple[float, float, float]:
+    """How much row A's GenEval overall beats row B's, with a 95 % paired bootstrap interval: (difference, low,
+    high). `pairs` holds one (A's results, B's results) per seed, each a list of image rows {"filename", "tag",
+    "correct"} (sample.py's results.jsonl) over the same images, the same prompts in every seed. A draw resamples
+    the evaluation prompts within each tag (a prompt with all its images, the same prompts for every seed), scores
+    both rows GenEval's way (per tag the share of correct images, overall their unweighted mean) and takes the mean
+    over seeds of A - B."""
+    rng = np.random.default_rng(seed)
+    diffs = []                      # per seed: {tag: (A's correct per prompt - B's, images per prompt)}
+    for a, b in pairs:
+        by_name = {r["filename"]: r for r in b}
+        if set(by_name) != {r["filename"] for r in a}:
+            raise ValueError("the two rows were not evaluated on the same images: a paired difference needs them")
+        per_tag: dict[str, dict[str, list[int]]] = {}
+        for r in a:
+            cell = per_tag.setdefault(r["tag"], {}).setdefault(r["filename"].split("/")[0], [0, 0])
+            cell[0] += int(r["correct"]) - int(by_name[r["filename"]]["correct"])
+            cell[1] += 1
+        diffs.append({t: np.array(list(prompts.values()), dtype=float).T for t, prompts in per_tag.items()})
+    tags = sorted(diffs[0])
+    point = np.mean([np.mean([d[t][0].sum() / d[t][1].sum() for t in tags]) for d in diffs])
+    total = np.zeros(draws)
+    for t in tags:
+        pick = rng.integers(diffs[0][t].shape[1], size=(draws, diffs[0][t].shape[1]))   # shared by the seeds
+        total += np.mean([d[t][0][pick].sum(1) / d[t][1][pick].sum(1) for d in diffs], axis=0)
+    low, high = np.percentile(total / len(tags), [2.5, 97.5])
+    return float(point), float(low), float(high)
+
+def verdict_of(low: float, high: float) -> str:
+    """A claim A > B judged by its interval: "holds" above 0, "reversed" below 0, else "not separated"."""
+    return "holds" if low > 0 else "reversed" if high < 0 else "not separated"
+
 def markdown_table(rows: dict[str, dict[str, Score]]) -> str:
     """GenEval's table in Markdown: one row per method, the six tasks and overall as columns, each cell the
     accuracy with its 95% interval, then the images scored."""
@@ -1481,6 +1537,38 @@ def bar_chart(scores: dict[str, Score], title: str, width: int = 640, bar_h: int
         draw.text((x(v) - 8, y + 6), f"{v:g}", fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
 
+LINE_COLOURS = ((40, 80, 220), (220, 40, 40), (40, 170, 60), (245, 140, 20), (140, 50, 180), (20, 20, 20))
+
+def line_chart(curves: dict[str, Sequence[float]], xs: Sequence[float], title: str, xlabel: str,
+               width: int = 480, height: int = 300, intervals: dict[str, Sequence[tuple[float, float]]] | None = None,
+               ) -> np.ndarray:
+    """Curves of values on [0, 1] over the points `xs` (evenly spaced, labelled by value; a curve with fewer values
+    stops early), one colour each with a legend; `intervals` (optional, per curve) draws a whisker at every point."""
+    font = ImageFont.load_default()
+    left, top, right, bottom = 44, 28, 16, 40 + 14 * len(curves)
+    canvas = Image.new("RGB", (width, height + bottom), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 6), title, fill=(0, 0, 0), font=font)
+    x = lambda i: left + i * (width - left - right) / max(1, len(xs) - 1)  # noqa: E731
+    y = lambda v: top + (1 - v) * (height - top - 8)  # noqa: E731
+    for v in (0, 0.25, 0.5, 0.75, 1.0):                       # the value axis, with light grid lines
+        draw.line((left, y(v), width - right, y(v)), fill=(225, 225, 225))
+        draw.text((8, y(v) - 6), f"{v:.2f}", fill=(0, 0, 0), font=font)
+    for i, v in enumerate(xs):
+        draw.text((x(i) - 4, height - 4), f"{v:g}", fill=(0, 0, 0), font=font)
+    draw.text((left, height + 10), xlabel, fill=(0, 0, 0), font=font)
+    for k, (name, values) in enumerate(curves.items()):
+        colour = LINE_COLOURS[k % len(LINE_COLOURS)]
+        points = [(x(i), y(v)) for i, v in enumerate(values)]
+        draw.line(points, fill=colour, width=2)
+        for i, (px, py) in enumerate(points):
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+            if intervals and name in intervals:
+                lo, hi = intervals[name][i]
+                draw.line((px, y(lo), px, y(hi)), fill=colour)
+        draw.text((left, height + 24 + 14 * k), f"-- {name}", fill=colour, font=font)
+    return np.asarray(canvas)
+
 def captioned_rows(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]], scale: int = 1) -> np.ndarray:
     """A sheet of rows, each a title line above its tiles (image, caption below it); tiles are top-aligned."""
     font = ImageFont.load_default()
@@ -1501,29 +1589,48 @@ def captioned_rows(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]],
         y += h
     return np.asarray(canvas)
 
-# ---- the shapes world: the image tokenizer: one code per slot content ------------------------------------
+# ---- the shapes world: the image tokenizer: one code per quarter of a slot ---------------------------------
 
-# code 0 = an empty slot; code 1 + shape * 10 + colour = that shape in that colour (SHAPES' and GenEval's orders)
+# A slot's 4x4 shape area is four 2x2-cell quadrants and a token is one quadrant: it names the object whose quarter
+# it draws (its shape and colour), so an object is four tokens and a step's x̂0, which samples every masked token on
+# its own, can mix quarters of different objects: the unclear early images of Sec. 4 (Fig. 5), which a token per
+# whole object could never show. The tokens go quadrant by quadrant (every slot's top-left quarter, then top-right,
+# bottom-left, bottom-right): the four tokens of one slot are then always 9 apart, a relation Show-o's relative
+# (rotary) positions can learn; in raster order over the 6 x 6 quarters they are 1, 5, 6 or 7 apart depending on
+# where the slot is, and a Show-o trained alike left 90 % of its final images broken (README: the shapes world).
+QUADRANTS = 4                 # per slot: top-left, top-right, bottom-left, bottom-right
+# code 0 = an empty quadrant; code 1 + shape * 10 + colour = a quarter of that shape in that colour (SHAPES' and
+# GenEval's orders): the slot contents of the world, each drawn a quarter at a time
 SLOT_CONTENTS = [None] + [(s, c) for s in SHAPE_NAMES for c in GENEVAL_COLORS]
 
-def slot_codes(objs: Iterable[Obj]) -> np.ndarray:
-    """A ground-truth scene's codes [SLOTS * SLOTS]: what each slot holds (scenes built by `place`)."""
-    codes = np.zeros(SLOTS * SLOTS, dtype=np.int64)
-    for o in objs:
-        codes[o.slot] = SLOT_CONTENTS.index((o.shape, o.color))
-    return codes
+def slot_areas(cells: np.ndarray) -> np.ndarray:
+    """[B, GRID, GRID] cell codes -> [B, 9, 4, 4]: every slot's 4x4 shape area, slots in raster order. A slot's free
+    last row and column belong to no token: no world object reaches them."""
+    areas = cells.reshape(-1, SLOTS, SLOT, SLOTS, SLOT)[:, :, :SLOT - 1, :, :SLOT - 1]
+    return areas.transpose(0, 1, 3, 2, 4).reshape(len(cells), SLOTS * SLOTS, SLOT - 1, SLOT - 1)
 
-class SlotCodec:
-    """The image tokenizer of the shapes world, with MAGVIT-v2's interface (cotgen.MAGVITv2): a vector
-    quantiser whose patches are slots (SLOT x SLOT cells, 40 x 40 px) and whose codebook is every slot content
-    (empty, or one of 7 shapes x 10 colours drawn by `in_slot`), SLOTS * SLOTS codes per image in raster order.
-    get_code snaps the pixels to cells and takes, per slot, the codebook entry with the fewest differing cells
-    (ties: the lower code), so it encodes any image and is exact on the world's: decode_code(get_code(x)) == x
-    for every ground-truth image and get_code(decode_code(c)) == c for every c."""
+def quarters(areas: np.ndarray) -> np.ndarray:
+    """[..., 4, 4] shape areas -> [..., 4, 2, 2] their quadrants (top-left, top-right, bottom-left, bottom-right)."""
+    q = areas.reshape(*areas.shape[:-2], 2, 2, 2, 2).swapaxes(-3, -2)
+    return q.reshape(*areas.shape[:-2], QUADRANTS, 2, 2)
+
+class QuadrantCodec:
+    """The image tokenizer of the shapes world, with MAGVIT-v2's interface (cotgen.MAGVITv2): 36 tokens per image,
+    one per quadrant of a slot (2x2 cells, 16 x 16 px), quadrant by quadrant (token q * 9 + s is quadrant q of slot
+    s), each the slot content (empty, or one of 7 shapes x 10 colours: 71 codes) whose quarter it draws. get_code
+    snaps the pixels to cells; a slot that shows one whole content gets its code in all four tokens, any other
+    quadrant the content whose quarter differs from it in the fewest cells (ties: the lower code). So it encodes
+    any image, is exact on the world's, and re-encodes what it decodes to the same pixels: a whole object is four
+    equal tokens, while four tokens that disagree draw quarters of different objects."""
 
     def __init__(self, cell_px: int = CELL_PX):
-        self.cell_px, self.tokens = cell_px, SLOTS * SLOTS
-        self.codebook = np.stack([paint([in_slot(*sc, 0)] if sc else [])[:SLOT, :SLOT] for sc in SLOT_CONTENTS])
+        self.cell_px, self.tokens = cell_px, QUADRANTS * SLOTS * SLOTS
+        # the tokens left to right, top to bottom over the 6 x 6 quarters: the order a raster generator makes them
+        self.raster_order = [(r % 2 * 2 + c % 2) * SLOTS * SLOTS + r // 2 * SLOTS + c // 2
+                             for r in range(2 * SLOTS) for c in range(2 * SLOTS)]
+        self.contents = np.stack([paint([in_slot(*sc, 0)] if sc else [])[:SLOT - 1, :SLOT - 1]
+                                  for sc in SLOT_CONTENTS])                        # [71, 4, 4]
+        self.quarters = quarters(self.contents)                                    # [71, 4, 2, 2]
         # decoded values sit half a level above the palette, so Show-o's truncating uint8 conversion
         # ((x + 1) / 2 * 255, floored; data.to_uint8_image) gives the palette exactly
         self.levels = torch.from_numpy((PALETTE.astype(np.float32) + 0.5) / 127.5 - 1.0)
@@ -1538,19 +1645,32 @@ class SlotCodec:
         """Image side of n_tokens codes (MAGVIT-v2's interface): the world's one image size."""
         return GRID * self.cell_px
 
+    def encode_cells(self, cells: np.ndarray) -> np.ndarray:
+        """[B, GRID, GRID] cell codes -> [B, 36] codes."""
+        areas = slot_areas(cells)                                                   # [B, 9, 4, 4]
+        whole = (areas[:, :, None] == self.contents[None, None]).all((3, 4))        # [B, 9, 71]
+        near = (quarters(areas)[:, :, :, None] != self.quarters.swapaxes(0, 1)[None, None]).sum((4, 5))  # [B,9,4,71]
+        codes = np.where(whole.any(2)[:, :, None], whole.argmax(2)[:, :, None], near.argmin(3))         # [B, 9, 4]
+        return codes.swapaxes(1, 2).reshape(len(cells), -1)
+
     def get_code(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> codes [B, SLOTS * SLOTS]."""
+        """Images [B, 3, H, W] in [-1, 1] -> codes [B, 36]."""
         cells = np.stack([snap_cells(im) for im in to_uint8_image(pixels.cpu())])
-        slots = cells.reshape(-1, SLOTS, SLOT, SLOTS, SLOT).transpose(0, 1, 3, 2, 4).reshape(-1, 1, SLOT, SLOT)
-        differ = (slots != self.codebook[None]).sum((2, 3))                          # [B * slots, codebook]
-        return torch.from_numpy(differ.argmin(1).reshape(len(cells), -1)).long().to(pixels.device)
+        return torch.from_numpy(self.encode_cells(cells)).long().to(pixels.device)
+
+    def decode_cells(self, codes: torch.Tensor) -> np.ndarray:
+        """Codes [B, 36] -> cell codes [B, GRID, GRID]; codes outside the codebook are clamped."""
+        if codes.shape[1] != self.tokens:
+            raise ValueError(f"{codes.shape[1]} codes per image, expected {self.tokens} ({QUADRANTS} quadrants x "
+                             f"{SLOTS * SLOTS} slots)")
+        c = codes.long().cpu().clamp(0, self.codebook_size - 1).numpy().reshape(-1, QUADRANTS, SLOTS * SLOTS)
+        q = self.quarters[c, np.arange(QUADRANTS)[None, :, None]]                  # [B, 4, 9, 2, 2]
+        areas = q.swapaxes(1, 2).reshape(-1, SLOTS, SLOTS, 2, 2, 2, 2).transpose(0, 1, 3, 5, 2, 4, 6)
+        cells = np.zeros((len(c), SLOTS, SLOT, SLOTS, SLOT), dtype=np.int64)
+        cells[:, :, :SLOT - 1, :, :SLOT - 1] = areas.reshape(-1, SLOTS, SLOT - 1, SLOTS, SLOT - 1)
+        return cells.reshape(-1, GRID, GRID)
 
     def decode_code(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
-        """Codes [B, SLOTS * SLOTS] -> images [B, 3, GRID * px, GRID * px] in [-1, 1]; codes outside the codebook
-        are clamped."""
-        if codes.shape[1] != self.tokens:
-            raise ValueError(f"{codes.shape[1]} codes per image, expected {self.tokens} ({SLOTS}x{SLOTS} slots)")
-        patches = torch.from_numpy(self.codebook)[codes.long().cpu().clamp(0, self.codebook_size - 1)]
-        cells = patches.view(-1, SLOTS, SLOTS, SLOT, SLOT).permute(0, 1, 3, 2, 4).reshape(-1, GRID, GRID)
-        x = self.levels[cells].permute(0, 3, 1, 2).to(codes.device)                 # [B, 3, GRID, GRID]
+        """Codes [B, 36] -> images [B, 3, GRID * px, GRID * px] in [-1, 1]."""
+        x = self.levels[torch.from_numpy(self.decode_cells(codes))].permute(0, 3, 1, 2).to(codes.device)
         return x.repeat_interleave(self.cell_px, 2).repeat_interleave(self.cell_px, 3)

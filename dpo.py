@@ -1,5 +1,6 @@
 """The objectives on Show-o: Show-o's masked-token likelihood, DPO (Sec. 3.3) and iterative DPO's pair curation,
-the reward-model guidance term (Sec. 3.4), and the self-correction loss of PARM++ (Sec. 5).
+the reward-model guidance term (Sec. 3.4), and the self-correction loss of PARM++ (Sec. 5); on a raster generator
+(cotgen.RasterPaths, the paper's Table 4) next-token prediction and DPO with the exact likelihood.
 
 Each objective is a function from a batch to a loss; `train.py` holds the one trainer that optimises them.
 The released DPO code is Show-o's `training/train_dpo.py` (from the paper's repository); "as released" below
@@ -56,7 +57,7 @@ def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes
     `condition` [B, N] codes puts a previous image before the one being predicted (PARM++'s self-correction
     format, Sec. 5): it is input only, so its segment is never scored, and text dropout leaves it in place."""
     c = tok.config
-    vocab = codes.cpu() + c.image_offset
+    vocab = codes.cpu()[:, c.token_order or slice(None)] + c.image_offset     # in the order the generator makes them
     masked = masked.cpu()
     ids = tok.t2i_ids(["" if d else p for p, d in zip(prompts, drop_text.tolist())],
                       torch.where(masked, c.mask_token_id, vocab), condition=condition)
@@ -67,11 +68,26 @@ def training_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes
     labels[:, -1] = tok.eoi_id
     return ids, labels
 
+def next_token_sequences(tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes: torch.Tensor,
+                         drop_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A raster generator's teacher forcing (LlamaGen's next-token prediction on Show-o's t2i layout): the whole
+    image as input, nothing masked; the label of position i is the token at i + 1, placed where
+    `image_log_likelihood` reads it (no shift there): <|soi|> predicts image token 0, token n predicts n + 1.
+    Only the N image tokens are scored (the sampler stops after N, so <|eoi|> is never drawn). ids, labels [B, L]."""
+    c = tok.config
+    vocab = codes.cpu()[:, c.token_order or slice(None)] + c.image_offset     # in the order the generator makes them
+    ids = tok.t2i_ids(["" if d else p for p, d in zip(prompts, drop_text.tolist())], vocab)
+    labels = torch.full_like(ids, IGNORE)
+    start = ids.shape[1] - (c.num_vq_tokens + 2)      # <|soi|>
+    labels[:, start:start + c.num_vq_tokens] = vocab
+    return ids, labels
+
 def image_log_likelihood(model: cotgen.Showo, ids: torch.Tensor, labels: torch.Tensor,
                          allowed: torch.Tensor) -> torch.Tensor:
     """Sec. 3.3, log π(y|x) of an image under masked prediction (Show-o's mask-token-prediction objective,
     as `train_dpo.py` computes it): Σ_{i ∈ masked ∪ {soi, eoi}} log softmax(logits_i)[y_i], with the softmax over
-    the full vocabulary and the logits of position i read at position i (no shift). A sum, not a mean. [B]."""
+    the full vocabulary and the logits of position i read at position i (no shift). A sum, not a mean. [B].
+    With `next_token_sequences` and the raster mask: the exact Σ_n log p(y_n | x, y_<n) of a raster generator."""
     T = model.config.text_len
     logits = model(ids, allowed)[:, T:]                      # the text part is never scored
     target = labels[:, T:]
@@ -104,16 +120,24 @@ def pair_log_likelihoods(policy: cotgen.Showo, reference: cotgen.Showo, tok: cot
     `rows` picks the pairs this call computes (one process's share of a batch, README: Many GPUs): the draws are
     made for the whole batch, so a pair gets the same ones whichever process computes it.
     Returns ((πθ_w, πθ_l), (πref_w, πref_l)) of the pairs in `rows` and the scored positions of every y_w of the
-    batch (the normaliser of the SFT term)."""
+    batch (the normaliser of the SFT term).
+
+    A raster generator (the paper's Table 4) has its exact likelihood instead, Σ_n log p(y_n | x, y_<n) by teacher
+    forcing: no draw at all, so no mask and no text dropout (the image's likelihood given its prompt). Show-o's is
+    an estimate (Sec. 3.3): it scores only the masked tokens of one random draw, each predicted from the unmasked
+    rest, so it differs from draw to draw and sums conditionals that are no factorisation of log π(y|x)."""
     B, N = batch.chosen.shape
-    if shared_mask:
-        masked = sample_masks(B, N, generator).repeat(2, 1)
-        drop = (torch.rand(B, generator=generator) < cond_dropout).repeat(2)
+    codes, prompts = torch.cat([batch.chosen, batch.rejected]), list(batch.prompts) * 2
+    if policy.config.order == "raster":
+        ids, labels = next_token_sequences(tok, prompts, codes, torch.zeros(2 * B, dtype=torch.bool))
     else:
-        masked = sample_masks(2 * B, N, generator)
-        drop = torch.rand(2 * B, generator=generator) < cond_dropout
-    codes = torch.cat([batch.chosen, batch.rejected])
-    ids, labels = training_sequences(tok, list(batch.prompts) * 2, codes, masked, drop)
+        if shared_mask:
+            masked = sample_masks(B, N, generator).repeat(2, 1)
+            drop = (torch.rand(B, generator=generator) < cond_dropout).repeat(2)
+        else:
+            masked = sample_masks(2 * B, N, generator)
+            drop = torch.rand(2 * B, generator=generator) < cond_dropout
+        ids, labels = training_sequences(tok, prompts, codes, masked, drop)
     scored = (labels[:B] != IGNORE).sum(dim=1)
     mine = torch.arange(B)[rows]
     ids, labels, allowed = share(policy, tok, ids, labels, torch.cat((mine, B + mine)))
@@ -130,7 +154,7 @@ def share(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, ids: torch.Tensor, la
         ids, labels = ids[pick], labels[pick]
     device = model.embed_tokens.weight.device
     ids = ids.to(device)
-    return ids, labels.to(device), cotgen.omni_attention_mask(ids, tok.pad_id, tok.soi_id, tok.eoi_id)
+    return ids, labels.to(device), tok.attention_mask(ids)
 
 def preference_loss(policy: cotgen.Showo, reference: cotgen.Showo, tok: cotgen.ShowoTokenizer, batch: PairBatch,
                     generator: torch.Generator, *, beta: float = BETA, sft_coef: float = 0.0, shared_mask: bool = False,
@@ -186,6 +210,18 @@ def masked_token_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, prompts: 
     the loss is the share's part of the batch's: its tokens' cross-entropy over the batch's scored tokens."""
     logp, scored = masked_log_likelihood(model, tok, prompts, codes, generator, cond_dropout, condition, rows)
     loss = -logp.sum() / scored.sum()
+    return loss, {"loss": loss.item()}
+
+def next_token_loss(model: cotgen.Showo, tok: cotgen.ShowoTokenizer, prompts: Sequence[str], codes: torch.Tensor,
+                    generator: torch.Generator, cond_dropout: float = 0.1,
+                    rows: slice = slice(None)) -> tuple[torch.Tensor, dict]:
+    """A raster generator's pretraining objective (LlamaGen's, ours for the paper's Table 4): the cross-entropy
+    per image token under teacher forcing (`next_token_sequences`), the prompt dropped with probability
+    `cond_dropout` for classifier-free guidance. `rows`: as `masked_token_loss`."""
+    B, N = codes.shape
+    drop = torch.rand(B, generator=generator) < cond_dropout
+    ids, labels, allowed = share(model, tok, *next_token_sequences(tok, prompts, codes, drop), torch.arange(B)[rows])
+    loss = -image_log_likelihood(model, ids, labels, allowed).sum() / (B * N)
     return loss, {"loss": loss.item()}
 
 # ---- 2. Preference pairs ---------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N, the decoding paths per image (default 20 with a search, as the paper; 1 without). "
                         "--n is the same flag, but torchrun takes it for its own --nnodes: use --paths there")
     p.add_argument("--samples", type=int, default=None,
-                   help="images per prompt with --prompts/--metadata (default 4, as GenEval); 1 with --prompt")
+                   help="images per prompt with --prompts/--metadata (default 4, as GenEval); 1 with --prompt; "
+                        "with --eval, each evaluation prompt's own number (data.eval_specs) unless given")
     p.add_argument("--steps", type=int, default=18, help="masked decoding steps (default 18, as the paper)")
     p.add_argument("--cfg", type=float, default=1.75, help="classifier-free guidance scale g (default 1.75)")
     p.add_argument("--seed", type=int, default=0, help="path i uses a generator seeded with seed + i (default 0)")
@@ -294,8 +295,8 @@ def add_model_args(p: argparse.ArgumentParser, *, verifier: str | None = None, g
         g.add_argument("--magvit", default=None, help="MAGVIT-v2 folder (default weights/magvitv2: showlab/magvitv2)")
         g.add_argument("--world", choices=WORLDS, default=None,
                        help="a miniature world (the shapes world of README's 'The paper in miniature'): images are "
-                            "tokenized by its slot codec (data.SlotCodec) instead of MAGVIT-v2, and --showo is the "
-                            "generator `train.py pretrain --world shapes` wrote")
+                            "tokenized by its quadrant codec (data.QuadrantCodec) instead of MAGVIT-v2, and --showo is "
+                            "the generator `train.py pretrain --world shapes` wrote")
     if verifier is not None:
         g.add_argument("--verifier", default=None,
                        help=f"LLaVA-OneVision yes/no reward model folder (default {verifier or 'none'})")
@@ -372,15 +373,27 @@ def load_models(args):
     else:
         showo_dir, phi_dir, magvit_dir = resolve_weights(args)
     model, tok = cotgen.load_showo(showo_dir, phi_dir, dtype=dtype, device=device)
+    if model.config.order == "raster":
+        check_raster(args, model.config, showo_dir)
     magvit = image_tokenizer(args, magvit_dir, dtype, device)
     if args.world and model.config.num_vq_tokens != magvit.tokens:
         fail(f"{showo_dir} makes {model.config.num_vq_tokens} image tokens, not the {args.world} world's "
              f"{magvit.tokens}: pass a generator that `train.py pretrain --world {args.world}` wrote")
     return model, tok, magvit
 
+def check_raster(args, config: cotgen.ShowoConfig, showo_dir: Path) -> None:
+    """What a raster generator (config.json's order) cannot do, before any work: PARM++'s self-correction, and a
+    step of no token."""
+    if args.parmpp:
+        fail(f"{showo_dir} is a raster generator: PARM++ regenerates from a previous image, which only Show-o's "
+             "masked generator is trained for; use --parm")
+    if args.steps > config.num_vq_tokens:
+        fail(f"--steps {args.steps}: {showo_dir} is a raster generator of {config.num_vq_tokens} image tokens, and "
+             "each step makes at least one: use at most that many steps")
+
 def image_tokenizer(args, magvit_dir: Path | None, dtype=torch.float32, device="cpu"):
-    """MAGVIT-v2 from its folder, or the world's codec (data.SlotCodec) with --world."""
-    return data.SlotCodec() if args.world else cotgen.load_magvit(magvit_dir, dtype=dtype, device=device)
+    """MAGVIT-v2 from its folder, or the world's codec (data.QuadrantCodec) with --world."""
+    return data.QuadrantCodec() if args.world else cotgen.load_magvit(magvit_dir, dtype=dtype, device=device)
 
 def decode_images(magvit, codes: torch.Tensor, batch: int = 16) -> np.ndarray:
     """Codes [k, N] -> uint8 images [k, H, W, 3], decoded in batches."""
@@ -397,9 +410,16 @@ def check_common(args) -> None:
     """Flag checks that need no model, so that a bad flag fails before anything is loaded or written."""
     search = strategy_of(args) != "none"
     args.n = args.n if args.n is not None else (20 if search else 1)
-    args.samples = args.samples if args.samples is not None else (1 if args.prompt is not None else 4)
+    if args.samples is None and not args.eval:          # --eval: each evaluation prompt's own number of images
+        args.samples = 1 if args.prompt is not None else 4
+    if args.samples is not None and args.samples > IMAGES_PER_PROMPT:
+        fail(f"--samples must be at most {IMAGES_PER_PROMPT} (got {args.samples}): each prompt has "
+             f"{IMAGES_PER_PROMPT} image seeds")
     if args.n < 1:
         fail(f"--paths/--n must be at least 1 (got {args.n})")
+    if args.n > PATHS_PER_IMAGE:
+        fail(f"--paths/--n must be at most {PATHS_PER_IMAGE} (got {args.n}): each image has {PATHS_PER_IMAGE} path "
+             "seeds")
     at_least(args, 1, "steps", "samples")
     at_least(args, 0, "cfg")            # g = 0 is plain conditional decoding; a negative or NaN g is a typo
     if args.rounds < 0:
@@ -464,7 +484,7 @@ def run_one(args, model, tok, magvit, judge, prompt: str, seed: int, progress=No
     """One prompt's args.n decoding paths, searched as the flags say (progress: a line per step by default)."""
     strategy = strategy_of(args)
     kw = dict(steps=args.steps, cfg=args.cfg, seed=seed, released_temperature=args.released_temperature,
-              progress=progress or Progress(strategy.replace("none", "decode"), args.steps))
+              progress=progress or Progress(strategy.replace("none", "decode"), args.steps), record=args.record)
     if strategy == "none":
         return cotgen.decode_all(model, tok, magvit, prompt, args.n, **kw)
     search = {"orm": cotgen.orm_search, "prm": cotgen.prm_search, "parm": cotgen.parm_search,
@@ -489,9 +509,11 @@ def result_files(args, magvit, result: cotgen.SearchResult) -> dict:
         files["steps.png"] = data.image_grid(decode_images(magvit, result.history.flatten(0, 1)), cols=args.steps)
     return files
 
-def main(argv=None, pipeline: Pipeline | None = None) -> int:
-    """The command line; `pipeline`: the pipeline running it as a stage, whose command continues it."""
+def main(argv=None, pipeline: Pipeline | None = None, record: cotgen.PathRecord | None = None) -> int:
+    """The command line; `pipeline`: the pipeline running it as a stage, whose command continues it; `record`: the
+    decoding steps of --showo's generator that earlier runs in this process made (shared, not recomputed)."""
     args = build_parser().parse_args(argv)
+    args.record = record
     kept, again = f"nothing was written to {args.out}", "run the same command"
     if pipeline is not None:
         kept, again = f"{kept}; `{pipeline.line}` continues the pipeline", f"run `{pipeline.line}`"
@@ -524,7 +546,7 @@ def prompt_parts(args, out: Path) -> Path:
     with the run's flags in run.json: --resume keeps what an interrupted run with the same flags finished,
     otherwise it starts empty. Every process reads it before the first one changes it."""
     parts = out.parent / f".{out.name}.parts"
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "record")}  # record: a cache
     if args.resume and (parts / "run.json").is_file() and data.read_config(parts, "run.json") != settings:
         fail(f"--resume: {parts} was made with other flags: use the same flags, or leave out --resume to start again")
     sync()
@@ -535,6 +557,19 @@ def prompt_parts(args, out: Path) -> Path:
     sync()
     return parts
 
+def images_of(args, meta: dict) -> int:
+    """Images of one prompt: --samples, else (--eval) the evaluation prompt's own number."""
+    return args.samples or meta["images"]
+
+PATHS_PER_IMAGE = 1000     # seeds reserved per image: the most paths one image's search may decode
+IMAGES_PER_PROMPT = 1000   # images reserved per prompt
+
+def image_seed(seed: int, k: int, j: int) -> int:
+    """The seed of path 0 of image j of prompt k (path i: + i), whatever the search, N and images per prompt: so
+    every search sees the same paths (the baseline's image is path 0 of each search's), the paths of N are the
+    first N of any larger N's, and --samples 1 makes each prompt's first image of a longer run."""
+    return seed + PATHS_PER_IMAGE * (IMAGES_PER_PROMPT * k + j)
+
 def run_prompts(args, jobs: list[tuple[str, dict]], model, tok, magvit, judge, out: Path) -> int:
     """A prompt set in GenEval's layout. Prompt k is made by process k mod K (its seeds depend on k and the
     sample, not on the process: the judge's generator too restarts at each image's seed) and kept in its own
@@ -542,17 +577,20 @@ def run_prompts(args, jobs: list[tuple[str, dict]], model, tok, magvit, judge, o
     parts = prompt_parts(args, out)
     rank, size = world()
     mine = [k for k in range(rank, len(jobs), size) if not (parts / f"{k:05d}").is_dir()]
-    progress = Progress(strategy_of(args).replace("none", "generate"), len(mine) * args.samples, unit="image",
+    count = [images_of(args, meta) for _, meta in jobs]
+    progress = Progress(strategy_of(args).replace("none", "generate"), sum(count[k] for k in mine), unit="image",
                         seconds=2.0)
-    for n, k in enumerate(mine):
+    done = 0
+    for k in mine:
         prompt, meta = jobs[k]
         files = {"metadata.jsonl": json.dumps(meta, indent=4) + "\n"}
-        for j in range(args.samples):
-            seed = args.seed + (k * args.samples + j) * args.n
+        for j in range(count[k]):
+            seed = image_seed(args.seed, k, j)
             if judge is not None:
                 judge.kw["generator"].manual_seed(seed)
             result = run_one(args, model, tok, magvit, judge, prompt, seed, lambda *_: None)
-            progress(n * args.samples + j + 1, f"prompt {k + 1}/{len(jobs)}")
+            done += 1
+            progress(done, f"prompt {k + 1}/{len(jobs)}")
             files[f"samples/{j:04d}.png"] = decode_images(magvit, result.codes[None])[0]
             if strategy_of(args) != "none":
                 files[f"traces/{j:04d}.json"] = json.dumps(result.trace, indent=2) + "\n"
@@ -568,20 +606,21 @@ def publish_parts(args, jobs: list[tuple[str, dict]], parts: Path, out: Path) ->
     with data.atomic_path(out, directory=True) as tmp:
         for k in range(len(jobs)):
             shutil.copytree(parts / f"{k:05d}", tmp / f"{k:05d}")
-        scores = score_files(tmp, jobs, args.samples, f"{args.world} world, {strategy_of(args)}") if args.eval else {}
+        scores = score_files(tmp, jobs, [images_of(args, meta) for _, meta in jobs],
+                             f"{args.world} world, {strategy_of(args)}") if args.eval else {}
         write_files(tmp, scores)
     shutil.rmtree(parts)
     print(f"wrote {len(jobs)} prompt folder(s) under {out}/ in GenEval's layout", file=sys.stderr)
     if args.eval:
         print(scores["scores.md"], file=sys.stderr)
 
-def score_files(folder: Path, jobs: list[tuple[str, dict]], samples: int, name: str) -> dict:
+def score_files(folder: Path, jobs: list[tuple[str, dict]], samples: list[int], name: str) -> dict:
     """GenEval's scoring of the world's images in `folder`, from their pixels (data.evaluate): results.jsonl (one
     row per image, as GenEval's evaluate_images.py writes), scores.json and scores.md (six tasks and overall, with
     95% intervals) and grid.png (the first image of each prompt with its verdict)."""
     rows, firsts = [], []
     for k, (prompt, spec) in enumerate(jobs):
-        for j in range(samples):
+        for j in range(samples[k]):
             name_j = f"{k:05d}/samples/{j:04d}.png"
             image = np.asarray(data.load_image(folder / name_j))
             correct, reason = data.evaluate(image, spec)

@@ -22,6 +22,8 @@ import copy
 import itertools
 import json
 import math
+import multiprocessing
+import os
 import re
 import shlex
 import shutil
@@ -93,8 +95,9 @@ class TrainConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":
         presets = {"dpo": {}, "selfcorrect": {},   # the paper gives no recipe for Sec. 5: DPO's is kept
-                   "pretrain": dict(lr=2e-3, batch_size=32, warmup_ratio=0.055, max_grad_norm=1.0, shuffle=True,
-                                    betas=(0.9, 0.99), seed=0),
+                   # the shapes world: two passes over 57,600 scenes (one pass left half its objects broken)
+                   "pretrain": dict(lr=2e-3, batch_size=32, epochs=2, warmup_ratio=0.055, max_grad_norm=1.0,
+                                    shuffle=True, betas=(0.9, 0.99), seed=0),
                    "sft": dict(batch_size=8, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, shuffle=True,
                                seed=0)}
         # a world's verifier is trained from scratch (train.py orm --world): the pretraining-sized steps
@@ -143,9 +146,9 @@ def autocast(device: torch.device, bf16: bool):
 Objective = Callable[..., "tuple[torch.Tensor, dict]"]
 
 # The model methods besides forward() through which an objective enters a model: the verifier's sft_loss starts
-# with encode_images; DPO's online sampling (Paths) calls Show-o's prefix and image_logits. Under FSDP2 the root's
-# parameters are gathered at each of them.
-FSDP_ENTRIES = ("encode_images", "prefix", "image_logits")
+# with encode_images; DPO's online sampling (Paths) calls Show-o's prefix and image_logits (RasterPaths: prefix and
+# next_logits). Under FSDP2 the root's parameters are gathered at each of them.
+FSDP_ENTRIES = ("encode_images", "prefix", "image_logits", "next_logits")
 
 def tell(text: str) -> None:
     """A message on stderr, from the first process only (the others would repeat it)."""
@@ -901,9 +904,12 @@ class DPORun:
                                           progress=sample.Progress(f"round {r}", 1, seconds=2.0).note)
         print(f"[round {r}] curated {stats['pairs']} pairs from {stats['prompts']} prompts ({stats['dropped']} "
               "dropped: all images got the same label)", file=sys.stderr)
-        if not records:
+        if not records and r == 1:
             raise DataError(f"curation gave no pair: for every prompt all {a.curate_samples} images got the same "
                             "label; use more --curate-samples or other prompts")
+        if not records:
+            print(f"[round {r}] no pair: every prompt's images got one label, so there is nothing to prefer; round "
+                  f"{r} keeps round {r - 1}'s model", file=sys.stderr)
         return records
 
     def round_pairs(self, r: int, model: cotgen.Showo, tok) -> dpo.PairData:
@@ -924,6 +930,10 @@ class DPORun:
         a = self.a
         reference, tok = cotgen.load_showo(start, self.phi, dtype=torch.float32, device=self.device)
         pairs = self.round_pairs(r, reference, tok)
+        if len(pairs) == 0:         # a later round with nothing to prefer (`curated_pairs`): its start stands
+            with data.atomic_path(self.out / f"round_{r}" / "model", directory=True) as d:
+                self.write(reference, d)
+            return True
         score = self.scorer() if self.cfg.reward_coef > 0 else None
         online = data.read_prompts(a.online_prompts) if a.online_prompts else None
 
@@ -1035,6 +1045,8 @@ def run_selfcorrect(a) -> int:
     if begin(out, settings, a.resume, "self-correction"):
         return 0
     base, tok = cotgen.load_showo(showo, phi, dtype=torch.float32, device=device)
+    if base.config.order != "masked":
+        fail(f"{showo} is a {base.config.order} generator: self-correction (PARM++) is for Show-o's masked one")
 
     def make() -> list[dict]:
         groups = correction_groups(a, base.config, sample.image_tokenizer(a, magvit_dir, device=device))
@@ -1103,6 +1115,10 @@ def add_curate_parser(sub) -> argparse.ArgumentParser:
                    help="how the verifier's yes/no is decided: sampled as the released code does (default), or "
                         "the most likely answer")
     g.add_argument("--judge-batch", type=int, default=16, help="images per verifier call (default 16)")
+    g.add_argument("--clarity-steps", dest="clarity", type=int, nargs=2, default=None, metavar=("A", "B"),
+                   help="parm: the static clarity rule, in steps of 18: 'no' before step A, 'yes' after step B, no "
+                        "record between (default 10 11, the paper's; with --world, the world's own: "
+                        "data.WORLD_CLARITY)")
     g.add_argument("--orm-fraction", type=float, default=0.7,
                    help="parm: share of the ORM records mixed into parm.json (default 0.7, as released)")
     g.add_argument("--reasons", default=None,
@@ -1120,6 +1136,9 @@ def add_curate_parser(sub) -> argparse.ArgumentParser:
 def check_curate_args(a) -> None:
     at_least(a, 1, "samples", "num_prompts", "steps", "rollouts", "judge_batch", "max_reason_tokens")
     at_least(a, 0, "temperature", "cfg")
+    a.clarity = list(a.clarity or (data.WORLD_CLARITY if a.world else PAPER_CLARITY))   # a list: JSON settings
+    if not 1 <= a.clarity[0] <= a.clarity[1] + 1 <= 19:
+        fail(f"--clarity-steps {a.clarity[0]} {a.clarity[1]}: need 1 <= A <= B + 1 <= 19 (in steps of 18)")
     if not 0 <= a.orm_fraction <= 1:
         fail(f"--orm-fraction must be in [0, 1] (got {a.orm_fraction})")
     if (a.prompts is None) == (a.num_prompts is None):
@@ -1165,8 +1184,8 @@ def prm_rollouts(model, tok, prompt: str, main_generator, rollout_generators, *,
     [S - 1, R, N] (row i: branched after step i + 1, 1-based)."""
     R = len(rollout_generators[0])
     flat = [g for per_step in rollout_generators for g in per_step]
-    paths = cotgen.Paths(model, tok, prompt, 1 + len(flat), steps=steps, cfg=cfg, temperature=temperature,
-                         generators=[main_generator, *flat])
+    paths = cotgen.open_paths(model, tok, prompt, 1 + len(flat), steps=steps, cfg=cfg, temperature=temperature,
+                              generators=[main_generator, *flat])
     for j in range(1, paths.n):
         paths.stop(j)                                  # a continuation waits until its step is reached
     history = []
@@ -1183,12 +1202,18 @@ def prm_labels(rollout_yes: torch.Tensor, final_yes: torch.Tensor) -> torch.Tens
     step has no continuation, so its label is the path's own final judgment. Returns [S] bool."""
     return torch.cat((rollout_yes.any(dim=1), final_yes.reshape(1)))
 
-def clarity_label(step: int, steps: int = 18) -> str | None:
-    """Sec. 4, the static clarity rule for 1-based step `step` of `steps`: "yes" after step 11 of 18, "no"
-    before step 10, no label for steps 10 and 11 (thresholds scaled by steps/18 for other step counts)."""
-    if step * 18 > 11 * steps:
+PAPER_CLARITY = (10, 11)    # Sec. 4: Show-o's first clear image comes "between steps 8 and 12 of 18": "no"
+                            # before step 10, "yes" after step 11
+
+def clarity_label(step: int, steps: int = 18, rule: tuple[int, int] = PAPER_CLARITY) -> str | None:
+    """Sec. 4, the static clarity rule for 1-based step `step` of `steps`, rule = (a, b) in steps of 18: "yes"
+    after step b, "no" before step a, no label from a to b (the thresholds scaled by steps/18 for other step
+    counts). The paper's rule is (10, 11); a world sets its own from its curve of first clear steps
+    (data.WORLD_CLARITY)."""
+    first, last = rule
+    if step * 18 > last * steps:
         return "yes"
-    if step * 18 < 10 * steps:
+    if step * 18 < first * steps:
         return "no"
     return None
 
@@ -1291,7 +1316,8 @@ class Curate:
         """Sec. 4, PARM: clarity records by the static rule, and a potential record (answered by the path's final
         label) after each clear step; adds the step images not saved yet."""
         S = self.a.steps
-        labelled = [(i, clarity_label(i, S)) for i in range(1, S + 1) if clarity_label(i, S)]
+        labelled = [(i, clarity_label(i, S, self.a.clarity)) for i in range(1, S + 1)
+                    if clarity_label(i, S, self.a.clarity)]
         earlier = [i for i, _ in labelled if i < S]     # the last step's image is the final one, saved already
         if earlier:
             for i, pic in zip(earlier, sample.decode_images(self.magvit, history[[i - 1 for i in earlier]])):
@@ -1369,7 +1395,7 @@ class Curate:
 def curate_settings(a) -> dict:
     """What a resumed curate run must share with the interrupted one."""
     keys = ("task", "num_prompts", "samples", "temperature", "steps", "cfg", "rollouts", "judge", "orm_fraction",
-            "seed", "max_reason_tokens")
+            "seed", "max_reason_tokens", "clarity")
     return {**{k: getattr(a, k) for k in keys}, "prompts": resolved(a.prompts), "objects": resolved(a.objects),
             "colors": resolved(a.colors), "exclude": [resolved(e) for e in a.exclude],
             "reasons_file": a.reasons is not None, "world": a.world,
@@ -1651,23 +1677,30 @@ def heldout_records(a) -> list[tuple[data.Conversation, str, str]]:
         raise DataError(f"--heldout {a.heldout} holds no usable record")
     return usable
 
-def other_image(questions: Sequence) -> list[int]:
-    """For each record, the next one (cyclically) that asks another question: curated records come in groups of
-    one prompt's images, and a neighbour in the same group would share the prompt and mostly the label."""
-    n, partner = len(questions), []
-    for i, q in enumerate(questions):
-        partner.append(next((j % n for j in range(i + 1, i + n) if questions[j % n] != q), i))
+def other_image(records: Sequence) -> list[int]:
+    """For each (record, task, answer), the record whose image the control shows: for clarity, the next one
+    (cyclically) asking the same question with the other answer, the same prompt's image from a step on the other
+    side of the static rule; for every other task, the next one asking another question, another prompt's image
+    (curated records come in groups of one prompt's images, which share the prompt and mostly the label)."""
+    n, partner = len(records), []
+    for i, (rec, task, answer) in enumerate(records):
+        if task == "clarity":
+            fits = lambda j: records[j][0].turns[:-1] == rec.turns[:-1] and records[j][2] != answer  # noqa: E731
+        else:
+            fits = lambda j: records[j][0].turns[:-1] != rec.turns[:-1]  # noqa: E731
+        partner.append(next((j % n for j in range(i + 1, i + n) if fits(j % n)), i))
     return partner
 
 def heldout_accuracy(verifier: verifiers.Verifier, records, batch: int = 64) -> dict[str, dict]:
     """Each record's question(s) judged as the searches judge (Sec. 3.2, 4, 5: Verifier.judge, the most likely
     first answer token, batched) against its answer. Per task: accuracy, counts, and how often "yes" was the
     answer and the judgment (a judge that always says yes scores the first share). The control
-    "shuffled_accuracy" judges each question with another prompt's image (`other_image`): a verifier that answers
-    from the prompt alone, not the image, scores as well there as with the right images. "ranking" is what a
-    best-of-N search needs (`pair_ranking`)."""
+    "shuffled_accuracy" judges each question with another image (`other_image`): another prompt's, or for clarity
+    the same prompt's from the other side of the rule; a verifier that answers from the prompt alone, not the
+    image, scores as well there as with the right images (for clarity a judge that reads the image scores about 1
+    minus its accuracy). "ranking" is what a best-of-N search needs (`pair_ranking`)."""
     tally: dict[str, Counter] = {}
-    other = other_image([rec.turns[:-1] for rec, _, _ in records])
+    other = other_image(records)
     p_yes: list[float] = []
     progress = sample.Progress("heldout", len(records), unit="record", seconds=10.0)
     for start in range(0, len(records), batch):
@@ -1763,9 +1796,18 @@ PRETRAIN_DOC = """Pretrain Show-o from scratch on a miniature world, with Show-o
     python sample.py --world shapes --eval --showo runs/shapes/showo --out runs/shapes/eval/baseline
 
 The same `Showo` class and t2i sequence layout as the released model, at a small width; the text tokenizer is
-trained on the world's prompts and the image tokenizer is the world's slot codec (data.SlotCodec). The
+trained on the world's prompts and the image tokenizer is the world's quadrant codec (data.QuadrantCodec). The
 objective masks a cosine-schedule fraction of the image tokens, takes the cross-entropy on them, and drops the
-prompt 10% of the time so classifier-free guidance works. --out is a Show-o folder that sample.py loads."""
+prompt 10% of the time so classifier-free guidance works. --out is a Show-o folder that sample.py loads.
+
+--generator raster trains the paper's other kind of generator (Table 4, LlamaGen-style) on the same layers and
+layout: causal attention over the image tokens in raster order, next-token prediction, the same prompt dropout;
+its config.json says "order": "raster" with its sampling settings (--temperature, --top-k), so sample.py and the
+searches decode it token by token (cotgen.RasterPaths)."""
+
+# the raster generator's sampling, a world decoding setting: plain sampling (top-k 5 and temperature 0.7 scored
+# within the interval of it on the seed-0 world: README, the raster generator)
+RASTER_SAMPLING = dict(temperature=1.0, top_k=0)
 
 def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     d = TrainConfig.preset("pretrain")
@@ -1773,6 +1815,8 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
                        description=PRETRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", required=True, choices=sample.WORLDS, help="which miniature world")
     g = p.add_argument_group("model (Show-o's architecture at a small size)")
+    g.add_argument("--generator", default="masked", choices=cotgen.ORDERS,
+                   help="masked: Show-o (default); raster: LlamaGen-style, token by token in raster order")
     g.add_argument("--n-embd", type=int, default=128, help="width (default 128)")
     g.add_argument("--n-layer", type=int, default=4, help="Phi blocks (default 4)")
     g.add_argument("--n-head", type=int, default=4, help="attention heads (default 4)")
@@ -1780,6 +1824,11 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--scenes", type=int, default=57600,
                    help="training examples, each a prompt and a random correct scene of it; one epoch of them "
                         "in batches of --batch-size is the run (default 57600: 1800 steps of 32)")
+    g.add_argument("--temperature", type=float,
+                   help=f"raster only: sampling temperature, saved in config.json (default "
+                        f"{RASTER_SAMPLING['temperature']})")
+    g.add_argument("--top-k", type=int, help=f"raster only: sample among the k most likely codes, saved in "
+                                             f"config.json (0: all; default {RASTER_SAMPLING['top_k']})")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     g = add_optim_args(p, "optimisation", d)
     add_config_flags(g, d, {"cond_dropout": "probability of dropping the prompt (classifier-free guidance)"})
@@ -1795,23 +1844,37 @@ def world_generator(out: Path, a, prompts: Sequence[str]) -> Path:
     if first_process() and not (init / "pytorch_model.safetensors").is_file():
         tok = cotgen.phi_style_tokenizer(prompts, a.vocab)
         longest = max(len(tok.encode(p, add_special_tokens=False).ids) for p in prompts)
-        config = cotgen.ShowoConfig(codebook_size=data.SlotCodec().codebook_size, num_vq_tokens=data.SLOTS ** 2,
+        codec = data.QuadrantCodec()
+        config = cotgen.ShowoConfig(codebook_size=codec.codebook_size, num_vq_tokens=codec.tokens,
                                     max_seq_length=longest + 2, n_layer=a.n_layer, n_head=a.n_head,
-                                    n_embd=a.n_embd, intermediate_size=4 * a.n_embd)
+                                    n_embd=a.n_embd, intermediate_size=4 * a.n_embd, order=a.generator,
+                                    temperature=a.temperature, top_k=a.top_k,
+                                    token_order=codec.raster_order if a.generator == "raster" else None)
         with data.atomic_path(init, directory=True) as d:
             cotgen.write_showo(d, d / "phi", tok, config, seed=a.seed, std=0.02)    # trained from scratch
     sync()
     return init
 
+def sampling_defaults(a) -> None:
+    """A raster generator's sampling flags (RASTER_SAMPLING for those left out); a masked one takes none."""
+    for k, v in RASTER_SAMPLING.items():
+        if a.generator != "raster" and getattr(a, k) is not None:
+            fail(f"--{k.replace('_', '-')} is a raster generator's sampling setting: add --generator raster, or "
+                 "leave it out (Show-o's masked decoding takes its temperature at sampling time)")
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+
 def run_pretrain(a) -> int:
     check_optim_args(a)
+    sampling_defaults(a)
     at_least(a, 1, "n_embd", "n_layer", "n_head", "vocab", "scenes")
+    at_least(a, 0, "top_k", "temperature")
     if a.n_embd % a.n_head or (a.n_embd // a.n_head) % 4:
         fail(f"--n-embd {a.n_embd} must be a multiple of 4 x --n-head {a.n_head} (Phi's rotary half of each head)")
     device, out = sample.device_of(a), Path(a.out)
     cfg = train_config(a, device, "pretrain")
     settings = {"world": a.world, "train": cfg.fingerprint(), "scenes": a.scenes,
-                "model": {k: getattr(a, k) for k in ("n_embd", "n_layer", "n_head", "vocab")}}
+                "model": {k: getattr(a, k) for k in ("generator", "n_embd", "n_layer", "n_head", "vocab", "temperature",
+                                                     "top_k")}}
     if begin(out, settings, a.resume, f"{a.world} pretraining"):
         return 0
     evaluation = data.eval_specs()
@@ -1822,8 +1885,10 @@ def run_pretrain(a) -> int:
     prompts, codes = data.training_scenes(specs, a.scenes, derive_seed(a.seed, "scenes"), progress=progress)
     tok = cotgen.load_showo(init, dtype=torch.float32, device=device)[1]
 
+    objective = dpo.next_token_loss if a.generator == "raster" else dpo.masked_token_loss
+
     def make(model: cotgen.Showo) -> Trainer:
-        loss = lambda step, index, g, rows=slice(None): dpo.masked_token_loss(  # noqa: E731
+        loss = lambda step, index, g, rows=slice(None): objective(  # noqa: E731
             model, tok, [prompts[i] for i in index], codes[index], g, cfg.cond_dropout, rows=rows)
         return Trainer(model, loss, [f"scene {i}" for i in range(len(prompts))], cfg)
 
@@ -1835,27 +1900,105 @@ def run_pretrain(a) -> int:
 
 # ---- 8. shapes: the paper's tables in miniature, every step for real (README: The paper in miniature) ------
 
-SHAPES_DOC = """The whole method in the shapes world, from scratch, and the paper's Tables 1, 3 and 5 measured in it.
+SHAPES_DOC = """The whole method in the shapes world, from scratch, and every table and best-of-N figure of the paper
+measured in it (Tables 1-5, Figures 3, 6, 7), with each claim's paired difference.
 
-    python train.py shapes --out runs/shapes
+    python train.py shapes --out runs/s0 --seed 0          # one seed; run others side by side in other folders
+    python train.py shapes --pool runs/s0 runs/s1 runs/s2 --out runs/pooled     # the claims over the seeds
 
 World -> pretrain Show-o -> curate with the world's evaluator as the automatic labeller (orm, prm, parm,
 reflect, and held-out sets from another seed) -> pretrain a LLaVA-OneVision on painted scenes (captions and
 outcome questions, `curate --task scenes`) -> fine-tune the ORM, PRM, PARM and PARM++ verifiers from it ->
 DPO and iterative DPO with pairs labelled by the automatic labeller (as the paper's Sec. 3.3: its pairs are the
-ORM's ranking data), and again by the trained ORM -> self-correction -> evaluate every row. Each stage is a
-`train.py` / `sample.py` command whose output folder is kept, so a killed run continues where it stopped (run the
-same command again). Writes OUT/results.md, results.png and examples.png."""
+ORM's ranking data), and again by the trained ORM; It. DPO's second round with Ft. ORM or PARM guidance ->
+self-correction -> a raster-order generator and its DPO (Table 4) -> every row and best-of-N point, on the same
+prompts and image seeds. Each stage is a `train.py` / `sample.py` command whose output folder is kept, so a killed
+run continues where it stopped (run the same command again). Writes OUT/results.md (claims, tables, curves,
+pruning, held-out accuracies, work), scaling.png, clear_steps.png, examples.png and raster.png."""
+
+# (table, row, generator, search flags, verifier): every row of the paper's Tables 1, 2, 3 and 5, named as the paper
+# names them, and the extra rows of DPO with the trained ORM's pairs. A generator is a folder of the run. Sec. 3.3
+# pairs "the ranking data for training ORM", whose yes/no is the automatic labeller's: the evaluator
+SHOWO, DPO1, DPO2, SELF = "showo", "dpo/round_1/model", "dpo/round_2/model", "selfcorrect"
+GUIDED_ORM, GUIDED_PARM = "dpo_guided_orm/round_1/model", "dpo_guided_parm/round_1/model"
+ORM_PAIRS1, ORM_PAIRS2 = "dpo_orm/round_1/model", "dpo_orm/round_2/model"
+RASTER, RASTER_DPO = "raster", "dpo_raster/round_1/model"       # Table 4: a LlamaGen-style generator
+SHAPES_ROWS = (
+    ("1", "Baseline", SHOWO, [], None), ("1", "Zs. ORM", SHOWO, ["--orm"], "base"),
+    ("1", "Ft. ORM", SHOWO, ["--orm"], "orm"), ("1", "Zs. PRM", SHOWO, ["--prm"], "base"),
+    ("1", "Ft. PRM", SHOWO, ["--prm"], "prm"), ("1", "DPO", DPO1, [], None), ("1", "It. DPO", DPO2, [], None),
+    ("2", "1st integration: It. DPO, Ft. ORM guidance", GUIDED_ORM, [], None),
+    ("2", "2nd integration: Ft. ORM on It. DPO", DPO2, ["--orm"], "orm"),
+    ("2", "3rd integration: Ft. ORM on It. DPO, Ft. ORM guidance", GUIDED_ORM, ["--orm"], "orm"),
+    ("3", "PARM", SHOWO, ["--parm"], "parm"), ("3", "PARM on It. DPO", DPO2, ["--parm"], "parm"),
+    ("3", "It. DPO, PARM guidance", GUIDED_PARM, [], None),
+    ("3", "PARM on It. DPO, PARM guidance", GUIDED_PARM, ["--parm"], "parm"),
+    ("4", "Raster baseline", RASTER, [], None), ("4", "Raster + Zs. ORM", RASTER, ["--orm"], "base"),
+    ("4", "Raster + Ft. ORM", RASTER, ["--orm"], "orm"), ("4", "Raster + DPO", RASTER_DPO, [], None),
+    ("4", "Raster + PARM", RASTER, ["--parm"], "parm"),
+    ("5", "Self-correction", SELF, [], None), ("5", "Self-correction + Ft. ORM", SELF, ["--orm"], "orm"),
+    ("5", "Self-correction + PARM", SELF, ["--parm"], "parm"),
+    ("5", "Self-correction + PARM++, no reflection", SELF, ["--parm++", "--rounds", "0"], "parmpp"),
+    ("5", "Self-correction + PARM++", SELF, ["--parm++"], "parmpp"),
+    ("ORM pairs", "DPO, ORM pairs", ORM_PAIRS1, [], None), ("ORM pairs", "It. DPO, ORM pairs", ORM_PAIRS2, [], None),
+    ("ORM pairs", "It. DPO, ORM pairs + PARM", ORM_PAIRS2, ["--parm"], "parm"))
+
+# (A, B, the paper's overall A - B, its words): each claim of the paper as a difference of two rows (Tables 1-3, 5)
+CLAIMS = (
+    ("Ft. ORM", "Baseline", 0.10, "test-time verification boosts generation (Sec. 3.2)"),
+    ("Zs. ORM", "Baseline", 0.08, "a zero-shot ORM already helps (Table 1)"),
+    ("Ft. ORM", "Zs. ORM", 0.02, "fine-tuning improves the ORM (Sec. 3.2)"),
+    ("Ft. PRM", "Zs. PRM", 0.02, "fine-tuning improves the PRM (Sec. 3.2)"),
+    ("Ft. ORM", "Ft. PRM", 0.08, "ORM beats PRM (Sec. 3.2)"),
+    ("DPO", "Baseline", 0.09, "DPO improves the baseline (Sec. 3.3)"),
+    ("It. DPO", "DPO", 0.03, "iterative DPO improves DPO (Sec. 3.3)"),
+    ("It. DPO", "Ft. ORM", 0.02, "iterative DPO surpasses the best verifier (Sec. 3.3)"),
+    ("1st integration: It. DPO, Ft. ORM guidance", "It. DPO", 0.02, "reward-model guidance adds to It. DPO (Table 2)"),
+    ("2nd integration: Ft. ORM on It. DPO", "It. DPO", 0.07, "verification after DPO adds to it (Sec. 3.4)"),
+    ("3rd integration: Ft. ORM on It. DPO, Ft. ORM guidance", "2nd integration: Ft. ORM on It. DPO", 0.03,
+     "the 3rd integration beats the 2nd (Sec. 3.4)"),
+    ("3rd integration: Ft. ORM on It. DPO, Ft. ORM guidance", "1st integration: It. DPO, Ft. ORM guidance", 0.08,
+     "the 3rd integration beats the 1st (Sec. 3.4)"),
+    ("PARM", "Ft. ORM", 0.04, "PARM beats the fine-tuned ORM (Sec. 4)"),
+    ("PARM", "Ft. PRM", 0.12, "PARM beats the fine-tuned PRM (Sec. 4)"),
+    ("PARM", "It. DPO", 0.02, "PARM beats iterative DPO (Sec. 4)"),
+    ("PARM on It. DPO", "It. DPO", 0.09, "PARM adds to iterative DPO (Table 3)"),
+    ("PARM on It. DPO", "2nd integration: Ft. ORM on It. DPO", 0.02, "on It. DPO, PARM beats the Ft. ORM (Table 3)"),
+    ("PARM on It. DPO, PARM guidance", "PARM on It. DPO", 0.03, "PARM guidance adds to PARM on It. DPO (Table 3)"),
+    ("Baseline", "Self-correction", 0.02, "self-correction fine-tuning costs the plain generator a little (Sec. 5)"),
+    ("Self-correction + PARM", "Self-correction + Ft. ORM", 0.06,
+     "after self-correction, PARM beats Ft. ORM (Table 5)"),
+    ("Self-correction + PARM", "Self-correction + PARM++, no reflection", 0.03,
+     "PARM++ without reflection is slightly below PARM (Sec. 5)"),
+    ("Self-correction + PARM++", "Self-correction + PARM++, no reflection", 0.09, "reflection lifts PARM++ (Sec. 5)"),
+    ("Self-correction + PARM++", "Self-correction + PARM", 0.06, "PARM++ with reflection beats PARM (Table 5)"),
+    # Table 4, LlamaGen's row: the methods plug into a raster-order generator, the verifiers not retrained
+    ("Raster + Zs. ORM", "Raster baseline", 0.03, "on a raster generator, a zero-shot ORM helps (Table 4)"),
+    ("Raster + Ft. ORM", "Raster baseline", 0.07, "on a raster generator, the Ft. ORM helps (Table 4)"),
+    ("Raster + DPO", "Raster baseline", 0.09, "on a raster generator, DPO helps (Table 4)"),
+    ("Raster + PARM", "Raster baseline", 0.14, "on a raster generator, PARM helps (Table 4)"))
+
+# Figures 3, 6 and 7: best-of-N for each verifier on three generators, over the first image of every evaluation
+# prompt (path seeds as the rows', so each curve's paths are the rows' paths and N's are the first N of 20's)
+CURVE_NS = (1, 2, 4, 8, 16, 20)
+CURVE_GENERATORS = (("Baseline", SHOWO), ("DPO", DPO1), ("It. DPO", DPO2))
+# (verifier, search flags, verifier folder, largest N): a PRM search re-branches every path at every step, so it
+# shares no path with the others and judges N images a step; N = 16 and 20 would cost more than the rest together
+CURVE_METHODS = (("Zs. ORM", ["--orm"], "base", 20), ("Ft. ORM", ["--orm"], "orm", 20),
+                 ("Ft. PRM", ["--prm"], "prm", 8), ("PARM", ["--parm"], "parm", 20))
 
 # stage sizes: the defaults, and --micro (a smoke run in seconds that only checks that every row is produced).
 # orm_pairs: the trained ORM labels dpo_orm's pairs (not in --micro: a 2-step ORM may label every image alike)
 SHAPES_SIZES = {
-    "full": dict(pretrain=[], scenes=24000, curate=1000, heldout=150, prm=150, reflect=500, dpo=600, paths=8,
-                 samples=4, limit=None, steps=18, examples=4, fast=[], orm_pairs=True),
-    "micro": dict(pretrain=["--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "120", "--scenes", "64",
-                            "--batch-size", "16"],
-                  scenes=8, curate=6, heldout=3, prm=2, reflect=6, dpo=16, paths=2, samples=1, limit=2, steps=4,
-                  examples=1, fast=["--max-steps", "2"], orm_pairs=False),
+    "full": dict(pretrain=[], scenes=24000, curate=1000, heldout=150, prm=150, reflect=500, reflect_samples=4,
+                 dpo=600, paths=8, samples=None, limit=None, steps=18, examples=4, fast=[], orm_pairs=True,
+                 curve=CURVE_NS),
+    # a micro generator draws a right image now and then (single objects, mostly): the reflect data takes more
+    # samples, so that some prompt has a right and a wrong image to pair
+    "micro": dict(pretrain=["--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "120", "--scenes", "512",
+                            "--batch-size", "16", "--epochs", "1"],
+                  scenes=8, curate=6, heldout=3, prm=2, reflect=96, reflect_samples=8, dpo=48, paths=2, samples=1,
+                  limit=2, steps=4, examples=1, fast=["--max-steps", "2"], orm_pairs=False, curve=(1, 2)),
 }
 
 # fine-tuning the world's Show-o (DPO, self-correction): a small model trained from scratch takes a larger lr and
@@ -1870,6 +2013,9 @@ SHAPES_SHOWO_TUNING = ["--lr", "3e-4", "--epochs", "6", "--batch-size", "16"]
 SHAPES_DPO = ["--curate-samples", "8", "--pairs-per-prompt", "4", "--beta", "2", "--shared-mask",
               "--sft-coef", "0"]
 
+# reward-model guidance (Sec. 3.4): the paper gives no weight for its online term; 0.1 of the DPO loss
+SHAPES_GUIDANCE = ["--reward-coef", "0.1"]
+
 # PARM's data is ~24 records per path (clarity at 16 steps, potential after each clear one, 70% of the ORM
 # records): half of them keeps its fine-tune near the ORM's cost
 PARM_SHARE = ["--fraction", "0.5"]
@@ -1883,49 +2029,48 @@ VERIFIER_PRETRAINING = ["--epochs", "1", "--save-dtype", "fp32"]
 # 1-4 epochs, lr 1e-3 0.54-0.77, from scratch 0.65-0.67)
 SHAPES_VERIFIER_TUNING = ["--lr", "3e-4", "--vision-lr", "3e-4", "--epochs", "2"]
 
-SHAPES_ROWS = (  # (row, generator, search flags, verifier): the rows of the paper's Tables 1, 3 and 5
-    ("Baseline", "showo", [], None), ("Ft. ORM", "showo", ["--orm"], "orm"), ("Ft. PRM", "showo", ["--prm"], "prm"),
-    ("PARM", "showo", ["--parm"], "parm"), ("PARM++", "selfcorrect", ["--parm++"], "parmpp"),
-    # Sec. 3.3 pairs "the ranking data for training ORM", so their yes/no is the automatic labeller's: the evaluator
-    ("DPO", "dpo/round_1/model", [], None), ("It. DPO", "dpo/round_2/model", [], None),
-    ("It. DPO + PARM", "dpo/round_2/model", ["--parm"], "parm"),
-    # the same DPO with pairs labelled by the trained ORM instead (sampled answers, as the released code decides)
-    ("DPO, ORM pairs", "dpo_orm/round_1/model", [], None),
-    ("It. DPO, ORM pairs", "dpo_orm/round_2/model", [], None),
-    ("It. DPO, ORM pairs + PARM", "dpo_orm/round_2/model", ["--parm"], "parm"))
-
 def add_shapes_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("shapes", help="the paper's tables in miniature: every step in the shapes world",
                        description=SHAPES_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder: one sub-folder per stage, results.md/.png, "
-                                                "examples.png")
+    p.add_argument("--out", required=True, help="output folder: one sub-folder per stage, results.md, scaling.png, "
+                                                "examples.png (with --pool: where claims.md is written)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0; held-out sets use seed+1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--micro", action="store_true", help="tiny sizes everywhere: checks the plumbing in seconds")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that evaluate the rows, one generator each at a time (default: 2 on a CPU with "
+                        "2 or more cores, 1 on a GPU)")
+    p.add_argument("--pool", nargs="+", default=None, metavar="RUN",
+                   help="pool finished runs (their --out folders, one per seed) into OUT/claims.md: every claim's "
+                        "paired difference per seed and over all of them; trains and evaluates nothing")
     return p
 
 def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, list[str]]]:
     """(output folder, train.py arguments) of every training stage, in order."""
     w, s = ["--world", "shapes", "--device", device], ["--seed", str(seed)]
-    showo, d, v = str(o / "showo"), o / "data", o / "verifiers"
+    showo, d, v = str(o / SHOWO), o / "data", o / "verifiers"
 
     def curate(task: str, n: int, name: str = "", k: int = seed, samples: int = 4) -> tuple[Path, list[str]]:
         return d / (name or task), ["curate", *w, "--showo", showo, "--task", task, "--num-prompts", str(n),
                                     "--samples", str(samples), "--temperature", "1", "--steps", str(z["steps"]),
                                     "--seed", str(k)]
 
-    dpo_argv = ["dpo", *w, *s, *z["fast"], "--showo", showo, "--rounds", "2", "--geneval", str(z["dpo"]),
-                "--gen-steps", str(z["steps"]), *SHAPES_SHOWO_TUNING, *SHAPES_DPO]   # no --verifier: evaluator pairs
+    dpo_argv = ["dpo", *w, *s, *z["fast"], "--rounds", "2", "--geneval", str(z["dpo"]), "--gen-steps", str(z["steps"]),
+                *SHAPES_SHOWO_TUNING, *SHAPES_DPO]         # no --verifier: the evaluator labels the pairs
     orm_labels = ["--verifier", str(v / "orm")] if z["orm_pairs"] else []
+    # Sec. 3.4's guidance: It. DPO's second round again, from its first round on its pairs, with the online term
+    guided = lambda verifier: ["dpo", *w, *s, *z["fast"], "--showo", str(o / DPO1), "--data",  # noqa: E731
+                               str(o / "dpo" / "round_2" / "pairs.jsonl"), "--gen-steps", str(z["steps"]),
+                               *SHAPES_SHOWO_TUNING, *SHAPES_DPO, *SHAPES_GUIDANCE, "--verifier", str(v / verifier)]
     sft = lambda task, *files: ["parm" if task == "parm" else "orm", *w, *s, "--base", str(v / "base"),  # noqa
                                 *SHAPES_VERIFIER_TUNING, *z["fast"],
                                 *(a for f in files for a in ("--data", str(d / f)))]
-    return [(o / "showo", ["pretrain", *w, *s, *z["pretrain"]]),
+    return [(o / SHOWO, ["pretrain", *w, *s, *z["pretrain"]]),
             curate("orm", z["curate"]), curate("orm", z["heldout"], "orm_heldout", seed + 1),
             curate("prm", z["prm"], samples=1), curate("prm", z["heldout"] // 3, "prm_heldout", seed + 1, samples=1),
             curate("parm", z["curate"] // 4, samples=2),     # ~24 records per path: clarity at 16 steps, potential
             curate("parm", z["heldout"], "parm_heldout", seed + 1, 2),
-            curate("reflect", z["reflect"]),
+            curate("reflect", z["reflect"], samples=z["reflect_samples"]),
             (d / "scenes", ["curate", "--world", "shapes", "--task", "scenes", "--num-prompts", str(z["scenes"]), *s]),
             (v / "base", ["orm", *w, *s, *z["fast"], "--data", str(d / "scenes/scenes.json"), *VERIFIER_PRETRAINING,
                           "--heldout", str(d / "orm_heldout/orm.json")]),
@@ -1933,41 +2078,94 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
             (v / "prm", sft("orm", "prm/prm.json") + ["--heldout", str(d / "prm_heldout/prm.json")]),
             (v / "parm", sft("parm", "parm/parm.json") + [*PARM_SHARE, "--heldout", str(d / "parm_heldout/parm.json")]),
             (v / "parmpp", sft("parm", "parm/parm.json", "reflect/reflect.json") + PARM_SHARE),
-            (o / "dpo", dpo_argv), (o / "dpo_orm", dpo_argv + orm_labels),
-            (o / "selfcorrect", ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
-                                 str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING])]
+            (o / "dpo", dpo_argv + ["--showo", showo]), (o / "dpo_orm", dpo_argv + ["--showo", showo] + orm_labels),
+            (o / "dpo_guided_orm", guided("orm")), (o / "dpo_guided_parm", guided("parm")),
+            (o / RASTER, ["pretrain", *w, *s, *z["pretrain"], "--generator", "raster"]),
+            (o / "dpo_raster", ["dpo", *w, *s, *z["fast"], "--rounds", "1", "--geneval", str(z["dpo"]), "--gen-steps",
+                                str(z["steps"]), *SHAPES_SHOWO_TUNING, *SHAPES_DPO, "--showo", str(o / RASTER)]),
+            (o / SELF, ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
+                        str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING])]
 
 def row_folder(o: Path, row: str) -> Path:
     """Where a row of the tables is evaluated: OUT/eval/<row in lower case, "++" as "pp", other marks as "_">
-    ("PARM++" -> parmpp, "It. DPO + PARM" -> it_dpo_parm), one folder per row."""
+    ("PARM++" -> parmpp, "It. DPO, PARM guidance" -> it_dpo_parm_guidance), one folder per row."""
     return o / "eval" / re.sub(r"[^a-z0-9]+", "_", row.lower().replace("++", "pp")).strip("_")
 
-def shapes_evaluate(o: Path, z: dict, seed: int, device: str,
-                    pipeline: sample.Pipeline) -> dict[str, dict[str, data.Score]] | None:
-    """Every row of the tables scored on the world's evaluation prompts (sample.py --world shapes --eval)."""
-    rows = {}
-    for name, generator, search, verifier in SHAPES_ROWS:
-        folder = row_folder(o, name)
-        if not (folder / "scores.json").is_file():
-            argv = ["--world", "shapes", "--eval", "--showo", str(o / generator), *search, "--paths", str(z["paths"]),
-                    "--samples", str(z["samples"]), "--steps", str(z["steps"]), "--seed", str(seed),
-                    "--device", device, "--out", str(folder), "--overwrite"]
-            argv += ["--verifier", str(o / "verifiers" / verifier)] if verifier else []
-            argv += ["--limit", str(z["limit"])] if z["limit"] else []
-            print(f"[shapes] evaluating {name}", file=sys.stderr)
-            if sample.main(argv, pipeline):
-                return None
-        scores = json.loads((folder / "scores.json").read_text())
-        rows[name] = {k: data.Score(**v) for k, v in scores.items()}
-    return rows
+def curve_folder(o: Path, generator: str, method: str, n: int) -> Path:
+    """Where a point of a best-of-N curve is evaluated: OUT/eval/curves/<generator>/<verifier>_n<N>."""
+    return o / "eval" / "curves" / row_folder(o, generator).name / row_folder(o, f"{method} N{n}").name
 
-def search_work(folder: Path) -> dict[str, float]:
-    """Mean work per image of an evaluated row, from its search traces (Show-o token-forwards, verifier tokens)."""
-    traces = [json.loads(p.read_text())["work"] for p in sorted(folder.glob("*/traces/*.json"))]
-    keys = ("showo_token_forwards", "verifier_tokens")
-    return {k: sum(t[k] for t in traces) / len(traces) for k in keys} if traces else {}
+def evaluations(o: Path, z: dict) -> list[tuple[Path, str, list[str], str | None, int | None]]:
+    """(folder, generator, search flags with N, verifier, images per prompt) of every row and curve point, the
+    rows first; each generator's own evaluations in a run (they share its decoding paths)."""
+    rows = [(row_folder(o, name), gen, [*flags, "--paths", str(z["paths"])], verifier, z["samples"])
+            for _, name, gen, flags, verifier in SHAPES_ROWS]
+    curves = [(curve_folder(o, g, m, n), gen, [*flags, "--paths", str(n)], verifier, 1)
+              for g, gen in CURVE_GENERATORS for m, flags, verifier, most in CURVE_METHODS
+              for n in z["curve"] if n <= most]
+    order = list(dict.fromkeys(gen for _, gen, _, _, _ in rows))
+    return sorted(rows + curves, key=lambda e: order.index(e[1]))
+
+def evaluate_generator(o: Path, z: dict, seed: int, device: str, pipeline: sample.Pipeline, gen: str,
+                       jobs: Sequence[tuple], threads: int | None = None) -> dict | None:
+    """Some of one generator's rows and curve points, scored on the world's evaluation prompts (sample.py --world
+    shapes --eval, the same prompts and image seeds for all), sharing one PathRecord: each decoding path is decoded
+    once and every search replays it (the work a search reports is still its own). With the baseline's PARM row,
+    also what `inspect_generator` measures. None: interrupted."""
+    if threads:
+        torch.set_num_threads(threads)
+    record = None if gen in (RASTER, RASTER_DPO) else cotgen.PathRecord()   # a raster path's state is a KV cache
+    for folder, _, flags, verifier, samples in jobs:
+        if (folder / "scores.json").is_file():
+            continue
+        argv = ["--world", "shapes", "--eval", "--showo", str(o / gen), *flags, "--steps", str(z["steps"]),
+                "--seed", str(seed), "--device", device, "--out", str(folder), "--overwrite"]
+        argv += ["--verifier", str(o / "verifiers" / verifier)] if verifier else []
+        argv += ["--samples", str(samples)] if samples else []
+        argv += ["--limit", str(z["limit"])] if z["limit"] else []
+        print(f"[shapes] evaluating {folder.relative_to(o / 'eval')}", file=sys.stderr)
+        if sample.main(argv, pipeline, record=record):
+            return None
+    inspected = {row_folder(o, "PARM"): SHOWO, row_folder(o, "Raster + PARM"): RASTER}
+    return next((inspect_generator(o, z, seed, device, gen, record) for folder, *_ in jobs
+                 if inspected.get(folder) == gen), {})
+
+def evaluation_groups(o: Path, z: dict) -> list[tuple[str, list[tuple]]]:
+    """The evaluations split into groups that share decoding paths, the costliest first (by paths decoded): each
+    generator's searches that follow their own paths, and each PRM search alone (it re-branches every path from
+    the best at every step, so it follows paths no other search does)."""
+    groups: dict[tuple, list] = {}
+    for job in evaluations(o, z):
+        folder, gen, flags = job[:3]
+        groups.setdefault((gen, str(folder) if "--prm" in flags else ""), []).append(job)
+    images = {samples: sum(1 for _ in eval_images(z, 0, samples)) for samples in (z["samples"], 1)}
+    paths = lambda job: images[job[4]] * int(job[2][-1]) * (2 if "--prm" in job[2] else 1)  # noqa: E731 (+ judging)
+    return sorted(((gen, jobs) for (gen, _), jobs in groups.items()), key=lambda g: -sum(map(paths, g[1])))
+
+def shapes_evaluate(o: Path, z: dict, seed: int, device: str, pipeline: sample.Pipeline, workers: int) -> dict | None:
+    """Every group of evaluations (`evaluation_groups`, `evaluate_generator`), the costliest first, in `workers`
+    processes of one thread each: the world's models are small, and two processes get about twice what two threads
+    of one do. Returns what the inspections found; None: interrupted."""
+    calls = [(o, z, seed, device, pipeline, gen, jobs, 1 if workers > 1 else None)
+             for gen, jobs in evaluation_groups(o, z)]
+    if workers == 1:
+        results = [evaluate_generator(*call) for call in calls]
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.starmap(evaluate_generator, calls, chunksize=1)
+    return None if any(r is None for r in results) else {k: v for r in results for k, v in r.items()}
+
+def read_results(folder: Path) -> list[dict]:
+    """A scored evaluation's per-image rows (sample.py's results.jsonl)."""
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
+
+def scores_of(folder: Path) -> dict[str, data.Score]:
+    return {k: data.Score(**v) for k, v in json.loads((folder / "scores.json").read_text()).items()}
 
 def run_shapes(a) -> int:
+    if a.pool:
+        return pool_runs(a)
+    at_least(a, 1, "workers")
     o, z = Path(a.out), SHAPES_SIZES["micro" if a.micro else "full"]
     device = str(sample.device_of(a))
     settings = {"shapes": "micro" if a.micro else "full", "seed": a.seed}
@@ -1983,38 +2181,194 @@ def run_shapes(a) -> int:
         code = main(argv + ["--out", str(folder)] + resume, pipeline)
         if code:        # interrupted: the stage kept what it had, and the same command continues from there
             return code
-    rows = shapes_evaluate(o, z, a.seed, device, pipeline)
-    if rows is None:
+    workers = a.workers or (1 if device != "cpu" else min(2, os.cpu_count() or 1))
+    found = shapes_evaluate(o, z, a.seed, device, pipeline, workers)
+    if found is None:
         return 130
-    write_shapes_results(o, rows, time.time() - t0)
-    data.save_png(shapes_examples(o, z, a.seed, torch.device(device)), o / "examples.png")
-    print(f"[shapes] wrote {o / 'results.md'}, results.png and examples.png in {time.time() - t0:.0f} s",
-          file=sys.stderr)
+    model, tok = cotgen.load_showo(o / SHOWO, None, dtype=torch.float32, device=torch.device(device))
+    # once every row is scored (PARM++'s stories come from its row); the few paths shown are decoded again
+    data.save_png(shapes_examples(o, z, model, tok, data.QuadrantCodec()), o / "examples.png")
+    write_shapes_results(o, z, found, time.time() - t0)
+    print(f"[shapes] wrote {o / 'results.md'}, scaling.png, clear_steps.png and examples.png in "
+          f"{time.time() - t0:.0f} s", file=sys.stderr)
     return 0
 
-def write_shapes_results(o: Path, rows: dict, seconds: float) -> None:
-    """results.md (the table, the verifiers' held-out accuracies, the work per image) and results.png."""
-    lines = ["# The paper's tables in the shapes world", "", data.markdown_table(rows), "",
-             "## Verifiers: held-out accuracy against the evaluator", "",
-             "| verifier | task | accuracy | with another prompt's image (a judge blind to the image keeps its "
-             "accuracy) | answer is yes (an always-yes judge scores this) | n | ranks a prompt's yes image above "
-             "its no image (blind: 0.5) | pairs |", "|---|---|---|---|---|---|---|---|"]
+def eval_images(z: dict, seed: int, samples: int | None = None) -> Iterator[tuple[int, int, dict, int]]:
+    """(prompt k, image j, spec, seed of its path 0) of every evaluation image, as sample.py --eval makes them."""
+    specs = data.eval_specs()[:z["limit"]]
+    for k, spec in enumerate(specs):
+        for j in range(samples or z["samples"] or spec["images"]):
+            yield k, j, spec, sample.image_seed(seed, k, j)
+
+def clear_steps(model, tok, codec, z: dict, seed: int, record: cotgen.PathRecord) -> dict[str, list[float]]:
+    """Sec. 4's observation, measured in the world as the paper measured Show-o (Fig. 5): at every step 1-18, the
+    share of the baseline's x̂0 images (path 0 of every evaluation image) whose every object is whole
+    (data.well_formed), and the share whose evaluator verdict already equals the final image's."""
+    whole, settled, n = np.zeros(z["steps"]), np.zeros(z["steps"]), 0
+    for _, _, spec, s in eval_images(z, seed):
+        _, history = cotgen.generate(model, tok, spec["prompt"], 1, steps=z["steps"], seed=s, history=True,
+                                     record=record)
+        cells = codec.decode_cells(history[0])
+        verdicts = np.array([data.judge_cells(c, spec)[0] for c in cells])
+        whole += [data.well_formed(c) for c in cells]
+        settled += verdicts == verdicts[-1]
+        n += 1
+    return {"well-formed": (whole / n).tolist(), "verdict = final": (settled / n).tolist(), "images": n}
+
+def parm_pruning(o: Path, row: str, model, tok, codec, record: cotgen.PathRecord | None) -> dict:
+    """What PARM's potential assessment prunes (Sec. 4, task 2), over a PARM row's searches: every path is
+    finished here, pruned ones too (for this measure only: the row's own work stops them), and the evaluator
+    judges its final image. Returns the accuracy of pruned and kept paths' final images, the step each path was
+    first judged clear (or never), and how many searches pruned every path."""
+    stats = Counter()
+    clear_at: Counter = Counter()
+    for trace_file in sorted(row_folder(o, row).glob("*/traces/*.json")):
+        trace = json.loads(trace_file.read_text())
+        spec = json.loads((trace_file.parent.parent / "metadata.jsonl").read_text())
+        finals = cotgen.generate(model, tok, trace["prompt"], trace["n"], steps=trace["steps"], cfg=trace["cfg"],
+                                 seed=trace["paths"][0]["seed"], record=record)
+        pruned = ["truncated" in (p["ended"] or "") for p in trace["paths"]]
+        for cells, cut in zip(codec.decode_cells(finals), pruned):
+            kind = "pruned" if cut else "kept"
+            stats.update({f"{kind} paths": 1, f"{kind} right": int(data.judge_cells(cells, spec)[0])})
+        clear_at.update(str(int(trace["clear_at"][str(i)]) + 1) if str(i) in trace["clear_at"] else "never"
+                        for i in range(trace["n"]))
+        stats.update(searches=1, all_pruned=int(all(pruned)))
+    return {**stats, "clear_at": dict(clear_at)}
+
+def inspect_generator(o: Path, z: dict, seed: int, device: str, gen: str, record: cotgen.PathRecord | None) -> dict:
+    """Once a generator's rows are scored, from its recorded paths (nothing is decoded again): for the baseline,
+    its clear-step curves and the PARM row's pruning; for the raster generator, its PARM row's pruning and
+    raster.png, one path filling in step by step."""
+    model, tok = cotgen.load_showo(o / gen, None, dtype=torch.float32, device=torch.device(device))
+    codec = data.QuadrantCodec()
+    if gen == RASTER:
+        spec = data.eval_specs()[0]
+        _, history = cotgen.generate(model, tok, spec["prompt"], 1, steps=z["steps"], history=True,
+                                     seed=sample.image_seed(seed, 0, 0))
+        pics = sample.decode_images(codec, history[0])
+        data.save_png(data.captioned_rows([(f"{spec['prompt']}: the raster generator's x̂0 at every step",
+                                            [(p, f"step {t + 1}") for t, p in enumerate(pics)])]), o / "raster.png")
+        return {"raster pruning": parm_pruning(o, "Raster + PARM", model, tok, codec, None)}
+    return {"clear": clear_steps(model, tok, codec, z, seed, record),
+            "pruning": parm_pruning(o, "PARM", model, tok, codec, record)}
+
+def claim_lines(runs: Sequence[Path], draws: int = 4000) -> list[str]:
+    """The claims table: every claim's paired difference of overall scores with its 95 % bootstrap interval
+    (data.paired_difference), per run (seed) and pooled over them, and the verdict of the pooled interval."""
+    head = ["claim (A beats B)", "paper's Δ", *(f"Δ [95 % CI], {r.name}" for r in runs)]
+    lines = ["| " + " | ".join(head + (["pooled", "verdict"] if len(runs) > 1 else ["verdict"])) + " |",
+             "|---" * (len(head) + (2 if len(runs) > 1 else 1)) + "|"]
+    for a, b, paper, words in CLAIMS:
+        pairs = [(read_results(row_folder(r, a)), read_results(row_folder(r, b))) for r in runs]
+        cells = [data.paired_difference([p], draws) for p in pairs]
+        if len(runs) > 1:
+            cells.append(data.paired_difference(pairs, draws))
+        shown = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in cells]
+        lines.append(f"| {words}: {a} − {b} | {paper:+.2f} | " + " | ".join(shown) +
+                     f" | {data.verdict_of(*cells[-1][1:])} |")
+    return lines
+
+def scaling_chart(o: Path, z: dict) -> tuple[np.ndarray, list[str]]:
+    """scaling.png (one panel per generator: each verifier's best-of-N overall against N, 95 % whiskers) and its
+    numbers as Markdown lines."""
+    panels, lines = [], ["| generator | verifier | " + " | ".join(f"N = {n}" for n in z["curve"]) + " |",
+                         "|---" * (2 + len(z["curve"])) + "|"]
+    for g, _ in CURVE_GENERATORS:
+        curves, whiskers = {}, {}
+        for m, _, _, most in CURVE_METHODS:
+            scores = [scores_of(curve_folder(o, g, m, n))["overall"] for n in z["curve"] if n <= most]
+            curves[m], whiskers[m] = [s.accuracy for s in scores], [(s.low, s.high) for s in scores]
+            lines.append(f"| {g} | {m} | " + " | ".join([f"{s.accuracy:.3f}" for s in scores] +
+                                                       ["-"] * (len(z["curve"]) - len(scores))) + " |")
+        panels.append(data.line_chart(curves, z["curve"], f"best-of-N on {g} (overall, 95% CI)", "N",
+                                      intervals=whiskers))
+    return np.concatenate(panels, axis=1), lines
+
+def heldout_lines(o: Path) -> list[str]:
+    lines = ["| verifier | task | accuracy | with another image (a judge blind to the image keeps its accuracy; "
+             "clarity: the same prompt's image from the other side of the rule) | answer is yes (an always-yes "
+             "judge scores this) | n | ranks a prompt's yes image above its no image (blind: 0.5) | pairs |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in ("base", "orm", "prm", "parm"):
         held = o / "verifiers" / name / "heldout.json"
         for task, r in (json.loads(held.read_text())["tasks"] if held.is_file() else {}).items():
             rank = "-" if r.get("ranking") is None else f"{r['ranking']:.3f}"
             lines.append(f"| {name} | {task} | {r['accuracy']:.3f} | {r['shuffled_accuracy']:.3f} | "
                          f"{r['answer_yes'] / r['total']:.3f} | {r['total']} | {rank} | {r.get('ranking_pairs', 0)} |")
-    lines += ["", "## Work per image", "", "| row | Show-o token-forwards | verifier tokens |", "|---|---|---|"]
-    for name, _, _, _ in SHAPES_ROWS:
-        work = search_work(row_folder(o, name))
+    return lines
+
+def search_work(folder: Path) -> dict[str, float]:
+    """Mean work per image of an evaluated row, from its search traces (Show-o token-forwards, verifier tokens)."""
+    traces = [json.loads(p.read_text())["work"] for p in sorted(folder.glob("*/traces/*.json"))]
+    keys = ("showo_token_forwards", "verifier_tokens")
+    return {k: sum(t[k] for t in traces) / len(traces) for k in keys} if traces else {}
+
+CLEAR_CURVES = ("well-formed", "verdict = final")
+
+def clear_lines(clear: dict, steps: int) -> list[str]:
+    """`clear_steps`'s curves as a Markdown table, a column per step."""
+    return [f"## When the baseline's step images clear ({clear['images']} images)", "",
+            "| step | " + " | ".join(str(s) for s in range(1, steps + 1)) + " |", "|---" * (steps + 1) + "|",
+            *(f"| {k} | " + " | ".join(f"{v:.2f}" for v in clear[k]) + " |" for k in CLEAR_CURVES), ""]
+
+def pruning_lines(title: str, pruning: dict) -> list[str]:
+    """`parm_pruning`'s numbers as Markdown."""
+    order = lambda kv: (kv[0] == "never", int(kv[0]) if kv[0].isdigit() else 0)  # noqa: E731
+    return [f"## What {title} prunes (pruned paths finished for this measure only)", "",
+            f"- pruned paths end right {pruning.get('pruned right', 0)} / {pruning.get('pruned paths', 0)}; kept "
+            f"paths {pruning.get('kept right', 0)} / {pruning.get('kept paths', 0)}",
+            f"- searches that pruned every path: {pruning.get('all_pruned', 0)} / {pruning.get('searches', 0)}",
+            "- step each path was first judged clear (its count): " +
+            ", ".join(f"{k}: {v}" for k, v in sorted(pruning["clear_at"].items(), key=order)), ""]
+
+def write_shapes_results(o: Path, z: dict, found: dict, seconds: float) -> None:
+    """results.md (claims, the four tables, best-of-N, clear steps, PARM's pruning, the verifiers' held-out
+    accuracies, work per image), scaling.png and clear_steps.png."""
+    lines = ["# The paper in the shapes world", "", "## Claims: paired differences of overall scores", "",
+             *claim_lines([o]), ""]
+    for table in dict.fromkeys(t for t, *_ in SHAPES_ROWS):
+        rows = {name: scores_of(row_folder(o, name)) for t, name, *_ in SHAPES_ROWS if t == table}
+        title = f"Table {table}" if table.isdigit() else "DPO with the trained ORM's pairs"
+        lines += [f"## {title}",
+                  "", data.markdown_table(rows), ""]
+    chart, numbers = scaling_chart(o, z)
+    data.save_png(chart, o / "scaling.png")
+    lines += ["## Best-of-N (Figures 3, 6, 7): overall on the first image of each prompt", "", *numbers, ""]
+    data.save_png(data.line_chart({k: found["clear"][k] for k in CLEAR_CURVES}, range(1, z["steps"] + 1),
+                                  "the baseline's step images (x̂0)", "step"), o / "clear_steps.png")
+    lines += [*clear_lines(found["clear"], z["steps"]), *pruning_lines("PARM (the PARM row)", found["pruning"]),
+              *pruning_lines("PARM on the raster generator (the Raster + PARM row)", found["raster pruning"]),
+              "## Verifiers: held-out accuracy against the evaluator", "", *heldout_lines(o), "",
+              "## Work per image", "", "| row | Show-o token-forwards | verifier tokens |", "|---|---|---|"]
+    for _, name, _, flags, _ in SHAPES_ROWS:
+        work = search_work(row_folder(o, name)) if flags else {}
         if work:
             lines.append(f"| {name} | {work['showo_token_forwards']:.0f} | {work['verifier_tokens']:.0f} |")
     lines += ["", f"Total time of this invocation: {seconds / 60:.1f} min."]
     with data.atomic_path(o / "results.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    chart = data.bar_chart({k: v["overall"] for k, v in rows.items()}, "GenEval overall in the shapes world (95% CI)")
-    data.save_png(chart, o / "results.png")
+
+def pool_runs(a) -> int:
+    """`train.py shapes --pool RUN ... --out OUT`: the claims of finished runs (one per seed), per run and pooled,
+    in OUT/claims.md. Every run must have scored every row."""
+    runs = [Path(r) for r in a.pool]
+    twice = sorted({str(r) for r in runs if sum(r.resolve() == q.resolve() for q in runs) > 1})
+    if twice:
+        fail(f"--pool names {twice[0]} twice: give each run (one per seed) once")
+    for r in runs:
+        missing = [name for _, name, *_ in SHAPES_ROWS if not (row_folder(r, name) / "results.jsonl").is_file()]
+        if missing:
+            fail(f"--pool {r}: no scored row {missing[0]!r} ({len(missing)} missing): finish that run first "
+                 f"(python train.py shapes --out {r} --seed SEED)")
+    seeds = [data.read_config(r, "run.json").get("seed") for r in runs]
+    lines = ["# Claims of the paper in the shapes world, pooled over runs", "",
+             "Runs: " + ", ".join(f"{r} (seed {s})" for r, s in zip(runs, seeds)), "", *claim_lines(runs)]
+    out = Path(a.out)              # checked and locked by `start`
+    with data.atomic_path(out / "claims.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print(f"[shapes] wrote {out / 'claims.md'}", file=sys.stderr)
+    return 0
 
 EXAMPLE_TAGS = ("counting", "position", "color_attr", "two_object", "colors", "single_object")
 
@@ -2028,7 +2382,7 @@ def correction(o: Path, k: int, prompt: str, codec) -> tuple[int, Path | None, d
     reflection), kind 0 when it said "no" to a wrong image and the corrected one is right, 1 when it said "no",
     2 otherwise (no trace: (3, None, None))."""
     best: tuple[int, Path | None, dict | None] = (3, None, None)
-    for trace in sorted((row_folder(o, "PARM++") / f"{k:05d}" / "traces").glob("*.json")):
+    for trace in sorted((row_folder(o, "Self-correction + PARM++") / f"{k:05d}" / "traces").glob("*.json")):
         first = (json.loads(trace.read_text()).get("reflections") or [None])[0]
         if first is None:
             continue
@@ -2040,36 +2394,46 @@ def correction(o: Path, k: int, prompt: str, codec) -> tuple[int, Path | None, d
         best = min(best, (kind, final, first), key=lambda b: b[0])
     return best
 
-def shapes_examples(o: Path, z: dict, seed: int, device: torch.device) -> np.ndarray:
-    """examples.png: a few evaluation prompts, one per tag first, those where PARM++ fixed an image first (then
-    counting, position, colour attribution): the baseline's image, PARM's paths (each with the step its potential
-    assessment pruned it at), PARM's choice, and from the PARM++ row's evaluation its first image, the verifier's
-    reason and the corrected image; every caption ends with the evaluator's verdict."""
-    codec, specs = data.SlotCodec(), data.eval_specs()
-    base, tok = cotgen.load_showo(o / "showo", None, dtype=torch.float32, device=device)
-    parm = cotgen.Judge(verifiers.load_verifier(o / "verifiers" / "parm", device=device))
-    evaluated = range(min(len(specs), z["limit"] or len(specs)))
-    stories = {k: correction(o, k, specs[k]["prompt"], codec) for k in evaluated}
-    order = sorted(evaluated, key=lambda k: (stories[k][0], EXAMPLE_TAGS.index(specs[k]["tag"])))
+def parm_tiles(o: Path, k: int, prompt: str, model, tok, codec) -> tuple[list, torch.Tensor]:
+    """PARM's search on evaluation prompt k's first image, from the PARM row's trace: each path's final image, and
+    beside a pruned path the x̂0 PARM pruned it on; then PARM's choice. Also every path's x̂0 at every step."""
+    trace = json.loads((row_folder(o, "PARM") / f"{k:05d}" / "traces" / "0000.json").read_text())
+    _, history = cotgen.generate(model, tok, prompt, trace["n"], steps=trace["steps"], cfg=trace["cfg"],
+                                 seed=trace["paths"][0]["seed"], history=True)
+    tiles = []
+    for i, path in enumerate(trace["paths"]):
+        final = sample.decode_images(codec, history[i, -1:])[0]
+        if "truncated" in (path["ended"] or ""):
+            t = int(trace["clear_at"][str(i)])
+            seen = sample.decode_images(codec, history[i, t:t + 1])[0]
+            tiles += [(seen, f"path {i}: pruned\nat step {t + 1} on this"), (final, f"...it would have\n"
+                                                                                 f"{verdict(final, prompt)}")]
+        else:
+            tiles.append((final, f"path {i} kept\n{verdict(final, prompt)}"))
+    chosen = sample.decode_images(codec, history[trace["winner"], -1:])[0]
+    return tiles + [(chosen, f"PARM's choice: {trace['winner']}\n{verdict(chosen, prompt)}")], history
+
+def shapes_examples(o: Path, z: dict, model, tok, codec) -> np.ndarray:
+    """examples.png: first one path's x̂0 at every step, clearing from broken to whole; then a few evaluation
+    prompts, one per tag first, those where PARM++ fixed an image first: the baseline's image, PARM's paths (a
+    pruned one with the x̂0 it was pruned on), PARM's choice, and from the PARM++ row its first image, the
+    verifier's reason and the corrected image; every caption ends with the evaluator's verdict."""
+    specs = data.eval_specs()[:z["limit"]]
+    stories = {k: correction(o, k, spec["prompt"], codec) for k, spec in enumerate(specs)}
+    order = sorted(stories, key=lambda k: (stories[k][0], EXAMPLE_TAGS.index(specs[k]["tag"])))
     first_of_tag: dict[str, int] = {}
     for k in order:
         first_of_tag.setdefault(specs[k]["tag"], k)
-    one_per_tag = list(first_of_tag.values())       # in `order`: a dict keeps the first insertion's place
-    rows = []
-    for k in (one_per_tag + [k for k in order if k not in one_per_tag])[:z["examples"]]:
+    rows, steps = [], None
+    for k in list(first_of_tag.values())[:z["examples"]]:      # a dict keeps the first insertion's place
         prompt = specs[k]["prompt"]
-        first = np.asarray(data.load_image(o / "eval" / "baseline" / f"{k:05d}" / "samples" / "0000.png"))
-        tiles = [(first, f"baseline\n{verdict(first, prompt)}")]
-        with torch.inference_mode():
-            r = cotgen.parm_search(base, tok, codec, parm, prompt, z["paths"], steps=z["steps"], seed=seed)
-        finals = sample.decode_images(codec, r.finals.clamp(min=0))
-        for i, path in enumerate(r.trace["paths"]):
-            ended = path["ended"] or ""
-            step = re.search(r"step (\d+)", ended) if "truncated" in ended else None
-            tiles.append((finals[i], f"path {i} " + (f"pruned, step {step.group(1)}" if step else "kept") +
-                          f"\n{verdict(finals[i], prompt)}"))
-        chosen = sample.decode_images(codec, r.codes[None])[0]
-        tiles.append((chosen, f"PARM's choice: {r.winner}\n{verdict(chosen, prompt)}"))
+        first = np.asarray(data.load_image(row_folder(o, "Baseline") / f"{k:05d}" / "samples" / "0000.png"))
+        tiles, history = parm_tiles(o, k, prompt, model, tok, codec)
+        whole = [i for i in range(len(history)) if data.well_formed(codec.decode_cells(history[i, -1:])[0])]
+        if steps is None and whole:
+            pics = sample.decode_images(codec, history[whole[0]])
+            steps = (f"{prompt}: path {whole[0]}'s x̂0 at every step",
+                     [(p, f"step {t + 1}\n{verdict(p, prompt)}") for t, p in enumerate(pics)])
         _, final, reflection = stories[k]
         if reflection is not None:
             before = sample.decode_images(codec, torch.tensor([reflection["codes"]]))[0]
@@ -2077,8 +2441,8 @@ def shapes_examples(o: Path, z: dict, seed: int, device: torch.device) -> np.nda
         if reflection is not None and "reason" in reflection:
             after = np.asarray(data.load_image(final))
             tiles.append((after, f"after: {strip_no(reflection['reason'])[:13]}\n{verdict(after, prompt)}"))
-        rows.append((prompt, tiles))
-    return data.captioned_rows(rows)
+        rows.append((prompt, [(first, f"baseline\n{verdict(first, prompt)}"), *tiles]))
+    return data.captioned_rows(([steps] if steps else []) + rows)
 
 # ---- the command line ------------------------------------------------------------------------------------
 

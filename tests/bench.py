@@ -1,7 +1,7 @@
 """Benchmarks, printed side by side in one run (not collected by pytest).
 
     python tests/bench.py                             # --size small (default): every section, on the CPU
-    python tests/bench.py showo                       # one section: showo | verifier | parm | dpo
+    python tests/bench.py showo                       # one section: showo | raster | verifier | parm | dpo
     python tests/bench.py --size real --device cuda   # the released sizes on one GPU (tests/bench_real.py):
                                                       # showo | verifier | parm | train | parity, one JSON
 
@@ -9,6 +9,10 @@ Show-o: N paths of one prompt decoded as one batch with the text prefix reused a
 computed, against the same paths decoded one after another with the original full forward (full sequence,
 full vocabulary), at the real sequence length (387 = 129 text + soi + 256 image + eoi) and real vocabulary,
 with a small width. Each variant runs in a fresh process so its peak memory is its own.
+
+Raster: a raster generator's paths (the shapes world's sizes: 36 tokens, 71 codes) decoded as one batch with
+the text's and earlier tokens' keys/values cached, against the uncached loop: one full forward of the whole
+sequence per token (cond and empty-prompt rows), paths one after another.
 
 PARM: the search as implemented here (paths batched, the clarity turn's KV cache reused for the potential
 question, truncation) against the released loop's shape, on the tiny checkpoints.
@@ -118,6 +122,56 @@ def bench_showo(opts) -> dict:
     return {"showo_speedup": ratio, "fast": fast, "slow": slow}
 
 
+def uncached_raster_path(model, tok, prompt: str, seed: int, cfg: float = 1.75) -> int:
+    """One raster path the plain way: each token from a full forward of the sequence so far. Returns forwards."""
+    import torch
+
+    import cotgen
+
+    c, g, forwards = model.config, torch.Generator().manual_seed(seed), 0
+    ids = tok.t2i_ids([prompt, ""])[:, :-(c.num_vq_tokens + 1)]           # text and <|soi|>
+    with torch.inference_mode():
+        for _ in range(c.num_vq_tokens):
+            logits = model(ids, tok.attention_mask(ids))[:, -1, c.code_ids]
+            forwards += ids.numel()
+            probs = torch.softmax((1 + cfg) * logits[0] - cfg * logits[1], -1)
+            code = torch.multinomial(probs, 1, generator=g) + c.image_offset
+            ids = torch.cat([ids, code.expand(2, 1)], 1)
+    return forwards
+
+
+def bench_raster(opts) -> dict:
+    import tempfile
+
+    import torch
+
+    import cotgen
+    import data
+
+    torch.set_num_threads(opts.threads)
+    d = Path(tempfile.mkdtemp())
+    c = cotgen.ShowoConfig(codebook_size=71, num_vq_tokens=36, max_seq_length=16, n_layer=4, n_head=4, n_embd=128,
+                           intermediate_size=512, order="raster")
+    cotgen.write_showo(d / "showo", d / "phi", cotgen.phi_style_tokenizer(data.tiny_corpus(), 300), c)
+    model, tok = cotgen.load_showo(d / "showo")
+    prompt, rows = "a photo of two red circles", []
+    t0 = time.perf_counter()
+    paths = cotgen.RasterPaths(model, tok, prompt, opts.paths, steps=18)
+    for _ in paths:
+        pass
+    rows.append(("batched + KV cache", opts.paths, time.perf_counter() - t0, paths.token_forwards))
+    t0 = time.perf_counter()
+    forwards = sum(uncached_raster_path(model, tok, prompt, seed) for seed in range(opts.baseline_paths))
+    rows.append(("one by one, full forward/token", opts.baseline_paths, time.perf_counter() - t0, forwards))
+    print(f"\n== raster decoding: 36 tokens, 71 codes, width 128, 4 layers, {opts.threads} thread(s) ==")
+    print(f"{'variant':<32}{'paths':>6}{'seconds':>10}{'images/s':>10}{'token-fwd/img':>15}")
+    for name, n, dt, fw in rows:
+        print(f"{name:<32}{n:>6}{dt:>10.2f}{n / dt:>10.2f}{fw / n:>15.0f}")
+    ratio = (rows[0][1] / rows[0][2]) / (rows[1][1] / rows[1][2])
+    print(f"speed-up (images/s, batched+cache vs one-by-one full forwards): {ratio:.1f}x")
+    return {"raster_speedup": ratio, "rows": rows}
+
+
 def released_parm_loop(model, tok, magvit, verifier, prompt: str, n: int, steps: int, seed: int) -> int:
     """The shape of the released parm.py loop, for comparison: paths one after another with the full forward,
     one verifier call per clarity check, the potential question re-encoding the whole two-turn conversation
@@ -195,7 +249,8 @@ def compare_parm(model, tok, magvit, verifier, prompt: str, n: int, steps: int, 
     return {"rows": rows}
 
 
-SECTIONS = {"small": ("showo", "verifier", "parm", "dpo"), "real": ("showo", "verifier", "parm", "train", "parity")}
+SECTIONS = {"small": ("showo", "raster", "verifier", "parm", "dpo"),
+            "real": ("showo", "verifier", "parm", "train", "parity")}
 
 
 def run_small(opts) -> dict:
@@ -203,6 +258,8 @@ def run_small(opts) -> dict:
     for s in opts.sections:
         if s == "showo":
             results["showo"] = bench_showo(opts)
+        elif s == "raster":
+            results["raster"] = bench_raster(opts)
         elif s == "parm":
             results["parm"] = bench_parm(opts)
         elif s == "verifier":
@@ -219,7 +276,7 @@ def run_small(opts) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sections", nargs="*",
-                   help="sections to run (default all): --size small: showo, verifier, parm, dpo; --size real: "
+                   help="sections to run (default all): --size small: showo, raster, verifier, parm, dpo; --size real: "
                         "showo, verifier, parm, train, parity")
     p.add_argument("--size", choices=tuple(SECTIONS), default="small",
                    help="small (default): side-by-side ratios on the CPU at a small width; real: the released "

@@ -43,7 +43,8 @@ def mean_scorer(threshold):
 
 def curate_args(**kw):
     base = dict(task="orm", samples=2, steps=18, cfg=1.75, temperature=1.5, rollouts=4, judge="greedy",
-                judge_batch=16, orm_fraction=0.7, reasons=None, max_reason_tokens=8, seed=0, out="unused")
+                judge_batch=16, orm_fraction=0.7, reasons=None, max_reason_tokens=8, seed=0, out="unused",
+                clarity=list(train.PAPER_CLARITY))
     return Namespace(**{**base, **kw})
 
 
@@ -149,6 +150,23 @@ def test_clarity_rule_is_the_papers_static_rule():
     # 1-based steps of 18: after 11 "yes", before 10 "no", 10 and 11 unlabelled
     assert [train.clarity_label(i) for i in range(1, 19)] == ["no"] * 9 + [None, None] + ["yes"] * 7
     assert [train.clarity_label(i, 9) for i in range(1, 10)] == ["no"] * 4 + [None] + ["yes"] * 4
+
+
+def test_clarity_rule_thresholds_are_a_setting(monkeypatch):
+    """The rule's thresholds are an argument (curate --clarity-steps), the paper's by default and the world's own
+    (data.WORLD_CLARITY) with --world."""
+    assert [train.clarity_label(i, 18, (4, 12)) for i in range(1, 19)] == ["no"] * 3 + [None] * 9 + ["yes"] * 6
+    assert [train.clarity_label(i, 18, (6, 5)) for i in range(1, 19)] == ["no"] * 5 + ["yes"] * 13
+    parse = lambda *more: train.build_parser().parse_args(["curate", "--task", "parm", "--num-prompts", "2",  # noqa
+                                                           "--out", "o", *more])
+    monkeypatch.setattr(data, "WORLD_CLARITY", (3, 14))
+    for argv, want in (((), [10, 11]), (("--world", "shapes"), [3, 14]),
+                       (("--world", "shapes", "--clarity-steps", "7", "8"), [7, 8])):
+        a = parse(*argv)
+        train.check_curate_args(a)
+        assert a.clarity == want
+    with pytest.raises(SystemExit):
+        train.check_curate_args(parse("--clarity-steps", "12", "3"))
 
 
 def test_parm_records_follow_the_static_rule_and_the_final_label(showo, tmp_path):

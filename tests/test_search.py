@@ -306,3 +306,74 @@ def test_judge_keeps_only_the_turns_it_will_follow_up():
     assert list(judge._turns) == [4]  # the "no" path's cache is not held
     judge.potential(PROMPT, [(4, 2)])
     assert v.followed == ["turn-of-path-4"] and not judge._turns
+
+
+# ---- searches over recorded paths (PathRecord): the same search, bit for bit, with the live search's work ---------
+
+class PixelJudge(ScriptedJudge):
+    """Answers that depend on the image alone (a hash of its pixels), so that a search over recorded paths could
+    only agree with the live one by being shown the same images."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    @staticmethod
+    def score(image):
+        return (int(abs(float(image.detach().double().sum())) * 1000) % 97) / 97
+
+    def _answers(self, task, images, who):
+        self._log(task, images, who)
+        return [Answer(self.score(im) > 0.4, p_yes=self.score(im)) for im in images]
+
+    def clarity(self, images, prompt, who):
+        answers = self._answers("clarity", images, who)
+        self.seen.update({path: a.p_yes for (path, _), a in zip(who, answers)})
+        return answers
+
+    def potential(self, prompt, who):
+        self._log("potential", None, who)
+        return [Answer(self.seen[p] > 0.6, p_no=1 - self.seen[p]) for p, _ in who]
+
+    def orm(self, images, prompt, who):
+        return self._answers("orm", images, who)
+
+    def prm(self, images, prompt, who):
+        return self._answers("prm", images, who)
+
+
+@pytest.mark.parametrize("search", [cotgen.orm_search, cotgen.prm_search, cotgen.parm_search,
+                                    cotgen.parm_plus_plus])
+def test_a_search_over_recorded_paths_is_the_live_search(models, search):
+    live_judge = PixelJudge()
+    live = run(search, models, live_judge, n=4, steps=6)
+    record = cotgen.PathRecord()
+    run(cotgen.orm_search, models, PixelJudge(), n=6, steps=6, record=record)     # decodes paths 0-5 to the end
+    recorded = len(record)
+    judge = PixelJudge()
+    again = run(search, models, judge, n=4, steps=6, record=record)
+    assert again.winner == live.winner and torch.equal(again.codes, live.codes)
+    assert again.trace == live.trace and judge.calls == live_judge.calls      # every judgment and the work counts
+    assert torch.equal(again.finals, live.finals) and again.pruned == live.pruned
+    if search in (cotgen.orm_search, cotgen.parm_search):
+        assert len(record) == recorded                       # every step was replayed: nothing decoded again
+    if search is cotgen.parm_search:
+        assert any(live.pruned) and not all(live.pruned)     # the pixels decide: pruned paths stop mid-way
+    if search is cotgen.prm_search:
+        assert len(record) > recorded                        # re-branched paths leave the record: decoded live
+
+
+def test_a_replayed_step_leaves_the_generator_where_the_live_step_does(models):
+    model, tok, _ = models
+    record = cotgen.PathRecord()
+    live = cotgen.Paths(model, tok, PROMPT, 3, steps=5, seed=8, record=record)
+    for _ in live:
+        pass
+    replayed = cotgen.Paths(model, tok, PROMPT, 3, steps=5, seed=8, record=record)
+    for _ in replayed:
+        pass
+    assert record.replayed == 15 and replayed.token_forwards == live.token_forwards
+    for a, b in zip(live.generators, replayed.generators):
+        assert torch.equal(a.get_state(), b.get_state())
+    with pytest.raises(ValueError, match="seed"):
+        cotgen.Paths(model, tok, PROMPT, 2, generators=[torch.Generator(), torch.Generator()], record=record)

@@ -144,11 +144,17 @@ def test_evaluator_tolerates_pixel_noise():
 
 def test_evaluation_set_balanced_like_geneval():
     ev = data.eval_specs()
-    tags = [s["tag"] for s in ev]
-    k = len(data.SHAPE_NAMES)
-    for tag, n in data.GENEVAL_COUNTS.items():
-        assert tags.count(tag) == round(k * n / 80), tag
-    assert sorted(s["include"][0]["class"] for s in ev if s["tag"] == "single_object") == sorted(data.SHAPE_NAMES)
+    prompts = {t: [s for s in ev if s["tag"] == t] for t in data.PROMPT_TEMPLATES}
+    # hand-computed from GenEval's counts (80, 99, 80, 94, 100, 100 of 553) for 784 images and 7 shapes: single
+    # object is every class; the others need ceil(share / 4) prompts, at most a third of their distinct prompts
+    # (two objects 42, counting 21, colours 70, position 168, colour attribution 3780)
+    assert {t: len(v) for t, v in prompts.items()} == {"single_object": 7, "two_object": 14, "counting": 7,
+                                                       "colors": 23, "position": 36, "color_attr": 36}
+    assert {t: {s["images"] for s in v} for t, v in prompts.items()} == {
+        "single_object": {17}, "two_object": {11}, "counting": {17}, "colors": {6}, "position": {4},
+        "color_attr": {4}}
+    assert sum(s["images"] for s in ev) == 818 >= data.EVAL_IMAGES
+    assert sorted(s["include"][0]["class"] for s in prompts["single_object"]) == sorted(data.SHAPE_NAMES)
     assert len({s["prompt"] for s in ev}) == len(ev)
 
 def test_ground_truth_scenes_of_every_eval_prompt_pass():
@@ -201,42 +207,76 @@ def test_prompts_agree_with_the_project_generator():
 
 # ---- codec -----------------------------------------------------------------------------------------------------
 
+def to_pixels(im):
+    return torch.from_numpy(im).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
 def test_codec_round_trip():
-    codec = data.SlotCodec()
-    assert codec.codebook_size == 1 + 7 * 10 and codec.tokens == 9
-    codes = torch.randint(0, 71, (3, 9))
+    codec = data.QuadrantCodec()
+    assert codec.codebook_size == 1 + 7 * 10 and codec.tokens == 36
+    codes = torch.randint(0, 71, (3, 36))
     pixels = codec.decode_code(codes)
     assert pixels.shape == (3, 3, 15 * 8, 15 * 8) and pixels.abs().max() <= 1
-    assert torch.equal(codec.get_code(pixels), codes)
+    again = codec.get_code(pixels)                  # what it decodes re-encodes to the same pixels
+    assert torch.equal(codec.decode_code(again), pixels)
+    whole = torch.randint(0, 71, (3, 9)).repeat(1, 4)   # four equal quarters per slot: the codes themselves
+    assert torch.equal(codec.get_code(codec.decode_code(whole)), whole)
+    rng = np.random.default_rng(4)
+    tr = data.train_specs(data.eval_specs())
+    for i in rng.choice(len(tr), 40, replace=False):        # exact on the world's scenes, through the pixels
+        objs = data.sample_scene(tr[i], rng)
+        img, codes = data.render(objs), codec.get_code(to_pixels(data.render(objs)))
+        assert np.array_equal(data.to_uint8_image(codec.decode_code(codes))[0], img)
+        assert all(codes[0, s] == codes[0, s + 9] == codes[0, s + 18] == codes[0, s + 27] for s in range(9))
 
 
 def test_codec_decodes_to_the_hand_drawn_scene():
-    # code 1 + shape * 10 + colour: ring = shape 5, blue = colour 4 -> 55 in slot 1; square/red = 1 in slot 8
-    codes = torch.zeros(1, 9, dtype=torch.long)
-    codes[0, 1], codes[0, 8] = 1 + 5 * 10 + 4, 1 + 0 * 10 + 0
-    img = data.to_uint8_image(data.SlotCodec().decode_code(codes))[0]
+    # code 1 + shape * 10 + colour: ring = shape 5, blue = colour 4 -> 55; token q * 9 + s is quadrant q of slot s
+    codes = torch.zeros(1, 36, dtype=torch.long)
+    codes[0, [1, 10, 19, 28]] = 55                  # every quarter of slot 1: a whole blue ring
+    codes[0, 8 + 27] = 1                            # only the bottom-right quarter of slot 8 (red square)
+    img = data.to_uint8_image(data.QuadrantCodec().decode_code(codes))[0]
     want = np.full((15, 15, 3), (150, 150, 150), dtype=np.uint8)
     want[0:4, 5:9] = (40, 80, 220)
     want[1:3, 6:8] = (150, 150, 150)                # the ring's hole
-    want[10:13, 10:13] = (220, 40, 40)              # a 3x3 square: (4 - 3) // 2 = 0 cells into slot 8
+    want[12, 12] = (220, 40, 40)                    # the square (3x3 at the slot's corner) has one cell there
     assert np.array_equal(img, np.repeat(np.repeat(want, 8, 0), 8, 1))
 
 
-def test_codec_encodes_any_image_to_the_nearest_slot_content():
-    codec = data.SlotCodec()
-    objs = [data.in_slot("circle", "purple", 0), data.in_slot("bar", "yellow", 7)]
-    img = data.render(objs)
-    to_pixels = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].float() / 127.5 - 1   # noqa: E731
-    codes = codec.get_code(to_pixels(img))
-    assert codes[0].tolist() == [1 + 1 * 10 + 5, 0, 0, 0, 0, 0, 0, 1 + 4 * 10 + 2, 0]
-    back = data.to_uint8_image(codec.decode_code(codes))[0]
-    assert np.array_equal(back, img)
-    assert data.evaluate(back, spec("color_attr", ["circle", "bar"], ["purple", "yellow"])) == (True, "")
-    damaged = img.copy()
-    damaged[:8, 8:16] = data.PALETTE[0]             # one cell of the circle erased: still the nearest content
-    assert torch.equal(codec.get_code(to_pixels(damaged)), codes)
-    off_slot = data.render([Obj("square", "red", 1, 3)])   # straddles slots 0 and 1: each gets its nearest
-    assert codec.get_code(to_pixels(off_slot))[0, 2:].tolist() == [0] * 7
+def test_codec_encodes_any_image_to_the_nearest_quarter():
+    codec = data.QuadrantCodec()
+    circle = 1 + 1 * 10 + 5                         # purple circle
+    img = data.render([data.in_slot("circle", "purple", 0), data.in_slot("bar", "yellow", 7)])
+    codes = codec.get_code(to_pixels(img))[0]
+    assert codes[[0, 9, 18, 27]].tolist() == [circle] * 4 and codes[[7, 16, 25, 34]].tolist() == [1 + 42] * 4
+    stray = img.copy()
+    stray[32:40, 0:8] = data.PALETTE[1]             # a red cell in slot 0's free last row belongs to no token
+    assert torch.equal(codec.get_code(to_pixels(stray))[0], codes)
+    cut = img.copy()
+    cut[0:16, 16:32] = data.PALETTE[0]              # the circle's top-right quarter erased: not a whole slot, so
+    got = codec.get_code(to_pixels(cut))[0]         # each quarter its nearest: the erased one is empty
+    assert got[9] == 0 and got[[0, 18, 27]].tolist() == [circle] * 3 and torch.equal(got[1:9], codes[1:9])
+
+
+def test_a_step_image_mixing_quarters_of_two_objects_is_no_object():
+    codec = data.QuadrantCodec()
+    code = lambda shape, color: 1 + data.SHAPE_NAMES.index(shape) * 10 + data.GENEVAL_COLORS.index(color)  # noqa
+
+    def slot4(*quarter_codes):                      # slot 4's four quarters: tokens 4, 13, 22, 31
+        codes = torch.zeros(1, 36, dtype=torch.long)
+        codes[0, [4, 13, 22, 31]] = torch.tensor(quarter_codes)
+        return codec.decode_cells(codes)[0]
+
+    cross, ring, green = code("cross", "red"), code("ring", "red"), code("cross", "green")
+    for shape, c in (("cross", cross), ("ring", ring)):
+        assert data.well_formed(slot4(c, c, c, c)) and data.judge_cells(slot4(c, c, c, c),
+                                                                        spec("single_object", [shape]))[0]
+    cross_over_ring = slot4(cross, cross, ring, ring)
+    assert not data.well_formed(cross_over_ring)
+    for shape in ("cross", "ring"):
+        assert data.judge_cells(cross_over_ring, spec("single_object", [shape])) == (False, f"no {shape}")
+    assert not data.well_formed(slot4(cross, cross, green, green))      # (the evaluator still sees a red cross
+    assert not data.well_formed(np.zeros((15, 15), dtype=np.int64))    # short of a cell); no object: not whole
 
 
 def test_ground_truth_objects_never_touch():
@@ -323,3 +363,44 @@ def test_eval_needs_a_world_and_its_generator(tmp_path, capsys, tiny):
             sample.main(args + ["--out", str(tmp_path / "o"), "--device", "cpu"])
         assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
+
+
+# ---- paired differences (the claims table) ------------------------------------------------------------------------
+
+def image_rows(tag, per_prompt, first_prompt=0):
+    """results.jsonl rows: one list of 0/1 per prompt, one entry per image."""
+    return [{"filename": f"{first_prompt + k:05d}/samples/{j:04d}.png", "tag": tag, "correct": bool(v)}
+            for k, images in enumerate(per_prompt) for j, v in enumerate(images)]
+
+
+def test_paired_difference_by_hand():
+    # one tag, two prompts: A is right on prompt 0 only, B never: a draw picks each prompt twice (1/4), once each
+    # (1/2) or prompt 0 twice (1/4), so the difference is 0, 0.5 or 1 and the 95 % interval is [0, 1]
+    a, b = image_rows("colors", [[1], [0]]), image_rows("colors", [[0], [0]])
+    d, low, high = data.paired_difference([(a, b)], draws=4000, seed=1)
+    assert (d, low, high) == (0.5, 0.0, 1.0)
+    # two tags with no spread between prompts: every draw is the point, averaged GenEval's way (per tag, then
+    # the mean of the tags): colours +1, counting 0 -> overall +0.5, whatever the images per prompt
+    a = image_rows("colors", [[1, 1], [1, 1], [1, 1]]) + image_rows("counting", [[1, 0, 0]] * 2, 3)
+    b = image_rows("colors", [[0, 0], [0, 0], [0, 0]]) + image_rows("counting", [[0, 1, 0]] * 2, 3)
+    assert data.paired_difference([(a, b)]) == (0.5, 0.5, 0.5)
+    # pooled over seeds: the mean of the seeds' differences, prompts drawn once for every seed
+    assert data.paired_difference([(a, b), (b, b)]) == (0.25, 0.25, 0.25)
+    assert data.verdict_of(0.5, 0.5) == "holds" and data.verdict_of(-0.2, -0.1) == "reversed"
+    assert data.verdict_of(0.0, 1.0) == "not separated"
+    with pytest.raises(ValueError, match="same images"):
+        data.paired_difference([(a, b[:-1])])
+
+
+def test_paired_difference_is_a_prompt_bootstrap():
+    """The interval of a difference spread over many prompts narrows like a bootstrap of prompt means: checked
+    against the same bootstrap written out with a loop (an independent implementation)."""
+    rng = np.random.default_rng(5)
+    wins = rng.random((40, 4)) < 0.6
+    a, b = image_rows("position", wins.astype(int).tolist()), image_rows("position", [[0] * 4] * 40)
+    d, low, high = data.paired_difference([(a, b)], draws=2000, seed=3)
+    means = []
+    pick = np.random.default_rng(3).integers(40, size=(2000, 40))
+    for draw in pick:
+        means.append(wins[draw].mean())
+    assert d == pytest.approx(wins.mean()) and (low, high) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))

@@ -80,27 +80,51 @@ def test_scenes_need_the_world_and_no_generator(tmp_path, capsys):
         assert not (tmp_path / "o").exists()
 
 
-def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_path):
+def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_path, capsys):
     out = tmp_path / "shapes"
     assert train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu"]) == 0
     table = (out / "results.md").read_text()
-    rows = [name for name, *_ in train.SHAPES_ROWS]
-    assert rows == ["Baseline", "Ft. ORM", "Ft. PRM", "PARM", "PARM++", "DPO", "It. DPO", "It. DPO + PARM",
+    rows = [name for _, name, *_ in train.SHAPES_ROWS]
+    assert rows == ["Baseline", "Zs. ORM", "Ft. ORM", "Zs. PRM", "Ft. PRM", "DPO", "It. DPO",      # Table 1
+                    "1st integration: It. DPO, Ft. ORM guidance", "2nd integration: Ft. ORM on It. DPO",   # Table 2
+                    "3rd integration: Ft. ORM on It. DPO, Ft. ORM guidance",
+                    "PARM", "PARM on It. DPO", "It. DPO, PARM guidance", "PARM on It. DPO, PARM guidance",  # 3
+                    "Raster baseline", "Raster + Zs. ORM", "Raster + Ft. ORM", "Raster + DPO", "Raster + PARM",  # 4
+                    "Self-correction", "Self-correction + Ft. ORM", "Self-correction + PARM",             # Table 5
+                    "Self-correction + PARM++, no reflection", "Self-correction + PARM++",
                     "DPO, ORM pairs", "It. DPO, ORM pairs", "It. DPO, ORM pairs + PARM"]
     for name in rows:
         assert f"| {name} | " in table
-    folders = sorted(p.name for p in (out / "eval").iterdir() if (p / "scores.json").is_file())
-    assert folders == sorted(["baseline", "ft_orm", "ft_prm", "parm", "parmpp", "dpo", "it_dpo", "it_dpo_parm",
-                              "dpo_orm_pairs", "it_dpo_orm_pairs", "it_dpo_orm_pairs_parm"])
+    scored = {p.name for p in (out / "eval").iterdir() if (p / "scores.json").is_file()}
+    assert scored == {train.row_folder(out, name).name for name in rows}
+    assert len([p for p in (out / "eval" / "curves").glob("*/*") if (p / "scores.json").is_file()]) == 3 * 4 * 2
+    for a, b, *_ in train.CLAIMS:           # every claim is a line of the claims table, with its verdict
+        line = next(line for line in table.splitlines() if f": {a} − {b} |" in line)
+        assert line.endswith(("| holds |", "| reversed |", "| not separated |")), line
     for verifier, task in (("orm", "orm"), ("prm", "prm"), ("parm", "clarity"), ("parm", "potential")):
         assert f"| {verifier} | {task} | " in table
-    assert data.load_image(out / "results.png").size[0] > 0 and data.load_image(out / "examples.png").size[0] > 0
-    # a run killed before self-correction and the PARM row: the same command makes only what is missing
+    for title in ("## When the baseline's step images clear", "## What PARM (the PARM row) prunes",
+                  "## What PARM on the raster generator (the Raster + PARM row) prunes"):
+        assert title in table
+    for picture in ("scaling.png", "clear_steps.png", "examples.png", "raster.png"):
+        assert data.load_image(out / picture).size[0] > 0
+    # the seeds pooled into one claims table (here one run; a run given twice is refused)
+    assert train.main(["shapes", "--pool", str(out), "--out", str(tmp_path / "pooled")]) == 0
+    assert all(f": {a} − {b} |" in (tmp_path / "pooled" / "claims.md").read_text() for a, b, *_ in train.CLAIMS)
+    with pytest.raises(SystemExit):
+        train.main(["shapes", "--pool", str(out), str(out), "--out", str(tmp_path / "twice")])
+    assert "twice" in capsys.readouterr().err
+    # a run killed before self-correction and the PARM row: the same command makes only what is missing; the rows
+    # evaluated again in this one process are those the two worker processes made
     before = (out / "verifiers" / "orm" / "model.safetensors").stat().st_mtime_ns
+    parm, again = train.row_folder(out, "PARM"), train.row_folder(out, "Ft. PRM")
+    kept = {f: (f / "results.jsonl").read_text() for f in (parm, again)}
     shutil.rmtree(out / "selfcorrect")
-    shutil.rmtree(out / "eval" / "parm")
-    assert train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu"]) == 0
-    assert (out / "selfcorrect" / "config.json").is_file() and (out / "eval" / "parm" / "scores.json").is_file()
+    shutil.rmtree(parm)
+    shutil.rmtree(again)
+    assert train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu", "--workers", "1"]) == 0
+    assert (out / "selfcorrect" / "config.json").is_file() and (parm / "scores.json").is_file()
+    assert {f: (f / "results.jsonl").read_text() for f in (parm, again)} == kept
     assert (out / "verifiers" / "orm" / "model.safetensors").stat().st_mtime_ns == before
     with pytest.raises(SystemExit):     # another seed into the same folder is refused, not mixed
         train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu", "--seed", "1"])

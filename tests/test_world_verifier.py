@@ -166,6 +166,39 @@ def test_heldout_control_tells_a_verifier_that_looks_from_one_that_does_not(tmp_
     assert guesses["accuracy"] == 1.0 and guesses["shuffled_accuracy"] == 1.0
 
 
+class LooksAtTheImage:
+    """A judge that answers from the image alone: a bright image is "yes"."""
+
+    def judge(self, images, questions):
+        return [V.Judgment(float(yes), float(not yes), "yes" if yes else "no", 0, 1)
+                for yes in (np.asarray(im).mean() > 128 for im in images)]
+
+
+class AlwaysYes(LooksAtTheImage):
+    def judge(self, images, questions):
+        return super().judge([np.full((2, 2, 3), 255, dtype=np.uint8)] * len(questions), questions)
+
+
+def test_clarity_control_shows_the_same_prompts_image_from_the_other_side_of_the_rule(tmp_path):
+    """Clarity records of one prompt at several steps: the control shows the same question an image of the same
+    prompt with the other label, so a judge that reads the image is right 1 - accuracy of the time there, and one
+    that reads only the question (the same for every step) scores the share of its one answer both times."""
+    from types import SimpleNamespace
+
+    records = []
+    for prompt in ("a photo of a ring", "a photo of two bars"):
+        for step, clear in ((3, False), (5, False), (13, True), (16, True), (18, True)):
+            path = tmp_path / f"{prompt[-4:]}{step}.png"
+            data.save_png(np.full((8, 8, 3), 250 if clear else 5, dtype=np.uint8), path)
+            rec = SimpleNamespace(image=path, turns=[V.clarity_question(prompt), "?"])
+            records.append((rec, "clarity", "yes" if clear else "no"))
+    assert [records[j][2] for j in train.other_image(records)] == (["yes"] * 2 + ["no"] * 3) * 2
+    looks = train.heldout_accuracy(LooksAtTheImage(), records)["clarity"]
+    guesses = train.heldout_accuracy(AlwaysYes(), records)["clarity"]
+    assert (looks["accuracy"], looks["shuffled_accuracy"]) == (1.0, 0.0)
+    assert (guesses["accuracy"], guesses["shuffled_accuracy"]) == (0.6, 0.6)
+
+
 def test_pair_ranking_by_hand():
     """Pairs are formed within one question only; ties count half; a question without both answers adds none."""
     judged = [("q1", "yes", 0.9), ("q1", "no", 0.2), ("q1", "no", 0.95), ("q2", "yes", 0.5), ("q2", "no", 0.5),
