@@ -737,7 +737,7 @@ class Paths:
                 if key is not None:
                     self.record.put(key, sampled, tokens, m)
             else:
-                sampled, tokens, m = kn
+                sampled, tokens, m = kn[0].to(self.tokens.device), kn[1].to(self.tokens.device), kn[2]
                 self._skip_draws(self.generators[i])
             self.tokens[i], self.x0[i] = tokens, sampled
             mask_len.append(m)
@@ -781,7 +781,9 @@ class PathRecord:
     Searches of one generator that share a record share their paths: a step decoded by one is replayed by the
     next, bit for bit, with the work it costs still counted. Give each generator (model) its own record."""
     def __init__(self):
-        self._steps: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        # codes are kept as Python bytes, not tensors: a full evaluation holds ~10^5 steps, and as many small tensors
+        # allocated between decoding's large temporaries fragmented the heap to ~300 KB a step (16 GB in a worker)
+        self._steps: dict[tuple, tuple[bytes, bytes, int]] = {}
         self.replayed = 0
 
     def __len__(self) -> int:
@@ -790,10 +792,14 @@ class PathRecord:
     def get(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         got = self._steps.get(key)
         self.replayed += got is not None
-        return got
+        if got is None:
+            return None
+        x0, tokens, mask_len = got
+        return (torch.frombuffer(bytearray(x0), dtype=torch.long), torch.frombuffer(bytearray(tokens), dtype=torch.long),
+                mask_len)
 
     def put(self, key: tuple, x0: torch.Tensor, tokens: torch.Tensor, mask_len: int) -> None:
-        self._steps[key] = (x0.clone(), tokens.clone(), mask_len)
+        self._steps[key] = (x0.cpu().long().numpy().tobytes(), tokens.cpu().long().numpy().tobytes(), mask_len)
 
 class RasterPaths(Paths):
     """N decoding paths of a raster generator (ours, the paper's Table 4: LlamaGen makes the image tokens one at a
