@@ -377,3 +377,14 @@ def test_a_replayed_step_leaves_the_generator_where_the_live_step_does(models):
         assert torch.equal(a.get_state(), b.get_state())
     with pytest.raises(ValueError, match="seed"):
         cotgen.Paths(model, tok, PROMPT, 2, generators=[torch.Generator(), torch.Generator()], record=record)
+
+def test_path_record_holds_copies_as_bytes_not_tensors():
+    # a full evaluation records ~10^5 steps: as small tensors they fragmented the heap to 16 GB in one worker
+    record = cotgen.PathRecord()
+    x0, tokens = torch.arange(36), torch.arange(100, 136)
+    record.put(("p", 0), x0, tokens, 7)
+    x0 += 1                                                  # the record keeps the values it was given
+    got = record.get(("p", 0))
+    assert torch.equal(got[0], torch.arange(36)) and torch.equal(got[1], torch.arange(100, 136)) and got[2] == 7
+    assert got[0].dtype == torch.long and record.replayed == 1 and record.get(("p", 1)) is None
+    assert not any(torch.is_tensor(v) for entry in record._steps.values() for v in entry)
