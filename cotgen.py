@@ -723,7 +723,7 @@ class Paths:
         if not live:
             raise RuntimeError("no live path to advance")
         keys = [self._key(i) for i in live] if self.record is not None else [None] * len(live)
-        known = [self.record.get(k) if k else None for k in keys]
+        known = [self.record.get(k, self.tokens.device) if k else None for k in keys]
         fresh = [i for i, kn in zip(live, known) if kn is None]
         probs = self.probs(self.tokens[fresh]) if fresh else None
         self.token_forwards += self.step_forwards * (len(live) - len(fresh))
@@ -737,7 +737,7 @@ class Paths:
                 if key is not None:
                     self.record.put(key, sampled, tokens, m)
             else:
-                sampled, tokens, m = kn[0].to(self.tokens.device), kn[1].to(self.tokens.device), kn[2]
+                sampled, tokens, m = kn
                 self._skip_draws(self.generators[i])
             self.tokens[i], self.x0[i] = tokens, sampled
             mask_len.append(m)
@@ -789,14 +789,14 @@ class PathRecord:
     def __len__(self) -> int:
         return len(self._steps)
 
-    def get(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    def get(self, key: tuple, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, int] | None:
         got = self._steps.get(key)
         self.replayed += got is not None
         if got is None:
             return None
         x0, tokens, mask_len = got
-        return (torch.frombuffer(bytearray(x0), dtype=torch.long), torch.frombuffer(bytearray(tokens), dtype=torch.long),
-                mask_len)
+        codes = lambda b: torch.frombuffer(bytearray(b), dtype=torch.long).to(device)  # noqa: E731
+        return codes(x0), codes(tokens), mask_len
 
     def put(self, key: tuple, x0: torch.Tensor, tokens: torch.Tensor, mask_len: int) -> None:
         self._steps[key] = (x0.cpu().long().numpy().tobytes(), tokens.cpu().long().numpy().tobytes(), mask_len)
