@@ -2127,8 +2127,15 @@ def evaluate_generator(o: Path, z: dict, seed: int, device: str, pipeline: sampl
         if sample.main(argv, pipeline, record=record):
             return None
     inspected = {row_folder(o, "PARM"): SHOWO, row_folder(o, "Raster + PARM"): RASTER}
-    return next((inspect_generator(o, z, seed, device, gen, record) for folder, *_ in jobs
-                 if inspected.get(folder) == gen), {})
+    row = next((folder for folder, *_ in jobs if inspected.get(folder) == gen), None)
+    if row is None:
+        return {}
+    # kept beside the rows, so that a pipeline stopped later does not finish every path again; made again when
+    # its row is newer
+    kept = o / "eval" / f"inspect_{row_folder(o, gen).name}.json"
+    if not kept.is_file() or kept.stat().st_mtime_ns < (row / "scores.json").stat().st_mtime_ns:
+        data.write_json(inspect_generator(o, z, seed, device, gen, record), kept)
+    return json.loads(kept.read_text())
 
 def evaluation_groups(o: Path, z: dict) -> list[tuple[str, list[tuple]]]:
     """The evaluations split into groups that share decoding paths, the costliest first (by paths decoded): each

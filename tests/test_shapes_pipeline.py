@@ -80,7 +80,7 @@ def test_scenes_need_the_world_and_no_generator(tmp_path, capsys):
         assert not (tmp_path / "o").exists()
 
 
-def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_path, capsys):
+def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_path, capsys, monkeypatch):
     out = tmp_path / "shapes"
     assert train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu"]) == 0
     table = (out / "results.md").read_text()
@@ -126,6 +126,15 @@ def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_pa
     assert (out / "selfcorrect" / "config.json").is_file() and (parm / "scores.json").is_file()
     assert {f: (f / "results.jsonl").read_text() for f in (parm, again)} == kept
     assert (out / "verifiers" / "orm" / "model.safetensors").stat().st_mtime_ns == before
+    inspected = out / "eval" / "inspect_showo.json"     # measured again from the PARM row made again
+    assert inspected.stat().st_mtime_ns >= (parm / "scores.json").stat().st_mtime_ns
+    # once every row is scored, a run stopped while writing the results does not inspect the paths again
+    (out / "results.md").unlink()
+    def not_again(*args):
+        raise AssertionError("inspected again")
+    monkeypatch.setattr(train, "inspect_generator", not_again)
+    assert train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu", "--workers", "1"]) == 0
+    assert "## What PARM (the PARM row) prunes" in (out / "results.md").read_text()
     with pytest.raises(SystemExit):     # another seed into the same folder is refused, not mixed
         train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu", "--seed", "1"])
 
