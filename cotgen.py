@@ -1084,6 +1084,13 @@ def self_correction_text(prompt: str, reason: str) -> str:
     """PARM++'s self-correction text (ours, no released PARM++): the reason after the prompt; the image: `t2i_ids`."""
     return f"{prompt}\nCorrection: {' '.join(reason.split())}"
 
+def reflection_reason(answer: str) -> str:
+    """Sec. 5, the explanation in a reflection answer "no. <reason>" (the reflect data's answer format), as the
+    self-correction data hold it: the reason alone, so that the generator is conditioned at sampling on the text it
+    was trained on. An answer without that head is taken whole."""
+    head, dot, reason = answer.strip().partition(".")
+    return reason.strip() if dot and head.strip().lower() == "no" and reason.strip() else answer.strip()
+
 def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *, steps=18, cfg=1.75, seed=0,
                    truncate=True, rounds=3, max_reason_tokens=64, progress=None, released_temperature=False,
                    record=None):
@@ -1106,7 +1113,7 @@ def parm_plus_plus(model, tok, magvit, judge: Judge, prompt: str, n: int = 20, *
             entry["stopped"] = "reflection evaluation said yes" if verdict.is_yes else f"{rounds} rounds done"
             break
         entry["reason"] = reason = judge.reflect(image, prompt, max_reason_tokens)[0]
-        paths = Paths(model, tok, self_correction_text(prompt, reason), 1, steps=steps, cfg=cfg,
+        paths = Paths(model, tok, self_correction_text(prompt, reflection_reason(reason)), 1, steps=steps, cfg=cfg,
                       seed=seed + 1000 * (r + 1), condition=codes)
         for step in paths:
             if progress:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import cotgen
+import dpo
 
 
 class Answer:
@@ -159,6 +160,32 @@ def test_parm_plus_plus_stops_at_first_yes_and_after_three_rounds(models, answer
     if rounds_run:
         assert refl[-1]["codes"] == r.codes.tolist()  # the last regenerated image is the result
         assert not torch.equal(r.codes, r.finals[1])  # regenerated from the prompt, the image and the reason
+
+
+class ReflectingJudge(ScriptedJudge):
+    def reflect(self, images, prompt, max_new_tokens):
+        self._log("reflect", images, [None])
+        return ["no. the apple is  green, not red"]       # the reflect data's answer format: "no. <reason>"
+
+
+def test_parm_plus_plus_corrects_from_the_reason_the_generator_was_trained_on(models, monkeypatch):
+    """The verifier answers "no. <reason>"; the self-correction data hold the reason alone (`train.py selfcorrect`
+    on reflect.json), so the correction round is conditioned on the training text of that reason."""
+    texts, real = [], cotgen.Paths
+
+    def spy(model, tok, text, *args, **kw):
+        texts.append(text)
+        return real(model, tok, text, *args, **kw)
+
+    monkeypatch.setattr(cotgen, "Paths", spy)
+    judge = ReflectingJudge(clear_from={0: 3, 1: 3}, potential={0: (True, 0.1), 1: (True, 0.2)},
+                            orm={0: 0.3, 1: 0.8}, reflection=[False, True])
+    r = run(cotgen.parm_plus_plus, models, judge, n=2, steps=6)
+    trained = dpo.correction_texts(dpo.CorrectionData([PROMPT], ["the apple is green, not red"], None, None, [""]))
+    assert texts[-1] == trained[0] == PROMPT + "\nCorrection: the apple is green, not red"
+    assert r.trace["reflections"][0]["reason"] == "no. the apple is  green, not red"   # the trace keeps the answer
+    assert [cotgen.reflection_reason(a) for a in ("yes", "No. too red", "no.", " no square ")] == [
+        "yes", "too red", "no.", "no square"]
 
 
 def test_self_correction_layout_and_mask(models):
