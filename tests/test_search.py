@@ -405,6 +405,7 @@ def test_a_replayed_step_leaves_the_generator_where_the_live_step_does(models):
     with pytest.raises(ValueError, match="seed"):
         cotgen.Paths(model, tok, PROMPT, 2, generators=[torch.Generator(), torch.Generator()], record=record)
 
+
 def test_path_record_holds_copies_as_bytes_not_tensors():
     # a full evaluation records ~10^5 steps: as small tensors they fragmented the heap to 16 GB in one worker
     record = cotgen.PathRecord()
