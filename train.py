@@ -1805,6 +1805,11 @@ layout: causal attention over the image tokens in raster order, next-token predi
 its config.json says "order": "raster" with its sampling settings (--temperature, --top-k), so sample.py and the
 searches decode it token by token (cotgen.RasterPaths)."""
 
+# pretraining examples by generator: the raster generator learns from every token at every step and takes 2400
+# steps of 32 instead of 3600, to fit Table 4's budget of 8 min on 2 cores (3600 took 11 min 46 s): set from that
+# timing, before any of its rows was scored again
+PRETRAIN_SCENES = {"masked": 57600, "raster": 38400}
+
 # the raster generator's sampling, a world decoding setting: plain sampling (top-k 5 and temperature 0.7 scored
 # within the interval of it on the seed-0 world: README, the raster generator)
 RASTER_SAMPLING = dict(temperature=1.0, top_k=0)
@@ -1821,9 +1826,10 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--n-layer", type=int, default=4, help="Phi blocks (default 4)")
     g.add_argument("--n-head", type=int, default=4, help="attention heads (default 4)")
     g.add_argument("--vocab", type=int, default=300, help="BPE vocabulary of the world's text tokenizer (default 300)")
-    g.add_argument("--scenes", type=int, default=57600,
-                   help="training examples, each a prompt and a random correct scene of it; one epoch of them "
-                        "in batches of --batch-size is the run (default 57600: 1800 steps of 32)")
+    g.add_argument("--scenes", type=int, default=None,
+                   help="training examples, each a prompt and a random correct scene of it, seen once an epoch in "
+                        "batches of --batch-size (default: 57600 for masked, 1800 steps of 32 an epoch; 38400 for "
+                        "raster, 1200)")
     g.add_argument("--temperature", type=float,
                    help=f"raster only: sampling temperature, saved in config.json (default "
                         f"{RASTER_SAMPLING['temperature']})")
@@ -1866,6 +1872,7 @@ def sampling_defaults(a) -> None:
 def run_pretrain(a) -> int:
     check_optim_args(a)
     sampling_defaults(a)
+    a.scenes = PRETRAIN_SCENES[a.generator] if a.scenes is None else a.scenes
     at_least(a, 1, "n_embd", "n_layer", "n_head", "vocab", "scenes")
     at_least(a, 0, "top_k", "temperature")
     if a.n_embd % a.n_head or (a.n_embd // a.n_head) % 4:
@@ -1990,15 +1997,13 @@ CURVE_METHODS = (("Zs. ORM", ["--orm"], "base", 20), ("Ft. ORM", ["--orm"], "orm
 # stage sizes: the defaults, and --micro (a smoke run in seconds that only checks that every row is produced).
 # orm_pairs: the trained ORM labels dpo_orm's pairs (not in --micro: a 2-step ORM may label every image alike)
 SHAPES_SIZES = {
-    # raster: the raster generator's pretraining, 2400 steps of 32 instead of Show-o's 3600 (fits Table 4's budget of
-    # 8 min on 2 cores; 3600 took 11 min 46 s), set from that timing before any of its rows was scored again
-    "full": dict(pretrain=[], raster=["--scenes", "38400"], scenes=24000, curate=1000, heldout=150, prm=150, reflect=500, reflect_samples=4,
+    "full": dict(pretrain=[], scenes=24000, curate=1000, heldout=150, prm=150, reflect=500, reflect_samples=4,
                  dpo=600, paths=8, samples=None, limit=None, steps=18, examples=4, fast=[], orm_pairs=True,
                  curve=CURVE_NS),
     # a micro generator draws a right image now and then (single objects, mostly): the reflect data takes more
     # samples, so that some prompt has a right and a wrong image to pair
     "micro": dict(pretrain=["--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--vocab", "120", "--scenes", "512",
-                            "--batch-size", "16", "--epochs", "1"], raster=[],
+                            "--batch-size", "16", "--epochs", "1"],
                   scenes=8, curate=6, heldout=3, prm=2, reflect=96, reflect_samples=8, dpo=48, paths=2, samples=1,
                   limit=2, steps=4, examples=1, fast=["--max-steps", "2"], orm_pairs=False, curve=(1, 2)),
 }
@@ -2082,7 +2087,7 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
             (v / "parmpp", sft("parm", "parm/parm.json", "reflect/reflect.json") + PARM_SHARE),
             (o / "dpo", dpo_argv + ["--showo", showo]), (o / "dpo_orm", dpo_argv + ["--showo", showo] + orm_labels),
             (o / "dpo_guided_orm", guided("orm")), (o / "dpo_guided_parm", guided("parm")),
-            (o / RASTER, ["pretrain", *w, *s, *z["pretrain"], *z["raster"], "--generator", "raster"]),
+            (o / RASTER, ["pretrain", *w, *s, *z["pretrain"], "--generator", "raster"]),
             (o / "dpo_raster", ["dpo", *w, *s, *z["fast"], "--rounds", "1", "--geneval", str(z["dpo"]), "--gen-steps",
                                 str(z["steps"]), *SHAPES_SHOWO_TUNING, *SHAPES_DPO, "--showo", str(o / RASTER)]),
             (o / SELF, ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",

@@ -280,6 +280,26 @@ def test_raster_pretrain_bad_flags_write_nothing(tmp_path, capsys, args, message
     assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_pretraining_length_defaults_by_generator(tmp_path, monkeypatch):
+    """Without --scenes, Show-o pretrains on 57600 scenes and the raster generator on 38400 (2400 steps of 32, its
+    time budget); an explicit --scenes wins for both."""
+    import train
+
+    class Painted(Exception):
+        pass
+
+    def paint(specs, n, seed, progress=None):
+        raise Painted(n)
+
+    monkeypatch.setattr(data, "training_scenes", paint)
+    flags = [a for a in MICRO if a not in ("--scenes", "48", "--top-k", "7")]
+    for generator, extra, want in (("raster", [], 38400), ("masked", [], 57600), ("raster", ["--scenes", "96"], 96)):
+        argv = [a if a != "raster" else generator for a in flags] + extra + ["--out", str(tmp_path / f"{want}")]
+        with pytest.raises(Painted) as e:
+            train.main(argv)
+        assert e.value.args == (want,)
+
+
 def test_a_token_order_makes_the_image_left_to_right_top_to_bottom(tmp_path):
     """The world's tokenizer lays a slot's four quarters 9 apart; the raster generator makes them left to right,
     top to bottom over the image (token_order, saved in config.json): a step's x̂0 holds exactly the first tokens of
