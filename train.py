@@ -1828,8 +1828,9 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--vocab", type=int, default=300, help="BPE vocabulary of the world's text tokenizer (default 300)")
     g.add_argument("--scenes", type=int, default=None,
                    help="training examples, each a prompt and a random correct scene of it, seen once an epoch in "
-                        "batches of --batch-size (default: 57600 for masked, 1800 steps of 32 an epoch; 38400 for "
-                        "raster, 1200)")
+                        "batches of --batch-size (default: " + "; ".join(
+                            f"{n} for {kind}, {n // d.batch_size} steps of {d.batch_size} an epoch"
+                            for kind, n in PRETRAIN_SCENES.items()) + ")")
     g.add_argument("--temperature", type=float,
                    help=f"raster only: sampling temperature, saved in config.json (default "
                         f"{RASTER_SAMPLING['temperature']})")
