@@ -1657,6 +1657,12 @@ def answer_word(text: str) -> str:
     m = re.match(r"\s*([A-Za-z]+)", text)
     return m.group(1).lower() if m else ""
 
+def record_step(rid: str) -> int | None:
+    """The 1-based step of a curated step record's id (`Curate.record_id`: "clarity-p000003-k01-s07" -> 7), None
+    for a record on a final image or from elsewhere."""
+    m = re.search(r"-s(\d+)$", rid)
+    return int(m.group(1)) if m else None
+
 def heldout_records(a) -> list[tuple[data.Conversation, str, str]]:
     """--heldout's records as (record, task, answer), read and checked before any work: each asks one of the
     verifier's questions (verifiers.question_task) and is answered yes or no (a reflection: "no. <reason>")."""
@@ -1698,8 +1704,11 @@ def heldout_accuracy(verifier: verifiers.Verifier, records, batch: int = 64) -> 
     "shuffled_accuracy" judges each question with another image (`other_image`): another prompt's, or for clarity
     the same prompt's from the other side of the rule; a verifier that answers from the prompt alone, not the
     image, scores as well there as with the right images (for clarity a judge that reads the image scores about 1
-    minus its accuracy). "ranking" is what a best-of-N search needs (`pair_ranking`)."""
+    minus its accuracy). "ranking" is what a best-of-N search needs (`pair_ranking`). For clarity,
+    "judged_yes_by_step" counts [said yes, records] per step of the curated records: a static rule labels by the
+    step, a judge sees only the image, so its errors show where images of both sides look alike."""
     tally: dict[str, Counter] = {}
+    by_step: dict[int, list[int]] = {}       # clarity: step -> [judged yes, records], where the rule's errors lie
     other = other_image(records)
     p_yes: list[float] = []
     progress = sample.Progress("heldout", len(records), unit="record", seconds=10.0)
@@ -1715,12 +1724,16 @@ def heldout_accuracy(verifier: verifiers.Verifier, records, batch: int = 64) -> 
             tally.setdefault(task, Counter()).update(total=1, correct=int(j.answer == answer),
                                                      answer_yes=int(answer == "yes"), judged_yes=int(j.is_yes),
                                                      shuffled_correct=int(s.answer == answer))
+            if task == "clarity" and (step := record_step(getattr(rec, "id", ""))) is not None:
+                by_step.setdefault(step, [0, 0])[0] += int(j.is_yes)
+                by_step[step][1] += 1
             progress(start + i + 1)         # per record, so the line's rate is per record
     ranked = {task: pair_ranking([(str(rec.turns[:-1]), answer, p) for (rec, t, answer), p in zip(records, p_yes)
                                   if t == task]) for task in tally}
     return {task: {**tally[task], "accuracy": tally[task]["correct"] / tally[task]["total"],
                    "shuffled_accuracy": tally[task]["shuffled_correct"] / tally[task]["total"],
-                   "ranking": ranked[task][0], "ranking_pairs": ranked[task][1]}
+                   "ranking": ranked[task][0], "ranking_pairs": ranked[task][1],
+                   **({"judged_yes_by_step": {str(k): by_step[k] for k in sorted(by_step)}} if task == "clarity" else {})}
             for task in HELDOUT_TASKS if task in tally}
 
 def pair_ranking(judged: Sequence[tuple[str, str, float]]) -> tuple[float | None, int]:
@@ -1744,7 +1757,8 @@ def report_heldout(a, out: Path, records, device: torch.device) -> int:
         return 0
     done = out / "heldout.json"
     old = data.read_config(out, "heldout.json") if done.is_file() else {}
-    if old.get("heldout") == resolved(a.heldout) and all("ranking" in t for t in old["tasks"].values()):
+    if old.get("heldout") == resolved(a.heldout) and all("ranking" in t for t in old["tasks"].values()) \
+            and "judged_yes_by_step" in old["tasks"].get("clarity", {"judged_yes_by_step": None}):
         tasks = old["tasks"]        # a finished run asked again: judged already
     else:
         tasks = heldout_accuracy(verifiers.load_verifier(out, device=device), records)
@@ -1754,6 +1768,9 @@ def report_heldout(a, out: Path, records, device: torch.device) -> int:
               f"image {t['shuffled_accuracy']:.3f}; ranks a prompt's yes image above its no image "
               f"{'-' if t['ranking'] is None else format(t['ranking'], '.3f')} ({t['ranking_pairs']} pairs)",
               file=sys.stderr)
+    if tasks.get("clarity", {}).get("judged_yes_by_step"):
+        said = (f"{k}: {y / n:.2f}" for k, (y, n) in tasks["clarity"]["judged_yes_by_step"].items())
+        print(f"[heldout] clarity: share judged clear at each step ({', '.join(said)})", file=sys.stderr)
     data.write_json({"heldout": resolved(a.heldout), "verifier": resolved(out), "tasks": tasks}, done)
     return 0
 

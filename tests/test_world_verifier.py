@@ -199,6 +199,26 @@ def test_clarity_control_shows_the_same_prompts_image_from_the_other_side_of_the
     assert (guesses["accuracy"], guesses["shuffled_accuracy"]) == (0.6, 0.6)
 
 
+def test_clarity_counts_what_the_judge_says_at_each_step(tmp_path):
+    """judged_yes_by_step reads each record's step from its curated id and counts [said yes, records] per step:
+    here a judge that calls a step-5 image clear on one prompt of two, by hand; records without a step count nowhere."""
+    from types import SimpleNamespace
+
+    records = []
+    for j, prompt in enumerate(("a photo of a ring", "a photo of two bars")):
+        for step, bright in ((3, False), (5, j == 0), (13, True)):
+            path = tmp_path / f"{j}-{step}.png"
+            data.save_png(np.full((8, 8, 3), 250 if bright else 5, dtype=np.uint8), path)
+            rec = SimpleNamespace(id=f"clarity-p{j:06d}-k00-s{step:02d}", image=path,
+                                  turns=[V.clarity_question(prompt), "?"])
+            records.append((rec, "clarity", "yes" if step > 10 else "no"))
+    records.append((SimpleNamespace(id="elsewhere", image=path, turns=[V.clarity_question("a ring"), "?"]),
+                    "clarity", "yes"))
+    report = train.heldout_accuracy(LooksAtTheImage(), records)["clarity"]
+    assert report["judged_yes_by_step"] == {"3": [0, 2], "5": [1, 2], "13": [2, 2]}
+    assert report["total"] == 7 and report["correct"] == 6
+
+
 def test_pair_ranking_by_hand():
     """Pairs are formed within one question only; ties count half; a question without both answers adds none."""
     judged = [("q1", "yes", 0.9), ("q1", "no", 0.2), ("q1", "no", 0.95), ("q2", "yes", 0.5), ("q2", "no", 0.5),
