@@ -1260,6 +1260,13 @@ class Curate:
         return f"{task}-p{j:06d}-k{k:02d}" + ("" if step is None else f"-s{step:02d}")
 
     @staticmethod
+    def record_step(rid: str) -> int | None:
+        """`record_id`'s step back from an id ("clarity-p000003-k01-s07" -> 7); None for a record on a final image
+        or one curated elsewhere."""
+        m = re.search(r"-s(\d+)$", rid)
+        return int(m.group(1)) if m else None
+
+    @staticmethod
     def step_record(task: str, j: int, k: int, step: int, question: Sequence[str], prompt: str, label: str) -> dict:
         """A record on path k's image after 1-based `step` (PRM, clarity, potential): `question` answered `label`."""
         return data.llava_record(Curate.record_id(task, j, k, step), Curate.image(j, k, step),
@@ -1657,12 +1664,6 @@ def answer_word(text: str) -> str:
     m = re.match(r"\s*([A-Za-z]+)", text)
     return m.group(1).lower() if m else ""
 
-def record_step(rid: str) -> int | None:
-    """The 1-based step of a curated step record's id (`Curate.record_id`: "clarity-p000003-k01-s07" -> 7), None
-    for a record on a final image or from elsewhere."""
-    m = re.search(r"-s(\d+)$", rid)
-    return int(m.group(1)) if m else None
-
 def heldout_records(a) -> list[tuple[data.Conversation, str, str]]:
     """--heldout's records as (record, task, answer), read and checked before any work: each asks one of the
     verifier's questions (verifiers.question_task) and is answered yes or no (a reflection: "no. <reason>")."""
@@ -1724,17 +1725,19 @@ def heldout_accuracy(verifier: verifiers.Verifier, records, batch: int = 64) -> 
             tally.setdefault(task, Counter()).update(total=1, correct=int(j.answer == answer),
                                                      answer_yes=int(answer == "yes"), judged_yes=int(j.is_yes),
                                                      shuffled_correct=int(s.answer == answer))
-            if task == "clarity" and (step := record_step(getattr(rec, "id", ""))) is not None:
+            if task == "clarity" and (step := Curate.record_step(getattr(rec, "id", ""))) is not None:
                 by_step.setdefault(step, [0, 0])[0] += int(j.is_yes)
                 by_step[step][1] += 1
             progress(start + i + 1)         # per record, so the line's rate is per record
     ranked = {task: pair_ranking([(str(rec.turns[:-1]), answer, p) for (rec, t, answer), p in zip(records, p_yes)
                                   if t == task]) for task in tally}
-    return {task: {**tally[task], "accuracy": tally[task]["correct"] / tally[task]["total"],
-                   "shuffled_accuracy": tally[task]["shuffled_correct"] / tally[task]["total"],
-                   "ranking": ranked[task][0], "ranking_pairs": ranked[task][1],
-                   **({"judged_yes_by_step": {str(k): by_step[k] for k in sorted(by_step)}} if task == "clarity" else {})}
-            for task in HELDOUT_TASKS if task in tally}
+    report = {task: {**tally[task], "accuracy": tally[task]["correct"] / tally[task]["total"],
+                     "shuffled_accuracy": tally[task]["shuffled_correct"] / tally[task]["total"],
+                     "ranking": ranked[task][0], "ranking_pairs": ranked[task][1]}
+              for task in HELDOUT_TASKS if task in tally}
+    if "clarity" in report:
+        report["clarity"]["judged_yes_by_step"] = {str(k): by_step[k] for k in sorted(by_step)}
+    return report
 
 def pair_ranking(judged: Sequence[tuple[str, str, float]]) -> tuple[float | None, int]:
     """Over every pair of records that ask the same question (one prompt's images) where one answer is "yes" and
@@ -1758,8 +1761,8 @@ def report_heldout(a, out: Path, records, device: torch.device) -> int:
     done = out / "heldout.json"
     old = data.read_config(out, "heldout.json") if done.is_file() else {}
     if old.get("heldout") == resolved(a.heldout) and all("ranking" in t for t in old["tasks"].values()) \
-            and "judged_yes_by_step" in old["tasks"].get("clarity", {"judged_yes_by_step": None}):
-        tasks = old["tasks"]        # a finished run asked again: judged already
+            and ("clarity" not in old["tasks"] or "judged_yes_by_step" in old["tasks"]["clarity"]):
+        tasks = old["tasks"]        # a finished run asked again, with every field written today: judged already
     else:
         tasks = heldout_accuracy(verifiers.load_verifier(out, device=device), records)
     for task, t in tasks.items():
