@@ -2125,8 +2125,10 @@ def curve_folder(o: Path, generator: str, method: str, n: int) -> Path:
 
 def evaluations(o: Path, z: dict) -> list[tuple[Path, str, list[str], str | None, int | None]]:
     """(folder, generator, search flags with N, verifier, images per prompt) of every row and curve point, the
-    rows first; each generator's own evaluations in a run (they share its decoding paths)."""
-    rows = [(row_folder(o, name), gen, [*flags, "--paths", str(z["paths"])], verifier, z["samples"])
+    rows first; each generator's own evaluations in a run (they share its decoding paths). A row without a search
+    shows path 0 of each image, so it decodes that path alone: a path's steps do not depend on the paths beside it
+    in a batch (test_search), and the searches of its generator decode the others."""
+    rows = [(row_folder(o, name), gen, [*flags, "--paths", str(z["paths"] if flags else 1)], verifier, z["samples"])
             for _, name, gen, flags, verifier in SHAPES_ROWS]
     curves = [(curve_folder(o, g, m, n), gen, [*flags, "--paths", str(n)], verifier, 1)
               for g, gen in CURVE_GENERATORS for m, flags, verifier, most in CURVE_METHODS

@@ -390,6 +390,22 @@ def test_a_search_over_recorded_paths_is_the_live_search(models, search):
         assert len(record) > recorded                        # re-branched paths leave the record: decoded live
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_path_decoded_alone_takes_the_steps_it_takes_beside_others(models, threads):
+    """Why a row without a search may decode path 0 alone (train.evaluations): each path's x̂0 at every step is the
+    same, bit for bit, whether it is decoded alone or as one of 6 paths in a batch (the work evaluation threads)."""
+    model, tok, _ = models
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch = [step.x0 for step in cotgen.Paths(model, tok, PROMPT, 6, steps=8, seed=3)]
+        for i in (0, 4):
+            alone = [step.x0[0] for step in cotgen.Paths(model, tok, PROMPT, 1, steps=8, seed=3 + i)]
+            assert all(torch.equal(a, b[i]) for a, b in zip(alone, batch))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_replayed_step_leaves_the_generator_where_the_live_step_does(models):
     model, tok, _ = models
     record = cotgen.PathRecord()

@@ -139,6 +139,25 @@ def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_pa
         train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu", "--seed", "1"])
 
 
+def test_only_a_search_decodes_more_than_path_0(tmp_path):
+    """A row without a search shows path 0 of each image (sample.image_seed), so it asks for that path alone; every
+    search row decodes the run's 8 paths, and a best-of-N point its N."""
+    z = train.SHAPES_SIZES["full"]
+    jobs = train.evaluations(tmp_path, z)
+    searches = ("--orm", "--prm", "--parm", "--parm++")
+    plain = {folder.name for folder, _, flags, *_ in jobs if not any(f in flags for f in searches)}
+    assert plain == {train.row_folder(tmp_path, name).name for _, name, _, flags, _ in train.SHAPES_ROWS if not flags}
+    assert len(plain) == 10
+    for folder, _, flags, *_ in jobs:
+        n = int(flags[flags.index("--paths") + 1])
+        if folder.name in plain:
+            assert n == 1
+        elif folder.parent.parent.name != "curves":
+            assert n == z["paths"] == 8
+        else:
+            assert folder.name.endswith(f"_n{n}")
+
+
 def test_a_stage_points_at_the_pipelines_command_and_a_damaged_stage_file_at_its_stage(tmp_path, capsys, monkeypatch):
     """Issue 21: an interrupted stage says to run the pipeline's command (not the stage's own with --resume), and an
     unreadable file an earlier stage made names that stage and how to make it again, not a download."""
