@@ -393,7 +393,8 @@ def test_a_search_over_recorded_paths_is_the_live_search(models, search):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_path_decoded_alone_takes_the_steps_it_takes_beside_others(models, threads):
     """Why a row without a search may decode path 0 alone (train.evaluations): each path's x̂0 at every step is the
-    same, bit for bit, whether it is decoded alone or as one of 6 paths in a batch (the work evaluation threads)."""
+    same, bit for bit, whether it is decoded alone or as one of 6 paths in a batch, on one thread (as an
+    evaluation worker) or two."""
     model, tok, _ = models
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
