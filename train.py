@@ -24,6 +24,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import re
 import shlex
 import shutil
@@ -1941,7 +1942,8 @@ DPO and iterative DPO with pairs labelled by the automatic labeller (as the pape
 ORM's ranking data), and again by the trained ORM; It. DPO's second round with Ft. ORM or PARM guidance ->
 self-correction -> a raster-order generator and its DPO (Table 4) -> every row and best-of-N point, on the same
 prompts and image seeds. Each stage is a `train.py` / `sample.py` command whose output folder is kept, so a killed
-run continues where it stopped (run the same command again). Writes OUT/results.md (claims, tables, curves,
+run continues where it stopped (run the same command again); a stage starts once the stages it reads are made, in
+--workers processes (one torch thread each on a CPU). Writes OUT/results.md (claims, tables, curves,
 pruning, held-out accuracies, work), scaling.png, clear_steps.png, examples.png and raster.png."""
 
 # (table, row, generator, search flags, verifier): every row of the paper's Tables 1, 2, 3 and 5, named as the paper
@@ -2066,8 +2068,8 @@ def add_shapes_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--micro", action="store_true", help="tiny sizes everywhere: checks the plumbing in seconds")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes that evaluate the rows, one generator each at a time (default: 2 on a CPU with "
-                        "2 or more cores, 1 on a GPU)")
+                   help="processes that run the training stages (each once its inputs are made) and then evaluate "
+                        "the rows, one generator each at a time (default: 2 on a CPU with 2 or more cores, 1 on a GPU)")
     p.add_argument("--pool", nargs="+", default=None, metavar="RUN",
                    help="pool finished runs (their --out folders, one per seed) into OUT/claims.md: every claim's "
                         "paired difference per seed and over all of them; trains and evaluates nothing")
@@ -2093,26 +2095,78 @@ def shapes_stages(o: Path, z: dict, seed: int, device: str) -> list[tuple[Path, 
     sft = lambda task, *files: ["parm" if task == "parm" else "orm", *w, *s, "--base", str(v / "base"),  # noqa
                                 *SHAPES_VERIFIER_TUNING, *z["fast"],
                                 *(a for f in files for a in ("--data", str(d / f)))]
-    return [(o / SHOWO, ["pretrain", *w, *s, *z["pretrain"]]),
-            curate("orm", z["curate"]), curate("orm", z["heldout"], "orm_heldout", seed + 1),
+    # in an order that respects each stage's inputs, the longest chains first (pretraining -> DPO -> guided DPO):
+    # `run_stages` starts the stages whose inputs are made in this order
+    return [(o / SHOWO, ["pretrain", *w, *s, *z["pretrain"]]), (o / "dpo", dpo_argv + ["--showo", showo]),
+            (d / "scenes", ["curate", "--world", "shapes", "--task", "scenes", "--num-prompts", str(z["scenes"]), *s]),
+            (o / RASTER, ["pretrain", *w, *s, *z["pretrain"], "--generator", "raster"]),
+            (o / "dpo_raster", ["dpo", *w, *s, *z["fast"], "--rounds", "1", "--geneval", str(z["dpo"]), "--gen-steps",
+                                str(z["steps"]), *SHAPES_SHOWO_TUNING, *SHAPES_DPO, "--showo", str(o / RASTER)]),
+            curate("orm", z["heldout"], "orm_heldout", seed + 1), curate("orm", z["curate"]),
             curate("prm", z["prm"], samples=1), curate("prm", z["heldout"] // 3, "prm_heldout", seed + 1, samples=1),
             curate("parm", z["curate"] // 4, samples=2),     # ~24 records per path: clarity at 16 steps, potential
             curate("parm", z["heldout"], "parm_heldout", seed + 1, 2),
             curate("reflect", z["reflect"], samples=z["reflect_samples"]),
-            (d / "scenes", ["curate", "--world", "shapes", "--task", "scenes", "--num-prompts", str(z["scenes"]), *s]),
             (v / "base", ["orm", *w, *s, *z["fast"], "--data", str(d / "scenes/scenes.json"), *VERIFIER_PRETRAINING,
                           "--heldout", str(d / "orm_heldout/orm.json")]),
             (v / "orm", sft("orm", "orm/orm.json") + ["--heldout", str(d / "orm_heldout/orm.json")]),
             (v / "prm", sft("orm", "prm/prm.json") + ["--heldout", str(d / "prm_heldout/prm.json")]),
             (v / "parm", sft("parm", "parm/parm.json") + [*PARM_SHARE, "--heldout", str(d / "parm_heldout/parm.json")]),
             (v / "parmpp", sft("parm", "parm/parm.json", "reflect/reflect.json") + PARM_SHARE),
-            (o / "dpo", dpo_argv + ["--showo", showo]), (o / "dpo_orm", dpo_argv + ["--showo", showo] + orm_labels),
             (o / "dpo_guided_orm", guided("orm")), (o / "dpo_guided_parm", guided("parm")),
-            (o / RASTER, ["pretrain", *w, *s, *z["pretrain"], "--generator", "raster"]),
-            (o / "dpo_raster", ["dpo", *w, *s, *z["fast"], "--rounds", "1", "--geneval", str(z["dpo"]), "--gen-steps",
-                                str(z["steps"]), *SHAPES_SHOWO_TUNING, *SHAPES_DPO, "--showo", str(o / RASTER)]),
+            (o / "dpo_orm", dpo_argv + ["--showo", showo] + orm_labels),
             (o / SELF, ["selfcorrect", *w, *s, *z["fast"], "--showo", showo, "--reflect",
                         str(d / "reflect/reflect.json"), *SHAPES_SHOWO_TUNING])]
+
+def stage_inputs(stages: Sequence[tuple[Path, list[str]]]) -> dict[Path, set[Path]]:
+    """Each stage's folder -> the folders of the stages it reads: those its arguments name, or name a file in."""
+    folders = [folder for folder, _ in stages]
+    return {folder: {f for arg in argv for f in folders if f == Path(arg) or f in Path(arg).parents}
+            for folder, argv in stages}
+
+def run_stage(folder: Path, argv: list[str], pipeline: sample.Pipeline, threads: int | None) -> tuple[Path, int]:
+    """One training stage as its command line (continued where a stopped run left it); (folder, exit status). On a
+    CPU with `threads` = 1: a stage's weights depend on how many threads sum its gradients, so every stage runs on
+    one, whichever machine and --workers, and makes the same files."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    resume = ["--resume"] if (folder / "run.json").is_file() else []
+    print(f"[shapes] {argv[0]} -> {folder}", file=sys.stderr)
+    try:
+        return folder, main(argv + ["--out", str(folder)] + resume, pipeline)
+    finally:
+        torch.set_num_threads(before)
+
+def stage_process(*args) -> tuple[Path, int]:
+    """`run_stage` in a worker process: a stage's error (its one line already printed) comes back as its status."""
+    try:
+        return run_stage(*args)
+    except SystemExit as e:
+        return args[0], e.code if isinstance(e.code, int) else 1
+
+def run_stages(stages: Sequence[tuple[Path, list[str]]], pipeline: sample.Pipeline, workers: int,
+               threads: int | None) -> int:
+    """Every training stage, each as soon as the stages it reads are made (`stage_inputs`), in `workers` processes
+    (one: in this one, in order); the exit status of the first stage that stops (0: all made)."""
+    if workers == 1:
+        for folder, argv in stages:
+            if code := run_stage(folder, argv, pipeline, threads)[1]:
+                return code
+        return 0
+    needs, todo, done, news = stage_inputs(stages), dict(stages), set(), queue.SimpleQueue()
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        while len(done) < len(stages):
+            for folder in [f for f in todo if needs[f] <= done]:
+                pool.apply_async(stage_process, (folder, todo.pop(folder), pipeline, threads), callback=news.put,
+                                 error_callback=news.put)
+            finished = news.get()
+            if isinstance(finished, BaseException):
+                raise finished
+            if finished[1]:     # the others are stopped too (the pool is terminated): each keeps what it made
+                return finished[1]
+            done.add(finished[0])
+    return 0
 
 def row_folder(o: Path, row: str) -> Path:
     """Where a row of the tables is evaluated: OUT/eval/<row in lower case, "++" as "pp", other marks as "_">
@@ -2212,13 +2266,11 @@ def run_shapes(a) -> int:
     stages = shapes_stages(o, z, a.seed, device)
     # each stage locks its own folder, inside o (locked by this command): its messages name this command
     pipeline = sample.Pipeline(a.line, {folder: f"train.py {argv[0]}" for folder, argv in stages})
-    for folder, argv in stages:
-        resume = ["--resume"] if (folder / "run.json").is_file() else []
-        print(f"[shapes] {argv[0]} -> {folder}", file=sys.stderr)
-        code = main(argv + ["--out", str(folder)] + resume, pipeline)
-        if code:        # interrupted: the stage kept what it had, and the same command continues from there
-            return code
     workers = a.workers or (1 if device != "cpu" else min(2, os.cpu_count() or 1))
+    code = run_stages(stages, pipeline, workers, 1 if device == "cpu" else None)
+    if code:            # interrupted: each stage kept what it had, and the same command continues from there
+        return code
+    print(f"[shapes] training stages made in {(time.time() - t0) / 60:.1f} min", file=sys.stderr)
     found = shapes_evaluate(o, z, a.seed, device, pipeline, workers)
     if found is None:
         return 130
@@ -2511,8 +2563,8 @@ def start(args) -> int:
     """--out checked before anything else (a folder of this command's run, or a new or empty one), then the
     subcommand, which checks its flags and files before it writes anything."""
     if args.command == "shapes" and sample.world()[1] > 1:
-        fail("`train.py shapes` runs its stages one after the other in one process: run the stages' own commands "
-             "under torchrun instead")
+        fail("`train.py shapes` runs its stages in processes of its own, not under torchrun: run the stages' own "
+             "commands under torchrun instead")
     out = sample.check_out(args.out)
     if out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file():
         fail(f"--out {out} holds files of no {args.command} run (no run.json): choose a new or empty folder")

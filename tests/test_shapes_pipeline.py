@@ -119,11 +119,14 @@ def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_pa
     before = (out / "verifiers" / "orm" / "model.safetensors").stat().st_mtime_ns
     parm, again = train.row_folder(out, "PARM"), train.row_folder(out, "Ft. PRM")
     kept = {f: (f / "results.jsonl").read_text() for f in (parm, again)}
+    made_in_a_worker = (out / "selfcorrect" / "pytorch_model.safetensors").read_bytes()
     shutil.rmtree(out / "selfcorrect")
     shutil.rmtree(parm)
     shutil.rmtree(again)
     assert train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu", "--workers", "1"]) == 0
     assert (out / "selfcorrect" / "config.json").is_file() and (parm / "scores.json").is_file()
+    # made again in this process: the same bytes as the worker process made (one thread each, whatever --workers)
+    assert (out / "selfcorrect" / "pytorch_model.safetensors").read_bytes() == made_in_a_worker
     assert {f: (f / "results.jsonl").read_text() for f in (parm, again)} == kept
     assert (out / "verifiers" / "orm" / "model.safetensors").stat().st_mtime_ns == before
     inspected = out / "eval" / "inspect_showo.json"     # measured again from the PARM row made again
@@ -137,6 +140,40 @@ def test_micro_pipeline_produces_every_row_and_continues_where_it_stopped(tmp_pa
     assert "## What PARM (the PARM row) prunes" in (out / "results.md").read_text()
     with pytest.raises(SystemExit):     # another seed into the same folder is refused, not mixed
         train.main(["shapes", "--micro", "--out", str(out), "--device", "cpu", "--seed", "1"])
+
+
+def test_a_stage_starts_once_the_stages_it_reads_are_made(tmp_path):
+    """What each training stage reads, written out by hand from what each one does: `run_stages` starts a stage only
+    after these, and the list's order (the order with one worker) has each after them too."""
+    stages = train.shapes_stages(tmp_path, train.SHAPES_SIZES["full"], 0, "cpu")
+    curations = {"data/orm", "data/orm_heldout", "data/prm", "data/prm_heldout", "data/parm", "data/parm_heldout",
+                 "data/reflect"}
+    expected = {"showo": set(), "data/scenes": set(), "raster": set(), "dpo_raster": {"raster"}, "dpo": {"showo"},
+                **{c: {"showo"} for c in curations},
+                "verifiers/base": {"data/scenes", "data/orm_heldout"},           # its held-out set: the ORM's
+                **{f"verifiers/{v}": {"verifiers/base", f"data/{v}", f"data/{v}_heldout"} for v in ("orm", "prm", "parm")},
+                "verifiers/parmpp": {"verifiers/base", "data/parm", "data/reflect"},
+                "dpo_orm": {"showo", "verifiers/orm"},      # the trained ORM labels its pairs
+                "dpo_guided_orm": {"dpo", "verifiers/orm"}, "dpo_guided_parm": {"dpo", "verifiers/parm"},
+                "selfcorrect": {"showo", "data/reflect"}}
+    name = lambda f: f.relative_to(tmp_path).as_posix()  # noqa: E731
+    found = {name(f): {name(n) for n in needs} for f, needs in train.stage_inputs(stages).items()}
+    assert found == expected
+    order = [name(f) for f, _ in stages]
+    assert all(order.index(n) < order.index(f) for f, needs in expected.items() for n in needs)
+
+
+def test_a_stage_that_fails_in_a_worker_stops_the_pipeline_with_its_status(tmp_path, capfd):
+    """Two stages in two worker processes: the second reads the first's file and stops on a bad flag, in its one
+    line; the pipeline returns that status (2) instead of waiting for it, and keeps what the first made."""
+    scenes = tmp_path / "scenes"
+    stages = [(scenes, ["curate", "--world", "shapes", "--task", "scenes", "--num-prompts", "4", "--seed", "0"]),
+              (tmp_path / "base", ["orm", "--world", "shapes", "--data", str(scenes / "scenes.json"), "--lr", "-1"])]
+    assert train.stage_inputs(stages)[tmp_path / "base"] == {scenes}
+    pipeline = train.sample.Pipeline("python train.py shapes --out x", {f: f"train.py {a[0]}" for f, a in stages})
+    assert train.run_stages(stages, pipeline, 2, 1) == 2
+    assert (scenes / "scenes.json").is_file() and not (tmp_path / "base" / "model.safetensors").exists()
+    assert "error: --lr" in capfd.readouterr().err
 
 
 def test_only_a_search_decodes_more_than_path_0(tmp_path):
@@ -162,16 +199,16 @@ def test_a_stage_points_at_the_pipelines_command_and_a_damaged_stage_file_at_its
     """Issue 21: an interrupted stage says to run the pipeline's command (not the stage's own with --resume), and an
     unreadable file an earlier stage made names that stage and how to make it again, not a download."""
     out = tmp_path / "shapes"
-    argv = ["shapes", "--micro", "--out", str(out), "--device", "cpu"]
+    argv = ["shapes", "--micro", "--out", str(out), "--device", "cpu", "--workers", "1"]    # stages in this process
     typed = shlex.join(["python", "train.py", *argv])
     add, run = train.COMMANDS["curate"]
 
     def interrupted(a):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(train.COMMANDS, "curate", (add, interrupted))      # stopped at the stage after pretraining
+    monkeypatch.setitem(train.COMMANDS, "curate", (add, interrupted))      # stopped at the first curation
     assert train.main(argv) == 130
-    assert capsys.readouterr().err.splitlines()[-1] == (f"interrupted: {out / 'data' / 'orm'} keeps its last complete "
+    assert capsys.readouterr().err.splitlines()[-1] == (f"interrupted: {out / 'data' / 'scenes'} keeps its last complete "
                                                         f"checkpoint or file; `{typed}` continues")
     weights = out / "showo" / "pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
