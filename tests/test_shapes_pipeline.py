@@ -3,6 +3,10 @@ running every stage and producing every row of the tables."""
 import json
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +178,26 @@ def test_a_stage_that_fails_in_a_worker_stops_the_pipeline_with_its_status(tmp_p
     assert train.run_stages(stages, pipeline, 2, 1) == 2
     assert (scenes / "scenes.json").is_file() and not (tmp_path / "base" / "model.safetensors").exists()
     assert "error: --lr" in capfd.readouterr().err
+
+
+def test_a_pipeline_stopped_by_sigterm_stops_its_worker_processes_and_ends(tmp_path):
+    """`kill` of the pipeline's process alone (as a job scheduler does) while its two workers run stages: the pool's
+    terminate stops them (each stage keeps what it made) and the command ends with 143, not waiting on a worker."""
+    out = tmp_path / "shapes"
+    run = subprocess.Popen([sys.executable, "train.py", "shapes", "--micro", "--out", str(out), "--device", "cpu"],
+                           cwd=Path(train.__file__).parent, stderr=subprocess.PIPE, text=True)
+    started = 0
+    for line in run.stderr:                         # the first stage made, two more begun
+        started += line.startswith("[shapes] ")
+        if started == 4:
+            break
+    run.send_signal(signal.SIGTERM)
+    try:
+        err = run.communicate(timeout=120)[1]
+    finally:
+        run.kill()
+    assert run.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"interrupted: {out} keeps")
 
 
 def test_only_a_search_decodes_more_than_path_0(tmp_path):
