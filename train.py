@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import multiprocessing.pool
 import os
 import queue
 import re
@@ -2145,6 +2146,12 @@ def stage_process(*args) -> tuple[Path, int]:
     except SystemExit as e:
         return args[0], e.code if isinstance(e.code, int) else 1
 
+def task_pool(workers: int) -> multiprocessing.pool.Pool:
+    """`workers` spawned processes, a new one for each task: a task stopped by SIGTERM (the pool's terminate, once
+    this process is stopped) returns its status and its process ends, so the terminate's join does not wait on a
+    worker idling for more."""
+    return multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1)
+
 def run_stages(stages: Sequence[tuple[Path, list[str]]], pipeline: sample.Pipeline, workers: int,
                threads: int | None) -> int:
     """Every training stage, each as soon as the stages it reads are made (`stage_inputs`), in `workers` processes
@@ -2155,7 +2162,7 @@ def run_stages(stages: Sequence[tuple[Path, list[str]]], pipeline: sample.Pipeli
                 return code
         return 0
     needs, todo, done, news = stage_inputs(stages), dict(stages), set(), queue.SimpleQueue()
-    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:     # see shapes_evaluate
+    with task_pool(workers) as pool:
         while len(done) < len(stages):
             for folder in [f for f in todo if needs[f] <= done]:
                 pool.apply_async(stage_process, (folder, todo.pop(folder), pipeline, threads), callback=news.put,
@@ -2242,9 +2249,7 @@ def shapes_evaluate(o: Path, z: dict, seed: int, device: str, pipeline: sample.P
     if workers == 1:
         results = [evaluate_generator(*call) for call in calls]
     else:
-        # a process per task: a task stopped by SIGTERM (the pool's terminate, once this process is stopped) returns
-        # its status and its process ends, so the terminate's join does not wait on a worker idling for more
-        with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+        with task_pool(workers) as pool:
             results = pool.starmap(evaluate_generator, calls, chunksize=1)
     return None if any(r is None for r in results) else {k: v for r in results for k, v in r.items()}
 
