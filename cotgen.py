@@ -725,8 +725,13 @@ class Paths:
         keys = [self._key(i) for i in live] if self.record is not None else [None] * len(live)
         known = [self.record.get(k, self.tokens.device) if k else None for k in keys]
         fresh = [i for i, kn in zip(live, known) if kn is None]
-        probs = self.probs(self.tokens[fresh]) if fresh else None
-        self.token_forwards += self.step_forwards * (len(live) - len(fresh))
+        probs, distinct = None, 0
+        if fresh:   # paths in one state share its forward: every path's first step (all masked), PRM's re-branched
+                    # paths; a row's result does not depend on the rows beside it (test_search)
+            states, which = torch.unique(self.tokens[fresh], dim=0, return_inverse=True)
+            probs, distinct = self.probs(states)[which], len(states)
+        # the work counter still counts a forward per path, as it counts a replayed step: the search's stated work
+        self.token_forwards += self.step_forwards * (len(live) - distinct)
         mask_len, masking = [], []
         for i, key, kn in zip(live, keys, known):
             r = (self.step_of[i] + 1) / self.steps

@@ -1,7 +1,7 @@
 """Benchmarks, printed side by side in one run (not collected by pytest).
 
     python tests/bench.py                             # --size small (default): every section, on the CPU
-    python tests/bench.py showo                       # one section: showo | raster | verifier | parm | dpo
+    python tests/bench.py showo                       # one section: showo | raster | prm | verifier | parm | dpo
     python tests/bench.py --size real --device cuda   # the released sizes on one GPU (tests/bench_real.py):
                                                       # showo | verifier | parm | train | parity, one JSON
 
@@ -13,6 +13,8 @@ with a small width. Each variant runs in a fresh process so its peak memory is i
 Raster: a raster generator's paths (the shapes world's sizes: 36 tokens, 71 codes) decoded as one batch with
 the text's and earlier tokens' keys/values cached, against the uncached loop: one full forward of the whole
 sequence per token (cond and empty-prompt rows), paths one after another.
+
+PRM: the re-branched paths' one forward a step against a forward per path (Show-o's share of the search).
 
 PARM: the search as implemented here (paths batched, the clarity turn's KV cache reused for the potential
 question, truncation) against the released loop's shape, on the tiny checkpoints.
@@ -172,6 +174,50 @@ def bench_raster(opts) -> dict:
     return {"raster_speedup": ratio, "rows": rows}
 
 
+class _FreeJudge:
+    """A PRM that costs nothing: it prefers path (step mod paths), so the search re-branches every step."""
+    tokens_processed = 0
+
+    def prm(self, images, prompt, who):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(answer="yes", p_yes=float(i == t % len(who)), p_no=float(i != t % len(who)))
+                for i, t in who]
+
+
+class _NoImages:
+    decode_code = staticmethod(lambda codes: codes.new_zeros(codes.shape[0], 3, 8, 8).float())
+
+
+def bench_prm(opts) -> dict:
+    """PRM's step-level best-of-N (Sec. 3.2): after each step every path re-branches from the best, so the N paths
+    hold one state and Show-o runs it once; against a forward per path (torch.unique made to keep every row, as
+    before), side by side. The verifier costs nothing here: this is Show-o's share of the search."""
+    from contextlib import nullcontext
+    from unittest import mock
+
+    import torch
+
+    import cotgen
+
+    torch.set_num_threads(opts.threads)
+    model, tok = bench_model(opts.width, opts.layers)
+    every_row = lambda x, dim, return_inverse: (x, torch.arange(len(x)))  # noqa: E731
+    rows, finals = [], []
+    for name, patch in (("one forward per state", None), ("one forward per path", every_row)):
+        with mock.patch.object(torch, "unique", patch) if patch else nullcontext():
+            t0 = time.perf_counter()
+            r = cotgen.prm_search(model, tok, _NoImages(), _FreeJudge(), PROMPT, opts.paths, steps=opts.steps)
+            rows.append((name, time.perf_counter() - t0))
+        finals.append(r.finals)
+    print(f"\n== PRM decoding: L=387, vocab 58498, width {opts.width}, {opts.layers} layers, {opts.paths} paths x "
+          f"{opts.steps} steps, {opts.threads} thread(s), a verifier that costs nothing ==")
+    for name, seconds in rows:
+        print(f"{name:<28}{seconds:>10.2f} s")
+    print(f"speed-up: {rows[1][1] / rows[0][1]:.1f}x; the same paths: {torch.equal(finals[0], finals[1])}")
+    return {"prm_speedup": rows[1][1] / rows[0][1], "same_paths": torch.equal(finals[0], finals[1])}
+
+
 def released_parm_loop(model, tok, magvit, verifier, prompt: str, n: int, steps: int, seed: int) -> int:
     """The shape of the released parm.py loop, for comparison: paths one after another with the full forward,
     one verifier call per clarity check, the potential question re-encoding the whole two-turn conversation
@@ -249,7 +295,7 @@ def compare_parm(model, tok, magvit, verifier, prompt: str, n: int, steps: int, 
     return {"rows": rows}
 
 
-SECTIONS = {"small": ("showo", "raster", "verifier", "parm", "dpo"),
+SECTIONS = {"small": ("showo", "raster", "prm", "verifier", "parm", "dpo"),
             "real": ("showo", "verifier", "parm", "train", "parity")}
 
 
@@ -260,6 +306,8 @@ def run_small(opts) -> dict:
             results["showo"] = bench_showo(opts)
         elif s == "raster":
             results["raster"] = bench_raster(opts)
+        elif s == "prm":
+            results["prm"] = bench_prm(opts)
         elif s == "parm":
             results["parm"] = bench_parm(opts)
         elif s == "verifier":
@@ -276,7 +324,7 @@ def run_small(opts) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sections", nargs="*",
-                   help="sections to run (default all): --size small: showo, raster, verifier, parm, dpo; --size real: "
+                   help="sections to run (default all): --size small: showo, raster, prm, verifier, parm, dpo; --size real: "
                         "showo, verifier, parm, train, parity")
     p.add_argument("--size", choices=tuple(SECTIONS), default="small",
                    help="small (default): side-by-side ratios on the CPU at a small width; real: the released "

@@ -148,6 +148,28 @@ def test_prm_follows_the_most_confident_path(models):
     assert all(torch.equal(r.finals[i][kept], ref.x0[2][kept]) for i in range(3))
 
 
+def test_paths_in_one_state_share_one_forward(models, monkeypatch):
+    """PRM's re-branched paths hold one state, and so does every path at its first step (all masked): Show-o runs
+    it once (a cond and an uncond row), not once per path. The work counter still counts a step per path, and the
+    paths still draw their own samples."""
+    model, tok, _ = models
+    rows = []
+    forward = model.image_logits
+    monkeypatch.setattr(model, "image_logits", lambda seg, *a: rows.append(seg.shape[0]) or forward(seg, *a))
+    steps, n = 4, 3
+    r = run(cotgen.prm_search, models, ScriptedJudge(), n=n, steps=steps)
+    assert rows == [2] * steps                               # one state a step: 2 rows, where it was 2 x 3
+    per_path_step = 2 * (model.config.num_vq_tokens + 2)
+    prefix = r.trace["work"]["showo_token_forwards"] - n * steps * per_path_step
+    assert prefix == 2 * (tok.t2i_ids([PROMPT, ""]).shape[1] - model.config.num_vq_tokens - 2)
+    assert len({tuple(f.tolist()) for f in r.finals}) > 1    # same state, own generators: the paths part again
+    rows.clear()
+    paths = cotgen.Paths(model, tok, PROMPT, n, steps=steps, seed=3)
+    for _ in paths:
+        pass
+    assert rows == [2] + [2 * n] * (steps - 1)               # the first step shared, then each path's own
+
+
 @pytest.mark.parametrize("answers,rounds_run", [([True], 0), ([False, True], 1), ([False, False, False, False], 3)])
 def test_parm_plus_plus_stops_at_first_yes_and_after_three_rounds(models, answers, rounds_run):
     judge = ScriptedJudge(clear_from={i: 3 for i in range(2)}, potential={0: (True, 0.1), 1: (True, 0.2)},
