@@ -324,8 +324,8 @@ def run_small(opts) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sections", nargs="*",
-                   help="sections to run (default all): --size small: showo, raster, prm, verifier, parm, dpo; --size real: "
-                        "showo, verifier, parm, train, parity")
+                   help="sections to run (default all): --size small: showo, raster, prm, verifier, parm, dpo; "
+                        "--size real: showo, verifier, parm, train, parity")
     p.add_argument("--size", choices=tuple(SECTIONS), default="small",
                    help="small (default): side-by-side ratios on the CPU at a small width; real: the released "
                         "models (random weights) on --device, every number in one JSON")
