@@ -214,8 +214,9 @@ def bench_prm(opts) -> dict:
           f"{opts.steps} steps, {opts.threads} thread(s), a verifier that costs nothing ==")
     for name, seconds in rows:
         print(f"{name:<28}{seconds:>10.2f} s")
-    print(f"speed-up: {rows[1][1] / rows[0][1]:.1f}x; the same paths: {torch.equal(finals[0], finals[1])}")
-    return {"prm_speedup": rows[1][1] / rows[0][1], "same_paths": torch.equal(finals[0], finals[1])}
+    speedup, same = rows[1][1] / rows[0][1], torch.equal(finals[0], finals[1])
+    print(f"speed-up: {speedup:.1f}x; the same paths: {same}")
+    return {"prm_speedup": speedup, "same_paths": same}
 
 
 def released_parm_loop(model, tok, magvit, verifier, prompt: str, n: int, steps: int, seed: int) -> int:

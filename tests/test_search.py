@@ -159,9 +159,8 @@ def test_paths_in_one_state_share_one_forward(models, monkeypatch):
     steps, n = 4, 3
     r = run(cotgen.prm_search, models, ScriptedJudge(), n=n, steps=steps)
     assert rows == [2] * steps                               # one state a step: 2 rows, where it was 2 x 3
-    per_path_step = 2 * (model.config.num_vq_tokens + 2)
-    prefix = r.trace["work"]["showo_token_forwards"] - n * steps * per_path_step
-    assert prefix == 2 * (tok.t2i_ids([PROMPT, ""]).shape[1] - model.config.num_vq_tokens - 2)
+    per_path_step = 2 * (model.config.num_vq_tokens + 2)     # as test_parm_truncation_saves_work counts it
+    assert r.trace["work"]["showo_token_forwards"] == 2 * model.config.text_len + n * steps * per_path_step
     assert len({tuple(f.tolist()) for f in r.finals}) > 1    # same state, own generators: the paths part again
     rows.clear()
     paths = cotgen.Paths(model, tok, PROMPT, n, steps=steps, seed=3)
